@@ -1,0 +1,58 @@
+//! Fault injection at the engine's entry points, so tests can prove that a native error or panic
+//! never reaches the host worker. Off by default; the check is one relaxed atomic load.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::error::{CoreError, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    Lookup,
+    Store,
+    Load,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None = 0,
+    Error = 1,
+    Panic = 2,
+}
+
+static FAULTS: [AtomicU8; 3] = [AtomicU8::new(0), AtomicU8::new(0), AtomicU8::new(0)];
+
+impl FaultPoint {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "lookup" => Some(Self::Lookup),
+            "store" => Some(Self::Store),
+            "load" => Some(Self::Load),
+            _ => None,
+        }
+    }
+}
+
+impl Fault {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "none" => Some(Self::None),
+            "error" => Some(Self::Error),
+            "panic" => Some(Self::Panic),
+            _ => None,
+        }
+    }
+}
+
+/// Makes every later call through `point` fail with `fault` (process-wide) until reset with `Fault::None`.
+pub fn inject(point: FaultPoint, fault: Fault) {
+    FAULTS[point as usize].store(fault as u8, Ordering::Relaxed);
+}
+
+/// Called at the top of each entry point.
+pub fn check(point: FaultPoint) -> Result<()> {
+    match FAULTS[point as usize].load(Ordering::Relaxed) {
+        0 => Ok(()),
+        1 => Err(CoreError::Cache(format!("injected fault at {point:?}"))),
+        _ => panic!("injected panic at {point:?}"),
+    }
+}

@@ -1,0 +1,18 @@
+//! XConnector's KV-cache engine: Dynamo-compatible block hashing, a byte-budgeted memory tier with
+//! leaf-first LRU eviction, and the engine that ties them to requests' token ids. No Python here:
+//! everything is testable with `cargo test`; `xconnector-py` is the thin binding.
+
+pub mod arena;
+pub mod engine;
+pub mod error;
+pub mod faults;
+pub mod hashing;
+pub mod memory_tier;
+pub mod namespace;
+pub mod stats;
+
+pub use engine::{Engine, EngineConfig, PinnedBlock, StoreOutcome};
+pub use error::{CoreError, Result};
+pub use hashing::HashExtras;
+pub use namespace::Namespace;
+pub use stats::EngineStats;

@@ -1,0 +1,414 @@
+//! The in-process tier: fixed-size block slots under a byte budget, indexed by
+//! `(namespace, sequence hash)`, with leaf-first LRU eviction.
+//!
+//! Invariants (checked by [`MemoryTier::check_invariants`] in tests):
+//! - a block is visible (`Ready`) only if its parent is visible, so the cached blocks of any token
+//!   sequence form a contiguous prefix, and a lookup can binary-search it;
+//! - only leaves (no children, including children still being written) that nobody pins are
+//!   evictable, oldest first, longer prefixes first on ties;
+//! - the number of live slots never exceeds the budget's slot count, whatever the concurrency.
+//!
+//! Bytes are copied outside the lock: a store reserves `Writing` slots, copies, then publishes them;
+//! a load pins `Ready` slots, copies, then unpins.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use parking_lot::RwLock;
+
+use crate::arena::{Arena, SlotId};
+use crate::error::Result;
+
+/// `(namespace id, sequence hash)`.
+pub type Key = (u64, u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Writing,
+    Ready,
+}
+
+struct Entry {
+    key: Key,
+    parent: Option<SlotId>,
+    children: u32,
+    pins: u32,
+    tick: u64,
+    depth: u32,
+    state: State,
+    in_lru: bool,
+}
+
+impl Entry {
+    fn lru_key(&self, slot: SlotId) -> (u64, Reverse<u32>, SlotId) {
+        (self.tick, Reverse(self.depth), slot)
+    }
+
+    fn evictable(&self) -> bool {
+        self.state == State::Ready && self.children == 0 && self.pins == 0
+    }
+}
+
+/// Keys are already uniform 64-bit hashes: mixing them once is enough.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(23) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    index: HashMap<Key, SlotId, BuildHasherDefault<KeyHasher>>,
+    entries: Vec<Option<Entry>>,
+    free: Vec<SlotId>,
+    lru: BTreeSet<(u64, Reverse<u32>, SlotId)>,
+    tick: u64,
+    live: u64,
+    pinned: u64,
+    evicted_blocks: u64,
+}
+
+/// Blocks reserved by [`MemoryTier::reserve`]: `(block index, slot)` for each new block, to be
+/// written by the caller and then published with [`MemoryTier::publish`].
+#[derive(Debug, Default)]
+pub struct Reservation {
+    pub new_blocks: Vec<(usize, SlotId)>,
+    /// Leading blocks already present.
+    pub existing: usize,
+    /// Trailing blocks not stored: no slot could be freed, or another store is writing them.
+    pub rejected: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    pub entries: u64,
+    pub pinned: u64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub evicted_blocks: u64,
+}
+
+pub struct MemoryTier {
+    arena: Arena,
+    inner: RwLock<Inner>,
+}
+
+impl Inner {
+    fn entry(&self, slot: SlotId) -> &Entry {
+        self.entries[slot as usize].as_ref().expect("live slot")
+    }
+
+    fn entry_mut(&mut self, slot: SlotId) -> &mut Entry {
+        self.entries[slot as usize].as_mut().expect("live slot")
+    }
+
+    /// Puts `slot` into, or takes it out of, the evictable set according to its current state.
+    fn refresh(&mut self, slot: SlotId) {
+        let e = self.entries[slot as usize].as_mut().expect("live slot");
+        let key = e.lru_key(slot);
+        let want = e.evictable();
+        if e.in_lru == want {
+            return;
+        }
+        e.in_lru = want;
+        if want {
+            self.lru.insert(key);
+        } else {
+            self.lru.remove(&key);
+        }
+    }
+
+    /// Marks a slot used now; keeps its position in the evictable set in step.
+    fn touch(&mut self, slot: SlotId, tick: u64) {
+        let e = self.entries[slot as usize].as_mut().expect("live slot");
+        if e.in_lru {
+            let old = e.lru_key(slot);
+            e.tick = tick;
+            let new = e.lru_key(slot);
+            self.lru.remove(&old);
+            self.lru.insert(new);
+        } else {
+            e.tick = tick;
+        }
+    }
+
+    fn pin(&mut self, slot: SlotId) {
+        let e = self.entry_mut(slot);
+        e.pins += 1;
+        if e.pins == 1 {
+            self.pinned += 1;
+        }
+        self.refresh(slot);
+    }
+
+    fn unpin(&mut self, slot: SlotId) {
+        let e = self.entry_mut(slot);
+        assert!(e.pins > 0, "unpin of an unpinned slot");
+        e.pins -= 1;
+        if e.pins == 0 {
+            self.pinned -= 1;
+        }
+        self.refresh(slot);
+    }
+
+    /// Frees the least recently used evictable leaf and returns its slot for reuse.
+    fn evict_one(&mut self) -> Option<SlotId> {
+        let (_, _, victim) = self.lru.pop_first()?;
+        let e = self.entries[victim as usize].take().expect("evictable slot is live");
+        self.index.remove(&e.key);
+        self.live -= 1;
+        self.evicted_blocks += 1;
+        if let Some(parent) = e.parent {
+            self.entry_mut(parent).children -= 1;
+            self.refresh(parent);
+        }
+        Some(victim)
+    }
+
+    /// A slot for a new block: a free one, an untouched one, or an evicted leaf's.
+    fn allocate(&mut self, capacity: u32) -> Option<SlotId> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        if (self.entries.len() as u64) < u64::from(capacity) {
+            self.entries.push(None);
+            return Some(self.entries.len() as SlotId - 1);
+        }
+        self.evict_one()
+    }
+
+    fn is_ready(&self, key: &Key) -> bool {
+        self.index.get(key).is_some_and(|&s| self.entry(s).state == State::Ready)
+    }
+}
+
+impl MemoryTier {
+    /// A tier of `capacity_bytes / block_bytes` slots (rounded down).
+    pub fn new(block_bytes: usize, capacity_bytes: u64) -> Self {
+        let slots = (capacity_bytes / block_bytes as u64).min(u64::from(u32::MAX)) as u32;
+        Self { arena: Arena::new(block_bytes, slots), inner: RwLock::new(Inner::default()) }
+    }
+
+    pub fn block_bytes(&self) -> usize {
+        self.arena.slot_bytes()
+    }
+
+    pub fn capacity_blocks(&self) -> u32 {
+        self.arena.slots()
+    }
+
+    /// Number of leading `hashes` whose blocks are ready to load. Side-effect free (no LRU touch):
+    /// a scheduler may ask repeatedly about a waiting request.
+    pub fn contiguous_ready(&self, ns: u64, hashes: &[u64]) -> usize {
+        let inner = self.inner.read();
+        // Ready blocks form a prefix of any chain (module invariant), so the predicate is monotone.
+        let (mut lo, mut hi) = (0usize, hashes.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if inner.is_ready(&(ns, hashes[mid])) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Reserves slots for the blocks of `hashes` not yet present, evicting as needed. Stops at the
+    /// first block another store is still writing, or when nothing more can be evicted.
+    pub fn reserve(&self, ns: u64, hashes: &[u64]) -> Result<Reservation> {
+        let capacity = self.arena.slots();
+        let mut inner = self.inner.write();
+        inner.tick += 1;
+        let tick = inner.tick;
+        let mut res = Reservation::default();
+        let mut parent: Option<SlotId> = None;
+        for (i, &h) in hashes.iter().enumerate() {
+            let key = (ns, h);
+            if let Some(&slot) = inner.index.get(&key) {
+                if inner.entry(slot).state != State::Ready || !res.new_blocks.is_empty() {
+                    // Another store owns it (or a hash collision inside one sequence): stop here
+                    // rather than publish children before their parent.
+                    res.rejected = hashes.len() - i;
+                    break;
+                }
+                inner.touch(slot, tick);
+                res.existing += 1;
+                parent = Some(slot);
+                continue;
+            }
+            // The parent may be an evictable leaf right now: keep it while we allocate its child.
+            if let Some(p) = parent {
+                inner.pin(p);
+            }
+            let slot = inner.allocate(capacity);
+            if let Some(p) = parent {
+                inner.unpin(p);
+            }
+            let Some(slot) = slot else {
+                res.rejected = hashes.len() - i;
+                break;
+            };
+            if let Err(e) = self.arena.ensure(slot) {
+                inner.free.push(slot);
+                if res.new_blocks.is_empty() {
+                    return Err(e);
+                }
+                res.rejected = hashes.len() - i;
+                break;
+            }
+            inner.entries[slot as usize] = Some(Entry {
+                key,
+                parent,
+                children: 0,
+                pins: 0,
+                tick,
+                depth: i as u32,
+                state: State::Writing,
+                in_lru: false,
+            });
+            if let Some(p) = parent {
+                inner.entry_mut(p).children += 1;
+                inner.refresh(p);
+            }
+            inner.index.insert(key, slot);
+            inner.live += 1;
+            res.new_blocks.push((i, slot));
+            parent = Some(slot);
+        }
+        Ok(res)
+    }
+
+    /// Copies one block's bytes into a reserved slot.
+    pub fn write_reserved(&self, slot: SlotId, src: &[u8]) {
+        // SAFETY: `slot` came from `reserve` and is not published yet, so this caller owns it.
+        unsafe { self.arena.write(slot, src) }
+    }
+
+    /// Makes reserved blocks visible, all at once, so a child is never visible before its parent.
+    pub fn publish(&self, res: &Reservation) {
+        let mut inner = self.inner.write();
+        for &(_, slot) in &res.new_blocks {
+            inner.entry_mut(slot).state = State::Ready;
+            inner.refresh(slot);
+        }
+    }
+
+    /// Pins the leading ready blocks of `hashes` (at most `max_blocks`) and marks them used.
+    pub fn pin_prefix(&self, ns: u64, hashes: &[u64], max_blocks: usize) -> Vec<SlotId> {
+        let mut inner = self.inner.write();
+        inner.tick += 1;
+        let tick = inner.tick;
+        let mut slots = Vec::new();
+        for &h in hashes.iter().take(max_blocks) {
+            let Some(&slot) = inner.index.get(&(ns, h)) else { break };
+            if inner.entry(slot).state != State::Ready {
+                break;
+            }
+            inner.touch(slot, tick);
+            inner.pin(slot);
+            slots.push(slot);
+        }
+        slots
+    }
+
+    pub fn unpin(&self, slots: &[SlotId]) {
+        let mut inner = self.inner.write();
+        for &slot in slots {
+            inner.unpin(slot);
+        }
+    }
+
+    /// Copies a pinned block into `dst`.
+    pub fn read_pinned(&self, slot: SlotId, dst: &mut [u8]) {
+        // SAFETY: the caller pinned the slot, so it is neither evicted nor rewritten meanwhile.
+        unsafe { self.arena.read(slot, dst) }
+    }
+
+    /// The bytes of a pinned block, valid until it is unpinned.
+    ///
+    /// # Safety
+    /// The caller must keep `slot` pinned for as long as it uses the returned pointer.
+    pub unsafe fn pinned_ptr(&self, slot: SlotId) -> *const u8 {
+        self.arena.slot_ptr(slot)
+    }
+
+    pub fn stats(&self) -> TierStats {
+        let inner = self.inner.read();
+        let bb = self.arena.slot_bytes() as u64;
+        TierStats {
+            entries: inner.live,
+            pinned: inner.pinned,
+            used_bytes: inner.live * bb,
+            capacity_bytes: u64::from(self.arena.slots()) * bb,
+            allocated_bytes: self.arena.allocated_bytes(),
+            evicted_blocks: inner.evicted_blocks,
+        }
+    }
+
+    /// Verifies every structural invariant; returns a description of the first violation.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let inner = self.inner.read();
+        let mut live = 0u64;
+        let mut children = vec![0u32; inner.entries.len()];
+        let mut evictable = 0usize;
+        for (slot, e) in inner.entries.iter().enumerate() {
+            let Some(e) = e else { continue };
+            live += 1;
+            if inner.index.get(&e.key) != Some(&(slot as SlotId)) {
+                return Err(format!("slot {slot} is not indexed under its key"));
+            }
+            if let Some(p) = e.parent {
+                let Some(pe) = inner.entries.get(p as usize).and_then(|x| x.as_ref()) else {
+                    return Err(format!("slot {slot} has a freed parent {p}: unreachable block"));
+                };
+                if e.state == State::Ready && pe.state != State::Ready {
+                    return Err(format!("slot {slot} is ready but its parent {p} is not"));
+                }
+                if pe.depth + 1 != e.depth {
+                    return Err(format!("slot {slot} has depth {} under parent depth {}", e.depth, pe.depth));
+                }
+                children[p as usize] += 1;
+            } else if e.depth != 0 {
+                return Err(format!("slot {slot} has no parent but depth {}", e.depth));
+            }
+            if e.in_lru != e.evictable() || e.in_lru != inner.lru.contains(&e.lru_key(slot as SlotId)) {
+                return Err(format!("slot {slot} evictable-set membership is stale"));
+            }
+            evictable += usize::from(e.in_lru);
+        }
+        for (slot, e) in inner.entries.iter().enumerate() {
+            if let Some(e) = e {
+                if e.children != children[slot] {
+                    return Err(format!("slot {slot} counts {} children, has {}", e.children, children[slot]));
+                }
+            }
+        }
+        if live != inner.live || inner.index.len() as u64 != live {
+            return Err(format!("live count {} / index {} / entries {live}", inner.live, inner.index.len()));
+        }
+        if live > u64::from(self.arena.slots()) {
+            return Err(format!("{live} live blocks exceed the budget of {}", self.arena.slots()));
+        }
+        if evictable != inner.lru.len() {
+            return Err("evictable set holds freed slots".into());
+        }
+        if self.arena.allocated_bytes() > u64::from(self.arena.slots()) * self.arena.slot_bytes() as u64 {
+            return Err("arena allocated more than the budget".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! Engine counters: lock-free atomics bumped on every operation, read as one snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::memory_tier::TierStats;
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub lookups: AtomicU64,
+    pub hit_tokens: AtomicU64,
+    pub miss_tokens: AtomicU64,
+    pub lookup_ns: AtomicU64,
+    pub stores: AtomicU64,
+    pub stored_blocks: AtomicU64,
+    pub store_existing_blocks: AtomicU64,
+    pub store_rejected_blocks: AtomicU64,
+    pub stored_bytes: AtomicU64,
+    pub store_ns: AtomicU64,
+    pub loads: AtomicU64,
+    pub loaded_blocks: AtomicU64,
+    pub loaded_bytes: AtomicU64,
+    pub load_ns: AtomicU64,
+}
+
+pub(crate) fn add_elapsed(counter: &AtomicU64, d: Duration) {
+    counter.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+}
+
+/// A point-in-time copy of every counter, plus the memory tier's occupancy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub lookups: u64,
+    /// Tokens found cached by lookups (block-aligned).
+    pub hit_tokens: u64,
+    /// Tokens asked about by lookups but not cached (including a trailing partial block).
+    pub miss_tokens: u64,
+    pub lookup_ns: u64,
+    pub stores: u64,
+    /// Blocks newly written by stores.
+    pub stored_blocks: u64,
+    /// Blocks a store found already present.
+    pub store_existing_blocks: u64,
+    /// Blocks a store could not keep (budget full of pinned blocks, or a concurrent writer).
+    pub store_rejected_blocks: u64,
+    pub stored_bytes: u64,
+    pub store_ns: u64,
+    pub loads: u64,
+    pub loaded_blocks: u64,
+    pub loaded_bytes: u64,
+    pub load_ns: u64,
+    pub tier: TierStats,
+}
+
+impl Counters {
+    pub fn snapshot(&self, tier: TierStats) -> EngineStats {
+        EngineStats {
+            lookups: self.lookups.load(Relaxed),
+            hit_tokens: self.hit_tokens.load(Relaxed),
+            miss_tokens: self.miss_tokens.load(Relaxed),
+            lookup_ns: self.lookup_ns.load(Relaxed),
+            stores: self.stores.load(Relaxed),
+            stored_blocks: self.stored_blocks.load(Relaxed),
+            store_existing_blocks: self.store_existing_blocks.load(Relaxed),
+            store_rejected_blocks: self.store_rejected_blocks.load(Relaxed),
+            stored_bytes: self.stored_bytes.load(Relaxed),
+            store_ns: self.store_ns.load(Relaxed),
+            loads: self.loads.load(Relaxed),
+            loaded_blocks: self.loaded_blocks.load(Relaxed),
+            loaded_bytes: self.loaded_bytes.load(Relaxed),
+            load_ns: self.load_ns.load(Relaxed),
+            tier,
+        }
+    }
+}
