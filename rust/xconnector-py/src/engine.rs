@@ -1,0 +1,299 @@
+//! `xconnector._native.Engine` and `BlockView`: conversions and GIL handling only; the work is in
+//! `xconnector_core::Engine`.
+
+use std::collections::HashMap;
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyBufferError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use xconnector_core::{Engine as CoreEngine, EngineConfig, HashExtras, Namespace, PinnedBlock};
+
+use crate::buffers::{self, ByteRegion};
+use crate::call::{detached, guarded};
+use crate::errors::internal;
+
+/// The native KV engine: block hashing, the memory tier and its eviction, for one namespace.
+#[pyclass(module = "xconnector._native", frozen)]
+pub struct Engine {
+    inner: Arc<CoreEngine>,
+}
+
+fn extras<'a>(lora_name: &'a Option<String>, cache_salt: &'a Option<String>) -> HashExtras<'a> {
+    HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref() }
+}
+
+#[pymethods]
+impl Engine {
+    #[new]
+    #[pyo3(signature = (*, block_bytes, capacity_bytes, block_size = 16, model = "",
+        dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        block_bytes: usize,
+        capacity_bytes: u64,
+        block_size: usize,
+        model: &str,
+        dtype: &str,
+        kv_layout: &str,
+        tp_world_size: u32,
+        tp_rank: u32,
+        extra: Option<HashMap<String, String>>,
+    ) -> PyResult<Self> {
+        let namespace = Namespace {
+            model: model.to_owned(),
+            dtype: dtype.to_owned(),
+            kv_layout: kv_layout.to_owned(),
+            block_size: 0, // set from block_size by the core
+            tp_world_size,
+            tp_rank,
+            extra: extra.unwrap_or_default().into_iter().collect(),
+        };
+        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace };
+        let inner = detached(py, || CoreEngine::new(cfg))?;
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Number of leading tokens whose KV is cached (block-aligned). Does not touch the LRU order.
+    #[pyo3(signature = (tokens, *, lora_name = None, cache_salt = None))]
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        lora_name: Option<String>,
+        cache_salt: Option<String>,
+    ) -> PyResult<usize> {
+        let toks = guarded(py, || buffers::tokens(tokens))?;
+        detached(py, || self.inner.lookup(&toks, extras(&lora_name, &cache_salt)))
+    }
+
+    /// Stores the KV of the full blocks of `tokens`; returns how many blocks were newly stored.
+    #[pyo3(signature = (tokens, payload, *, lora_name = None, cache_salt = None))]
+    fn store(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        payload: &Bound<'_, PyAny>,
+        lora_name: Option<String>,
+        cache_salt: Option<String>,
+    ) -> PyResult<usize> {
+        let toks = guarded(py, || buffers::tokens(tokens))?;
+        let region = guarded(py, || ByteRegion::get(payload, "payload"))?;
+        let bytes = region.as_slice();
+        let out = detached(py, || self.inner.store(&toks, bytes, extras(&lora_name, &cache_salt)))?;
+        Ok(out.stored)
+    }
+
+    /// Copies the longest cached prefix into `out` (blocks back to back, at most as many blocks
+    /// as fit); returns the number of tokens loaded.
+    #[pyo3(signature = (tokens, out, *, lora_name = None, cache_salt = None))]
+    fn load(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        lora_name: Option<String>,
+        cache_salt: Option<String>,
+    ) -> PyResult<usize> {
+        let toks = guarded(py, || buffers::tokens(tokens))?;
+        let mut region = guarded(py, || ByteRegion::get(out, "out"))?;
+        let dst = region.as_mut_slice(py, "out")?;
+        detached(py, || self.inner.load(&toks, dst, extras(&lora_name, &cache_salt)))
+    }
+
+    /// Zero-copy, read-only views of the longest cached prefix's blocks. Each view keeps its block
+    /// from being evicted until it is released (or garbage-collected).
+    #[pyo3(signature = (tokens, *, max_blocks = None, lora_name = None, cache_salt = None))]
+    fn views(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        max_blocks: Option<usize>,
+        lora_name: Option<String>,
+        cache_salt: Option<String>,
+    ) -> PyResult<Vec<BlockView>> {
+        let toks = guarded(py, || buffers::tokens(tokens))?;
+        let max = max_blocks.unwrap_or(usize::MAX);
+        let pinned = detached(py, || self.inner.pin_prefix(&toks, extras(&lora_name, &cache_salt), max))?;
+        Ok(pinned.into_iter().map(BlockView::new).collect())
+    }
+
+    /// Counters and occupancy: lookups, hit/miss tokens, stored/evicted blocks, bytes, and timing.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = detached(py, || Ok(self.inner.stats()))?;
+        let d = PyDict::new(py);
+        let ints: [(&str, u64); 20] = [
+            ("lookups", s.lookups),
+            ("hit_tokens", s.hit_tokens),
+            ("miss_tokens", s.miss_tokens),
+            ("stores", s.stores),
+            ("stored_blocks", s.stored_blocks),
+            ("store_existing_blocks", s.store_existing_blocks),
+            ("store_rejected_blocks", s.store_rejected_blocks),
+            ("stored_bytes", s.stored_bytes),
+            ("loads", s.loads),
+            ("loaded_blocks", s.loaded_blocks),
+            ("loaded_bytes", s.loaded_bytes),
+            ("evicted_blocks", s.tier.evicted_blocks),
+            ("entries", s.tier.entries),
+            ("pinned_blocks", s.tier.pinned),
+            ("used_bytes", s.tier.used_bytes),
+            ("capacity_bytes", s.tier.capacity_bytes),
+            ("allocated_bytes", s.tier.allocated_bytes),
+            ("lookup_ns", s.lookup_ns),
+            ("store_ns", s.store_ns),
+            ("load_ns", s.load_ns),
+        ];
+        for (k, v) in ints {
+            d.set_item(k, v)?;
+        }
+        let asked = s.hit_tokens + s.miss_tokens;
+        d.set_item("hit_rate", if asked == 0 { 0.0 } else { s.hit_tokens as f64 / asked as f64 })?;
+        Ok(d)
+    }
+
+    /// Raises `InternalError` if any structural invariant of the memory tier is broken (for tests).
+    fn _check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        let r = detached(py, || Ok(self.inner.check_invariants()))?;
+        r.map_err(|why| internal(py, format!("memory tier invariant broken: {why}")))
+    }
+
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.config().block_size
+    }
+
+    #[getter]
+    fn block_bytes(&self) -> usize {
+        self.inner.config().block_bytes
+    }
+
+    /// The budget actually usable: whole blocks only.
+    #[getter]
+    fn capacity_bytes(&self) -> u64 {
+        self.inner.stats().tier.capacity_bytes
+    }
+
+    /// The namespace id: a 64-bit hash of model, dtype, layout, block size, TP size/rank, extras.
+    #[getter]
+    fn namespace(&self) -> u64 {
+        self.inner.namespace_id()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "Engine(block_size={}, block_bytes={}, capacity_bytes={}, namespace={:#018x})",
+            c.block_size,
+            c.block_bytes,
+            self.capacity_bytes(),
+            self.inner.namespace_id()
+        )
+    }
+}
+
+/// A read-only view of one cached block, exported through the buffer protocol
+/// (`memoryview(v)`, `numpy.frombuffer(v, ...)`, `torch.frombuffer(v, ...)`).
+#[pyclass(module = "xconnector._native", frozen)]
+pub struct BlockView {
+    block: Mutex<Option<PinnedBlock>>,
+    exports: AtomicUsize,
+    len: usize,
+}
+
+impl BlockView {
+    fn new(block: PinnedBlock) -> Self {
+        let len = block.len();
+        Self { block: Mutex::new(Some(block)), exports: AtomicUsize::new(0), len }
+    }
+}
+
+#[pymethods]
+impl BlockView {
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    /// Unpins the block so it may be evicted. Fails while a memoryview of it is still alive.
+    fn release(&self) -> PyResult<()> {
+        if self.exports.load(Ordering::Acquire) > 0 {
+            return Err(PyBufferError::new_err("release the memoryviews of this block first"));
+        }
+        self.block.lock().take();
+        Ok(())
+    }
+
+    #[getter]
+    fn released(&self) -> bool {
+        self.block.lock().is_none()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(&self, _exc_type: Py<PyAny>, _exc: Py<PyAny>, _tb: Py<PyAny>) -> PyResult<bool> {
+        self.release()?;
+        Ok(false)
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `view` to fill.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("null view"));
+        }
+        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err("cached blocks are read-only; copy them to modify"));
+        }
+        let this = slf.get();
+        let guard = this.block.lock();
+        let Some(block) = guard.as_ref() else {
+            return Err(PyBufferError::new_err("this block view was released"));
+        };
+        let ptr = block.as_ptr();
+        let len = this.len as isize;
+        this.exports.fetch_add(1, Ordering::AcqRel);
+        drop(guard);
+        // SAFETY: `view` is valid per CPython's contract; the block stays pinned while exported
+        // because `release` refuses while `exports > 0` and `view.obj` keeps `self` alive.
+        unsafe {
+            (*view).obj = slf.into_any().into_ptr();
+            (*view).buf = ptr as *mut c_void;
+            (*view).len = len;
+            (*view).readonly = 1;
+            (*view).itemsize = 1;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+                c"B".as_ptr().cast_mut()
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape =
+                if flags & ffi::PyBUF_ND == ffi::PyBUF_ND { &mut (*view).len } else { std::ptr::null_mut() };
+            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+                &mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// Called by CPython once per successful `__getbuffer__`.
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.exports.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn __repr__(&self) -> String {
+        format!("BlockView(len={}, released={})", self.len, self.released())
+    }
+}

@@ -1,0 +1,80 @@
+//! `xconnector._native`: the pyo3 binding of `xconnector-core`. It converts types, releases the
+//! GIL, catches panics and maps errors; nothing else.
+
+mod buffers;
+mod call;
+mod engine;
+mod errors;
+mod logging;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use xconnector_core::faults::{self, Fault, FaultPoint};
+use xconnector_core::hashing::{self, HashExtras};
+
+use crate::call::{detached, guarded};
+
+/// Sequence hashes (Dynamo-compatible) of every full block of `tokens`.
+#[pyfunction]
+#[pyo3(signature = (tokens, block_size = 16, *, lora_name = None, cache_salt = None))]
+fn sequence_hashes(
+    py: Python<'_>,
+    tokens: &Bound<'_, PyAny>,
+    block_size: usize,
+    lora_name: Option<String>,
+    cache_salt: Option<String>,
+) -> PyResult<Vec<u64>> {
+    let toks = guarded(py, || buffers::tokens(tokens))?;
+    check_block_size(py, block_size)?;
+    let extras = HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref() };
+    detached(py, || Ok(hashing::sequence_hashes(&toks, block_size, extras)))
+}
+
+/// Local (per-block, unchained) hashes of every full block of `tokens`.
+#[pyfunction]
+#[pyo3(signature = (tokens, block_size = 16, *, lora_name = None, cache_salt = None))]
+fn local_block_hashes(
+    py: Python<'_>,
+    tokens: &Bound<'_, PyAny>,
+    block_size: usize,
+    lora_name: Option<String>,
+    cache_salt: Option<String>,
+) -> PyResult<Vec<u64>> {
+    let toks = guarded(py, || buffers::tokens(tokens))?;
+    check_block_size(py, block_size)?;
+    let extras = HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref() };
+    detached(py, || Ok(hashing::local_hashes(&toks, block_size, extras)))
+}
+
+fn check_block_size(py: Python<'_>, block_size: usize) -> PyResult<()> {
+    if block_size == 0 {
+        return Err(errors::invalid_input(py, "block_size must be a positive number of tokens (vLLM uses 16 or 32)"));
+    }
+    Ok(())
+}
+
+/// Test hook: make every later `point` call ("lookup", "store", "load") fail with `fault`
+/// ("error", "panic", or "none" to stop). Process-wide.
+#[pyfunction]
+fn _inject_fault(point: &str, fault: &str) -> PyResult<()> {
+    let p = FaultPoint::parse(point)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown fault point {point:?}; use lookup, store or load")))?;
+    let f = Fault::parse(fault)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown fault {fault:?}; use none, error or panic")))?;
+    faults::inject(p, f);
+    Ok(())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    logging::init(m.py());
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("HASH_VERSION", hashing::HASH_VERSION)?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<engine::BlockView>()?;
+    m.add_function(wrap_pyfunction!(sequence_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(local_block_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(_inject_fault, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::reset_log_cache, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+"""XConnector: a KV-cache connector for NVIDIA Dynamo and vLLM.
+
+Importing this package is cheap: the native engine is loaded on first use, so the one-line
+autopatch can run in every process Dynamo starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "1.0.0"
+
+if TYPE_CHECKING:
+    from xconnector._native import BlockView, Engine, local_block_hashes, sequence_hashes
+
+__all__ = ["BlockView", "Engine", "__version__", "local_block_hashes", "native", "sequence_hashes"]
+
+_NATIVE_NAMES = frozenset({"BlockView", "Engine", "local_block_hashes", "sequence_hashes"})
+
+
+def native() -> Any:
+    """The compiled extension module, or `NativeModuleError` saying why it cannot be loaded."""
+    from xconnector._loader import load_native
+
+    return load_native()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NATIVE_NAMES:
+        return getattr(native(), name)
+    raise AttributeError(f"module 'xconnector' has no attribute {name!r}")

@@ -1,0 +1,118 @@
+"""Typed surface of the compiled extension (checked against it by `mypy.stubtest`)."""
+
+import sys
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, TypeAlias, final
+
+from typing_extensions import Buffer, Self
+
+__all__ = [
+    "HASH_VERSION",
+    "BlockView",
+    "Engine",
+    "__version__",
+    "_inject_fault",
+    "local_block_hashes",
+    "reset_log_cache",
+    "sequence_hashes",
+]
+
+__version__: str
+HASH_VERSION: int
+
+# Token ids: a list/tuple of ints, array('I'), an integer numpy array, any integer buffer,
+# a CPU torch tensor, or any iterable of ints. Each id must be in 0..2**32.
+_Tokens: TypeAlias = Iterable[int] | Buffer | Any
+
+@final
+class Engine:
+    """The native KV engine: block hashing, the memory tier and its eviction, for one namespace."""
+
+    def __new__(
+        cls,
+        *,
+        block_bytes: int,
+        capacity_bytes: int,
+        block_size: int = 16,
+        model: str = "",
+        dtype: str = "",
+        kv_layout: str = "",
+        tp_world_size: int = 1,
+        tp_rank: int = 0,
+        extra: dict[str, str] | None = None,
+    ) -> Self: ...
+    def lookup(
+        self, tokens: _Tokens, *, lora_name: str | None = None, cache_salt: str | None = None
+    ) -> int: ...
+    def store(
+        self,
+        tokens: _Tokens,
+        payload: Buffer | Any,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> int: ...
+    def load(
+        self,
+        tokens: _Tokens,
+        out: Buffer | Any,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> int: ...
+    def views(
+        self,
+        tokens: _Tokens,
+        *,
+        max_blocks: int | None = None,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> list[BlockView]: ...
+    def stats(self) -> dict[str, int | float]: ...
+    def _check_invariants(self) -> None: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def block_bytes(self) -> int: ...
+    @property
+    def capacity_bytes(self) -> int: ...
+    @property
+    def namespace(self) -> int: ...
+
+@final
+class BlockView:
+    """A read-only, zero-copy view of one cached block (buffer protocol); pins it until released."""
+
+    def __len__(self) -> int: ...
+    if sys.version_info >= (3, 12):
+        def __buffer__(self, flags: int, /) -> memoryview: ...
+        def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+
+    def release(self) -> None: ...
+    @property
+    def released(self) -> bool: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+def sequence_hashes(
+    tokens: _Tokens,
+    block_size: int = 16,
+    *,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+) -> list[int]: ...
+def local_block_hashes(
+    tokens: _Tokens,
+    block_size: int = 16,
+    *,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+) -> list[int]: ...
+def reset_log_cache() -> None: ...
+def _inject_fault(point: str, fault: str) -> None: ...
