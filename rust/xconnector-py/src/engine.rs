@@ -23,7 +23,7 @@ pub struct Engine {
     inner: Arc<CoreEngine>,
 }
 
-fn extras<'a>(lora_name: &'a Option<String>, cache_salt: &'a Option<String>) -> HashExtras<'a> {
+pub(crate) fn extras<'a>(lora_name: &'a Option<String>, cache_salt: &'a Option<String>) -> HashExtras<'a> {
     HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref() }
 }
 

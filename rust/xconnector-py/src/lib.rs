@@ -24,10 +24,7 @@ fn sequence_hashes(
     lora_name: Option<String>,
     cache_salt: Option<String>,
 ) -> PyResult<Vec<u64>> {
-    let toks = guarded(py, || buffers::tokens(tokens))?;
-    check_block_size(py, block_size)?;
-    let extras = HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref() };
-    detached(py, || Ok(hashing::sequence_hashes(&toks, block_size, extras)))
+    hash_blocks(py, tokens, block_size, lora_name, cache_salt, hashing::sequence_hashes)
 }
 
 /// Local (per-block, unchained) hashes of every full block of `tokens`.
@@ -40,17 +37,22 @@ fn local_block_hashes(
     lora_name: Option<String>,
     cache_salt: Option<String>,
 ) -> PyResult<Vec<u64>> {
-    let toks = guarded(py, || buffers::tokens(tokens))?;
-    check_block_size(py, block_size)?;
-    let extras = HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref() };
-    detached(py, || Ok(hashing::local_hashes(&toks, block_size, extras)))
+    hash_blocks(py, tokens, block_size, lora_name, cache_salt, hashing::local_hashes)
 }
 
-fn check_block_size(py: Python<'_>, block_size: usize) -> PyResult<()> {
+fn hash_blocks(
+    py: Python<'_>,
+    tokens: &Bound<'_, PyAny>,
+    block_size: usize,
+    lora_name: Option<String>,
+    cache_salt: Option<String>,
+    hash: fn(&[u32], usize, HashExtras<'_>) -> Vec<u64>,
+) -> PyResult<Vec<u64>> {
+    let toks = guarded(py, || buffers::tokens(tokens))?;
     if block_size == 0 {
         return Err(errors::invalid_input(py, "block_size must be a positive number of tokens (vLLM uses 16 or 32)"));
     }
-    Ok(())
+    detached(py, || Ok(hash(&toks, block_size, engine::extras(&lora_name, &cache_salt))))
 }
 
 /// Test hook: make every later `point` call ("lookup", "store", "load") fail with `fault`
