@@ -3,6 +3,7 @@
 //! everything is testable with `cargo test`; `xconnector-py` is the thin binding.
 
 pub mod arena;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod faults;
