@@ -105,6 +105,11 @@ impl Engine {
         &self.cfg
     }
 
+    /// The usable budget: `capacity_bytes` rounded down to whole blocks.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.tier.capacity_bytes()
+    }
+
     pub fn namespace_id(&self) -> u64 {
         self.namespace_id
     }

@@ -210,6 +210,11 @@ impl MemoryTier {
         self.arena.slots()
     }
 
+    /// The usable budget: whole blocks only.
+    pub fn capacity_bytes(&self) -> u64 {
+        u64::from(self.arena.slots()) * self.arena.slot_bytes() as u64
+    }
+
     /// Number of leading `hashes` whose blocks are ready to load. Side-effect free (no LRU touch):
     /// a scheduler may ask repeatedly about a waiting request.
     pub fn contiguous_ready(&self, ns: u64, hashes: &[u64]) -> usize {
@@ -353,7 +358,7 @@ impl MemoryTier {
             entries: inner.live,
             pinned: inner.pinned,
             used_bytes: inner.live * bb,
-            capacity_bytes: u64::from(self.arena.slots()) * bb,
+            capacity_bytes: self.capacity_bytes(),
             allocated_bytes: self.arena.allocated_bytes(),
             evicted_blocks: inner.evicted_blocks,
         }

@@ -176,7 +176,7 @@ impl Engine {
     /// The budget actually usable: whole blocks only.
     #[getter]
     fn capacity_bytes(&self) -> u64 {
-        self.inner.stats().tier.capacity_bytes
+        self.inner.capacity_bytes()
     }
 
     /// The namespace id: a 64-bit hash of model, dtype, layout, block size, TP size/rank, extras.

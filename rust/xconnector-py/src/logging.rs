@@ -21,16 +21,12 @@ pub fn init(py: Python<'_>) {
     // the `logging` logger named after the target, prefixed `xconnector.`. Levels are cached so a
     // disabled level costs no GIL; `reset_log_cache` picks up later level changes.
     let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels)
-        .map(|l| l.set_prefix("xconnector").filter(log_level_filter()));
+        .map(|l| l.set_prefix("xconnector").filter(tracing::log::LevelFilter::Debug));
     if let Ok(logger) = logger {
         if let Ok(handle) = logger.install() {
             *RESET.lock() = Some(handle);
         }
     }
-}
-
-fn log_level_filter() -> tracing::log::LevelFilter {
-    tracing::log::LevelFilter::Debug
 }
 
 /// Forget cached Python logger levels (call after changing a level of an `xconnector` logger).
