@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use xconnector_core::config::{parse_document, parse_section, report, AdapterType, Mode};
+use xconnector_core::config::{parse_document, parse_section, report, resolve_document, AdapterType, Mode};
 
 const DESIGN_EXAMPLE: &str = r#"
 Common:
@@ -77,7 +77,7 @@ fn every_problem_is_reported_with_its_path() {
         "Common.xconnector.adapters[3].name: missing",
         "Common.xconnector.performance.block_size: expected an integer in 1..=",
         "Common.xconnector.performance.metrics_port: expected an integer in 1..=65535, got 70000",
-        "Common.xconnector.performance.pin_memory: expected true or false, got a string",
+        "Common.xconnector.performance.pin_memory: expected true or false, got the string \"yes\"",
         "Common.xconnector.integration.targets[0]: \"no_colon\" is not \"module:Class\"",
         "Common.xconnector.integration.strict: expected true or false",
     ] {
@@ -108,7 +108,7 @@ fn malformed_documents_are_located_errors() {
     // YAML reads a bare `tru` as a string: the validator, not the parser, rejects it.
     let doc = parse_document("{\"enabled\": tru}", "env").unwrap();
     let p = parse_section(&doc, "env").unwrap_err();
-    assert_eq!(p[0].message, "expected true or false, got a string");
+    assert_eq!(p[0].message, "expected true or false, got the string \"tru\"");
 }
 
 fn fixtures(dir: &str) -> Vec<PathBuf> {
@@ -185,6 +185,25 @@ proptest! {
                 "adapters", "integration", "performance"].contains(&k.as_str())));
             prop_assert_eq!(m.get("enabled"), Some(&Value::Bool(cfg.enabled)));
             prop_assert!(cfg.adapters.iter().all(|a| ["lmcache", "vllm", "dynamo"].contains(&a.name.as_str())));
+        }
+    }
+
+    /// Overlaying arbitrary sections never panics; an accepted result's values all come from the
+    /// two sections or are defaults, and errors are one report naming the source.
+    #[test]
+    fn resolving_arbitrary_sections_never_panics(common in arb_value(), service in arb_value()) {
+        let doc = json!({"Common": {"xconnector": common}, "VllmWorker": {"xconnector": service}});
+        match resolve_document(&doc, "p", Some("VllmWorker"), false) {
+            Ok(r) => {
+                prop_assert!(r.section.is_some());
+                for (_, _, origin) in &r.origins {
+                    prop_assert!(origin == "default" || origin.starts_with("p: Common.xconnector")
+                        || origin.starts_with("p: VllmWorker.xconnector"), "{}", origin);
+                }
+                // What was accepted validates again from its normalized form, unchanged.
+                prop_assert_eq!(parse_section(&r.config.to_value(), "n").unwrap(), r.config);
+            }
+            Err(e) => prop_assert!(e.to_string().starts_with("p: invalid XConnector configuration")),
         }
     }
 

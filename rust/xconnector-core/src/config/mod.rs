@@ -1,15 +1,24 @@
 //! The configuration schema (DESIGN section 2), defined once here. Parsing is strict and reports
 //! every problem at once, each with its full key path and what would be accepted.
 
+mod discover;
+mod locate;
 mod size;
+mod source;
 mod validate;
 
+pub use discover::{discover, Environment, CONFIG_VARS};
+pub use locate::{dynamo_warnings, resolve_document, Resolved};
 pub use size::{mib_to_bytes, parse_size};
-pub use validate::{parse_section, Problem};
+pub use source::{read_config_file, MAX_CONFIG_BYTES};
+pub use validate::{join_path, parse_adapter, parse_section, parse_section_traced, Problem};
+
+use serde::Serialize;
 
 use crate::error::{CoreError, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// All tiers in-process.
     Embedded,
@@ -17,7 +26,8 @@ pub enum Mode {
     Hybrid,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AdapterType {
     Cache,
     Inference,
@@ -28,9 +38,10 @@ pub enum AdapterType {
 pub const KNOWN_ADAPTERS: &[(&str, AdapterType)] =
     &[("lmcache", AdapterType::Cache), ("vllm", AdapterType::Inference), ("dynamo", AdapterType::Distributed)];
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AdapterConfig {
     pub name: String,
+    #[serde(rename = "type")]
     pub kind: AdapterType,
     /// Adapter-specific settings, as given (each adapter validates its own keys).
     pub config: serde_json::Map<String, serde_json::Value>,
@@ -39,7 +50,7 @@ pub struct AdapterConfig {
     pub priority: i64,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct IntegrationConfig {
     /// `module:Class` targets to patch.
     pub targets: Vec<String>,
@@ -59,7 +70,7 @@ impl Default for IntegrationConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PerformanceConfig {
     pub block_size: u32,
     /// Background I/O threads; 0 picks a default from the machine.
@@ -78,7 +89,7 @@ impl Default for PerformanceConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SdkConfig {
     pub enabled: bool,
     pub mode: Mode,
@@ -99,6 +110,30 @@ impl Default for SdkConfig {
             adapters: Vec::new(),
             integration: IntegrationConfig::default(),
             performance: PerformanceConfig::default(),
+        }
+    }
+}
+
+impl SdkConfig {
+    /// The normalized form: every key present, adapters as a list sorted by priority. Reading it
+    /// back with [`parse_section`] gives the same config.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("every map key in the config is a string")
+    }
+}
+
+impl AdapterConfig {
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("every map key in the config is a string")
+    }
+}
+
+impl AdapterType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cache => "cache",
+            Self::Inference => "inference",
+            Self::Distributed => "distributed",
         }
     }
 }

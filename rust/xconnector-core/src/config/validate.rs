@@ -22,6 +22,17 @@ const SIZE_KEYS: &[&str] = &["max_cache_size", "max_local_cpu_size", "max_local_
 
 struct Walker {
     problems: Vec<Problem>,
+    /// Where each adapter of the result was read from (aligned with `SdkConfig::adapters`).
+    adapter_paths: Vec<String>,
+}
+
+/// `path.key`, or just `key` at the top level (a bare section has the empty path).
+pub fn join_path(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -74,7 +85,7 @@ impl Walker {
                 .min_by_key(|a| distance(key, a))
                 .map(|a| format!("did you mean {a:?}? "))
                 .unwrap_or_default();
-            self.problem(&format!("{path}.{key}"), format!("unknown key; {hint}accepted keys: {}", allowed.join(", ")));
+            self.problem(&join_path(path, key), format!("unknown key; {hint}accepted keys: {}", allowed.join(", ")));
         }
     }
 
@@ -82,8 +93,12 @@ impl Walker {
         match m.get(key) {
             None => default,
             Some(Value::Bool(b)) => *b,
+            Some(Value::String(text)) => {
+                self.problem(&join_path(path, key), format!("expected true or false, got the string {text:?}"));
+                default
+            }
             Some(other) => {
-                self.problem(&format!("{path}.{key}"), format!("expected true or false, got {}", kind(other)));
+                self.problem(&join_path(path, key), format!("expected true or false, got {}", kind(other)));
                 default
             }
         }
@@ -95,7 +110,7 @@ impl Walker {
             Some(i) if (min..=max).contains(&i) => Some(i),
             _ => {
                 let got = if v.is_number() { format!("{v}") } else { kind(v).to_owned() };
-                self.problem(&format!("{path}.{key}"), format!("expected an integer in {min}..={max}, got {got}"));
+                self.problem(&join_path(path, key), format!("expected an integer in {min}..={max}, got {got}"));
                 None
             }
         }
@@ -106,7 +121,7 @@ impl Walker {
         let items = match v {
             Value::Array(items) => items,
             other => {
-                self.problem(&format!("{path}.{key}"), format!("expected a list of strings, got {}", kind(other)));
+                self.problem(&join_path(path, key), format!("expected a list of strings, got {}", kind(other)));
                 return None;
             }
         };
@@ -114,7 +129,10 @@ impl Walker {
         for (i, item) in items.iter().enumerate() {
             match item.as_str() {
                 Some(s) => out.push(s.to_owned()),
-                None => self.problem(&format!("{path}.{key}[{i}]"), format!("expected a string, got {}", kind(item))),
+                None => self.problem(
+                    &format!("{}[{i}]", join_path(path, key)),
+                    format!("expected a string, got {}", kind(item)),
+                ),
             }
         }
         Some(out)
@@ -126,7 +144,7 @@ impl Walker {
         self.unknown_keys(m, path, TOP_KEYS);
         match m.get("enabled") {
             None => self.problem(
-                &format!("{path}.enabled"),
+                &join_path(path, "enabled"),
                 "missing; set `enabled: true` to turn XConnector on (or `false` to keep it off)",
             ),
             Some(_) => cfg.enabled = self.boolean(m, path, "enabled", false),
@@ -136,34 +154,42 @@ impl Walker {
             Some(Value::String(s)) if s == "embedded" => cfg.mode = Mode::Embedded,
             Some(Value::String(s)) if s == "hybrid" => cfg.mode = Mode::Hybrid,
             Some(other) => {
-                self.problem(&format!("{path}.mode"), format!("expected \"embedded\" or \"hybrid\", got {other}"))
+                self.problem(&join_path(path, "mode"), format!("expected \"embedded\" or \"hybrid\", got {other}"))
             }
         }
         cfg.enable_distributed = self.boolean(m, path, "enable_distributed", true);
         cfg.enable_caching = self.boolean(m, path, "enable_caching", true);
         if let Some(a) = m.get("adapters") {
-            cfg.adapters = self.adapters(a, &format!("{path}.adapters"));
+            let (adapters, paths) = self.adapters(a, &join_path(path, "adapters")).into_iter().unzip();
+            cfg.adapters = adapters;
+            self.adapter_paths = paths;
         }
         if let Some(i) = m.get("integration") {
-            cfg.integration = self.integration(i, &format!("{path}.integration"));
+            cfg.integration = self.integration(i, &join_path(path, "integration"));
         }
         if let Some(p) = m.get("performance") {
-            cfg.performance = self.performance(p, &format!("{path}.performance"));
+            cfg.performance = self.performance(p, &join_path(path, "performance"));
         }
         cfg
     }
 
-    fn adapters(&mut self, v: &Value, path: &str) -> Vec<AdapterConfig> {
-        let mut out: Vec<AdapterConfig> = Vec::new();
+    /// The adapters, sorted by priority, each with the key path it was read from.
+    fn adapters(&mut self, v: &Value, path: &str) -> Vec<(AdapterConfig, String)> {
+        let mut out: Vec<(AdapterConfig, String)> = Vec::new();
         match v {
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    out.extend(self.adapter(item, &format!("{path}[{i}]"), None));
+                    let p = format!("{path}[{i}]");
+                    out.extend(self.adapter(item, &p, None).map(|a| (a, p)));
                 }
             }
             Value::Object(m) => {
+                let empty = Value::Object(Map::new());
                 for (name, item) in m {
-                    out.extend(self.adapter(item, &format!("{path}.{name}"), Some(name)));
+                    let p = join_path(path, name);
+                    // `adapters: {lmcache: }` (YAML null) means "this adapter, default settings".
+                    let item = if item.is_null() { &empty } else { item };
+                    out.extend(self.adapter(item, &p, Some(name)).map(|a| (a, p)));
                 }
             }
             other => self.problem(
@@ -172,12 +198,13 @@ impl Walker {
             ),
         }
         let mut seen = std::collections::HashSet::new();
-        for a in &out {
+        for (a, p) in &out {
             if !seen.insert(a.name.clone()) {
-                self.problem(path, format!("adapter {:?} is configured twice; keep one entry", a.name));
+                self.problem(p, format!("adapter {:?} is configured twice; keep one entry", a.name));
             }
         }
-        out.sort_by_key(|a| a.priority);
+        // Stable: equal priorities keep the order they were written in.
+        out.sort_by_key(|(a, _)| a.priority);
         out
     }
 
@@ -185,10 +212,10 @@ impl Walker {
         let m = self.mapping(v, path)?;
         let known: Vec<&str> = KNOWN_ADAPTERS.iter().map(|(n, _)| *n).collect();
         for key in m.keys().filter(|k| !ADAPTER_KEYS.contains(&k.as_str())) {
-            let p = format!("{path}.{key}");
+            let p = join_path(path, key);
             if key == "class_path" {
                 self.problem(&p, "adapters are built in and chosen by `name`; remove `class_path`");
-            } else if key_name.is_some() || m.contains_key("name") {
+            } else {
                 self.problem(
                     &p,
                     format!(
@@ -202,25 +229,25 @@ impl Walker {
             (Some(k), None) => k.to_owned(),
             (Some(k), Some(Value::String(n))) if n == k => k.to_owned(),
             (Some(k), Some(n)) => {
-                self.problem(&format!("{path}.name"), format!("is {n} but the entry is keyed {k:?}; make them agree"));
+                self.problem(&join_path(path, "name"), format!("is {n} but the entry is keyed {k:?}; make them agree"));
                 return None;
             }
             (None, Some(Value::String(n))) => n.clone(),
             (None, Some(other)) => {
                 self.problem(
-                    &format!("{path}.name"),
+                    &join_path(path, "name"),
                     format!("expected one of {}, got {}", known.join(", "), kind(other)),
                 );
                 return None;
             }
             (None, None) => {
-                self.problem(&format!("{path}.name"), format!("missing; one of {}", known.join(", ")));
+                self.problem(&join_path(path, "name"), format!("missing; one of {}", known.join(", ")));
                 return None;
             }
         };
         let Some(&(_, expected)) = KNOWN_ADAPTERS.iter().find(|(n, _)| *n == name) else {
             self.problem(
-                &format!("{path}.name"),
+                &join_path(path, "name"),
                 format!("unknown adapter {name:?}; known adapters: {}", known.join(", ")),
             );
             return None;
@@ -236,14 +263,14 @@ impl Walker {
                 };
                 let ok = parsed == Some(expected);
                 if !ok {
-                    let want = format!("{expected:?}").to_lowercase();
-                    self.problem(&format!("{path}.type"), format!("adapter {name:?} is of type {want:?}, not {t:?}"));
+                    let want = expected.as_str();
+                    self.problem(&join_path(path, "type"), format!("adapter {name:?} is of type {want:?}, not {t:?}"));
                 }
                 ok
             }
             Some(other) => {
                 self.problem(
-                    &format!("{path}.type"),
+                    &join_path(path, "type"),
                     format!("expected cache, inference or distributed, got {}", kind(other)),
                 );
                 false
@@ -251,10 +278,10 @@ impl Walker {
         };
         let config = match m.get("config") {
             None => Map::new(),
-            Some(c) => self.mapping(c, &format!("{path}.config")).cloned().unwrap_or_default(),
+            Some(c) => self.mapping(c, &join_path(path, "config")).cloned().unwrap_or_default(),
         };
         for key in SIZE_KEYS {
-            let p = format!("{path}.config.{key}");
+            let p = join_path(&join_path(path, "config"), key);
             match config.get(*key) {
                 None => {}
                 Some(Value::Number(n)) => match n.as_i64().map(mib_to_bytes) {
@@ -283,7 +310,10 @@ impl Walker {
             for (i, t) in targets.iter().enumerate() {
                 let ok = t.split_once(':').is_some_and(|(module, class)| !module.is_empty() && !class.is_empty());
                 if !ok {
-                    self.problem(&format!("{path}.targets[{i}]"), format!("{t:?} is not \"module:Class\""));
+                    self.problem(
+                        &format!("{}[{i}]", join_path(path, "targets")),
+                        format!("{t:?} is not \"module:Class\""),
+                    );
                 }
             }
             cfg.targets = targets;
@@ -319,11 +349,25 @@ impl Walker {
 
 /// Validates an `xconnector` section found at `path` (e.g. `Common.xconnector`).
 pub fn parse_section(value: &Value, path: &str) -> Result<SdkConfig, Vec<Problem>> {
-    let mut w = Walker { problems: Vec::new() };
+    parse_section_traced(value, path).map(|(cfg, _)| cfg)
+}
+
+/// [`parse_section`], plus the key path each adapter was read from (aligned with `adapters`).
+pub fn parse_section_traced(value: &Value, path: &str) -> Result<(SdkConfig, Vec<String>), Vec<Problem>> {
+    let mut w = Walker { problems: Vec::new(), adapter_paths: Vec::new() };
     let cfg = w.section(value, path);
     if w.problems.is_empty() {
-        Ok(cfg)
+        Ok((cfg, w.adapter_paths))
     } else {
         Err(w.problems)
+    }
+}
+
+/// Validates one adapter entry on its own (`name` is required).
+pub fn parse_adapter(value: &Value, path: &str) -> Result<AdapterConfig, Vec<Problem>> {
+    let mut w = Walker { problems: Vec::new(), adapter_paths: Vec::new() };
+    match w.adapter(value, path, None) {
+        Some(a) if w.problems.is_empty() => Ok(a),
+        _ => Err(w.problems),
     }
 }

@@ -1,0 +1,88 @@
+//! Where the config comes from, in the order of DESIGN section 2. The first channel that is set
+//! decides, even when it holds no `xconnector` section (then XConnector stays off and the result
+//! says which channel was read): Dynamo sets `DYNAMO_SERVICE_CONFIG` from the same YAML that
+//! `DYN_DEPLOYMENT_CONFIG` and `-f` name, so looking further would only find the same answer.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::locate::{resolve_document, Resolved};
+use super::parse_document;
+use super::source::{check_text, read_config_file};
+use crate::error::Result;
+
+/// The variables XConnector reads, in order.
+pub const CONFIG_VARS: &[&str] = &["XCONNECTOR_CONFIG", "DYNAMO_SERVICE_CONFIG", "DYN_DEPLOYMENT_CONFIG"];
+
+/// What discovery reads: environment variables and the process's argv.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    pub vars: HashMap<String, String>,
+    pub argv: Vec<String>,
+}
+
+impl Environment {
+    /// This process's environment and arguments.
+    pub fn current() -> Self {
+        let vars = CONFIG_VARS.iter().filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v))).collect();
+        Self { vars, argv: std::env::args().collect() }
+    }
+
+    fn var(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str).filter(|v| !v.trim().is_empty())
+    }
+
+    /// The value of the last `--flag VALUE` or `--flag=VALUE` among `flags` (argparse: last wins).
+    fn flag(&self, flags: &[&str]) -> Option<(String, String)> {
+        let mut found = None;
+        let mut args = self.argv.iter().skip(1);
+        while let Some(arg) = args.next() {
+            for flag in flags {
+                if arg == flag {
+                    if let Some(value) = args.clone().next() {
+                        found = Some(((*flag).to_owned(), value.clone()));
+                    }
+                } else if let Some(value) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+                    found = Some(((*flag).to_owned(), value.to_owned()));
+                }
+            }
+        }
+        found
+    }
+
+    /// The Dynamo service this process runs (`--service-name VllmWorker`), if any.
+    pub fn service_name(&self) -> Option<String> {
+        self.flag(&["--service-name"]).map(|(_, v)| v).filter(|v| !v.is_empty())
+    }
+}
+
+/// Finds and validates the config. `Ok` with `section: None` means "no config: stay off";
+/// `Err` is a config that exists but is unreadable or invalid.
+pub fn discover(env: &Environment) -> Result<Resolved> {
+    let service = env.service_name();
+    let service = service.as_deref();
+    if let Some(value) = env.var("XCONNECTOR_CONFIG") {
+        let value = value.trim();
+        // A path, or (in containers, where mounting a file is more work) the YAML/JSON itself.
+        if value.starts_with('{') || value.contains('\n') {
+            let source = "XCONNECTOR_CONFIG (inline)";
+            let doc = parse_document(&check_text(value.to_owned(), source)?, source)?;
+            return resolve_document(&doc, source, service, true);
+        }
+        let source = format!("XCONNECTOR_CONFIG={value}");
+        let text = read_config_file(Path::new(value), &source)?;
+        return resolve_document(&parse_document(&text, &source)?, &source, service, true);
+    }
+    for var in ["DYNAMO_SERVICE_CONFIG", "DYN_DEPLOYMENT_CONFIG"] {
+        if let Some(value) = env.var(var) {
+            let doc = parse_document(&check_text(value.to_owned(), var)?, var)?;
+            return resolve_document(&doc, var, service, false);
+        }
+    }
+    if let Some((flag, path)) = env.flag(&["-f", "--config-file", "--config"]) {
+        let source = format!("{flag} {path}");
+        let text = read_config_file(Path::new(&path), &source)?;
+        return resolve_document(&parse_document(&text, &source)?, &source, service, false);
+    }
+    Ok(Resolved::absent("none", Vec::new()))
+}
