@@ -12,9 +12,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test -p xconnector-core --quiet
 
-echo "== ruff / stubtest"
+echo "== ruff / mypy / stubtest"
 ruff check .
 ruff format --check .
+python -m mypy xconnector
 python -m mypy.stubtest xconnector._native
 
 echo "== pytest"

@@ -56,6 +56,11 @@ def smoke(python: Path, tmp: Path) -> None:
     # Run from a directory without the source tree, so the installed package is what imports.
     r = run([str(python), "-c", code], cwd=tmp)
     assert r.stdout.strip() == "ok 1.0.0"
+    # The console script is installed and reads a config (and from that, the schema in Rust).
+    config = tmp / "xc.yaml"
+    config.write_text("Common:\n  xconnector: {enabled: true, adapters: [{name: lmcache}]}\n")
+    r = run([str(python.parent / "xconnector"), "check-config", str(config)], cwd=tmp)
+    assert r.stdout.startswith(f"{config}: valid; XConnector is enabled"), r.stdout
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Typed surface of the compiled extension (checked against it by `mypy.stubtest`)."""
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, final
 
@@ -13,6 +13,12 @@ __all__ = [
     "Engine",
     "__version__",
     "_inject_fault",
+    "config_discover",
+    "config_env_vars",
+    "config_load_file",
+    "config_normalize",
+    "config_normalize_adapter",
+    "config_resolve_document",
     "local_block_hashes",
     "reset_log_cache",
     "sequence_hashes",
@@ -116,3 +122,23 @@ def local_block_hashes(
 ) -> list[int]: ...
 def reset_log_cache() -> None: ...
 def _inject_fault(point: str, fault: str) -> None: ...
+
+# Config (DESIGN section 2). Normalized sections are plain dicts; `xconnector.sdk.config` wraps
+# them in dataclasses. Every function raises `ConfigError` on an invalid or unreadable config.
+_Resolved: TypeAlias = dict[str, Any]
+
+def config_normalize(
+    section: Mapping[str, Any] | Any, source: str = "<dict>", path: str = ""
+) -> dict[str, Any]: ...
+def config_normalize_adapter(
+    adapter: Mapping[str, Any] | Any, source: str = "<dict>", path: str = ""
+) -> dict[str, Any]: ...
+def config_resolve_document(
+    document_: Mapping[str, Any] | Any,
+    source: str = "<dict>",
+    service: str | None = None,
+    bare: bool = False,
+) -> _Resolved: ...
+def config_load_file(path: str, service: str | None = None) -> _Resolved: ...
+def config_discover(environ: Mapping[str, str], argv: list[str]) -> _Resolved: ...
+def config_env_vars() -> list[str]: ...

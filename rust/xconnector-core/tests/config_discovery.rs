@@ -54,11 +54,14 @@ fn every_dynamo_config_loads_and_says_xconnector_is_off() {
         let source = path.display().to_string();
         let text = read_config_file(&path, &source).unwrap();
         let doc = parse_document(&text, &source).unwrap();
-        let r = resolve_document(&doc, &source, Some("VllmWorker"), false).unwrap();
-        assert_eq!((r.section.as_deref(), r.config.enabled), (None, false), "{source}");
-        assert_eq!(r.source, source);
-        assert!(r.warnings.is_empty(), "{source}: {:?}", r.warnings);
-        assert!(r.origins.iter().all(|(_, _, o)| o == "default"));
+        // bare: also when read as a file that might hold just the section (check-config).
+        for bare in [false, true] {
+            let r = resolve_document(&doc, &source, Some("VllmWorker"), bare).unwrap();
+            assert_eq!((r.section.as_deref(), r.config.enabled), (None, false), "{source}");
+            assert_eq!(r.source, source);
+            assert!(r.warnings.is_empty(), "{source}: {:?}", r.warnings);
+            assert!(r.origins.iter().all(|(_, _, o)| o == "default"));
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 
 mod buffers;
 mod call;
+mod config;
+mod convert;
 mod engine;
 mod errors;
 mod logging;
@@ -78,5 +80,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(local_block_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(_inject_fault, m)?)?;
     m.add_function(wrap_pyfunction!(logging::reset_log_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_normalize, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_normalize_adapter, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_resolve_document, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_load_file, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_discover, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_env_vars, m)?)?;
     Ok(())
 }

@@ -39,10 +39,13 @@ impl Resolved {
 /// Every top-level key of a Dynamo config is a service; these hold no service settings.
 const NOT_SERVICES: &[&str] = &["Common", "xconnector"];
 
-/// Whether a mapping looks like a Dynamo graph config rather than a bare `xconnector` section.
+/// Whether a mapping looks like a Dynamo graph config rather than a bare `xconnector` section:
+/// it has `Common`, a service with Dynamo's own keys, or only CamelCase service names (Dynamo
+/// 0.1 files have neither of the others; every key of the section is lower case).
 fn is_dynamo_document(doc: &serde_json::Map<String, Value>) -> bool {
     doc.contains_key("Common")
         || doc.values().any(|v| v.get("common-configs").is_some() || v.get("ServiceArgs").is_some())
+        || (!doc.is_empty() && doc.keys().all(|k| k.starts_with(|c: char| c.is_ascii_uppercase())))
 }
 
 /// The two ways to break a Dynamo deployment with this section. Dynamo turns every key a service
@@ -79,7 +82,25 @@ pub fn dynamo_warnings(doc: &Value) -> Vec<String> {
             ));
         }
     }
+    stray_sections(&Value::Object(doc.clone()), "", &mut out);
     out
+}
+
+/// `xconnector` keys deeper than any place XConnector reads (the prototype put one under
+/// `VllmWorker.extensions`): said out loud, since otherwise the user's settings silently do nothing.
+fn stray_sections(v: &Value, path: &str, out: &mut Vec<String>) {
+    let Some(map) = v.as_object() else { return };
+    for (k, child) in map {
+        let here = join_path(path, k);
+        let depth = here.matches('.').count();
+        if k == "xconnector" && depth >= 2 {
+            out.push(format!(
+                "{here} is not read by XConnector, so these settings do nothing; move them to Common.xconnector"
+            ));
+        } else {
+            stray_sections(child, &here, out);
+        }
+    }
 }
 
 /// Reads the `xconnector` section of `doc`. `service` (from `--service-name`) overlays

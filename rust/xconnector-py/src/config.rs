@@ -1,0 +1,124 @@
+//! Config entry points: validation of dicts, loading files, and discovery. The schema, the
+//! messages and the discovery order all live in `xconnector_core::config`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use serde_json::Value;
+use xconnector_core::config::{self as core, Environment, Problem, Resolved};
+
+use crate::call::guarded;
+use crate::convert::{to_py, to_value};
+use crate::errors::core_to_py;
+
+fn document(py: Python<'_>, obj: &Bound<'_, PyAny>, source: &str, path: &str) -> PyResult<Value> {
+    to_value(obj, path).map_err(|(at, message)| {
+        let at = if at.is_empty() { "(top level)".to_owned() } else { at };
+        core_to_py(py, core::report(source, &[Problem { path: at, message }]))
+    })
+}
+
+fn problems(py: Python<'_>, source: &str, problems: &[Problem]) -> PyErr {
+    core_to_py(py, core::report(source, problems))
+}
+
+fn resolved<'py>(py: Python<'py>, r: &Resolved) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("source", &r.source)?;
+    d.set_item("section", &r.section)?;
+    d.set_item("config", to_py(py, &r.config.to_value())?)?;
+    let origins = PyList::empty(py);
+    for (path, value, origin) in &r.origins {
+        origins.append((path, to_py(py, value)?, origin))?;
+    }
+    d.set_item("origins", origins)?;
+    d.set_item("warnings", r.warnings.clone())?;
+    Ok(d)
+}
+
+/// Validates an `xconnector` section given as a dict; returns its normalized form.
+#[pyfunction]
+#[pyo3(signature = (section, source = "<dict>", path = ""))]
+pub fn config_normalize<'py>(
+    py: Python<'py>,
+    section: &Bound<'py, PyAny>,
+    source: &str,
+    path: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    normalize(py, section, source, path, |v, p| core::parse_section(v, p).map(|c| c.to_value()))
+}
+
+/// Validates one adapter entry given as a dict; returns its normalized form.
+#[pyfunction]
+#[pyo3(signature = (adapter, source = "<dict>", path = ""))]
+pub fn config_normalize_adapter<'py>(
+    py: Python<'py>,
+    adapter: &Bound<'py, PyAny>,
+    source: &str,
+    path: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    normalize(py, adapter, source, path, |v, p| core::parse_adapter(v, p).map(|a| a.to_value()))
+}
+
+fn normalize<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    source: &str,
+    path: &str,
+    parse: fn(&Value, &str) -> Result<Value, Vec<Problem>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    guarded(py, || {
+        let v = document(py, obj, source, path)?;
+        to_py(py, &parse(&v, path).map_err(|p| problems(py, source, &p))?)
+    })
+}
+
+/// Reads the section out of a whole document given as a dict (a Dynamo config).
+#[pyfunction]
+#[pyo3(signature = (document_, source = "<dict>", service = None, bare = false))]
+pub fn config_resolve_document<'py>(
+    py: Python<'py>,
+    document_: &Bound<'py, PyAny>,
+    source: &str,
+    service: Option<&str>,
+    bare: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    guarded(py, || {
+        let v = document(py, document_, source, "")?;
+        let r = core::resolve_document(&v, source, service, bare).map_err(|e| core_to_py(py, e))?;
+        resolved(py, &r)
+    })
+}
+
+/// Reads a YAML/JSON file: a Dynamo config, a file with an `xconnector:` key, or the section.
+#[pyfunction]
+#[pyo3(signature = (path, service = None))]
+pub fn config_load_file<'py>(py: Python<'py>, path: PathBuf, service: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
+    let source = path.display().to_string();
+    let r = crate::call::detached(py, || {
+        let text = core::read_config_file(&path, &source)?;
+        core::resolve_document(&core::parse_document(&text, &source)?, &source, service, true)
+    })?;
+    guarded(py, || resolved(py, &r))
+}
+
+/// Finds the config the way a worker process does (DESIGN section 2), from the given environment
+/// variables and argv.
+#[pyfunction]
+pub fn config_discover<'py>(
+    py: Python<'py>,
+    environ: HashMap<String, String>,
+    argv: Vec<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let env = Environment { vars: environ, argv };
+    let r = crate::call::detached(py, || core::discover(&env))?;
+    guarded(py, || resolved(py, &r))
+}
+
+/// Names of the environment variables discovery reads, in order.
+#[pyfunction]
+pub fn config_env_vars() -> Vec<&'static str> {
+    core::CONFIG_VARS.to_vec()
+}

@@ -1,0 +1,130 @@
+"""The `xconnector` command (also `python -m xconnector`).
+
+`xconnector check-config FILE` prints the effective config, where each value came from, and
+warnings for the ways a config breaks Dynamo. Exit codes: 0 valid, 1 invalid, 2 usage error
+(including a file that does not exist or is a directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TextIO
+
+from xconnector.sdk.exceptions import ConfigError, NativeModuleError
+
+if TYPE_CHECKING:
+    from xconnector.integrations.dynamo.config_detector import DetectedConfig
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xconnector", description="XConnector: KV-cache connector for Dynamo and vLLM."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config and show the effective values and where they came from",
+        description="Validate an XConnector config. With FILE: a Dynamo YAML (Common.xconnector), "
+        "a file with an `xconnector:` key, or the section itself. Without FILE: the config "
+        "this environment gives a worker (XCONNECTOR_CONFIG, DYNAMO_SERVICE_CONFIG, "
+        "DYN_DEPLOYMENT_CONFIG).",
+    )
+    check.add_argument("file", nargs="?", metavar="FILE", help="YAML or JSON file to check")
+    check.add_argument(
+        "--service",
+        metavar="NAME",
+        help="Dynamo service whose own `xconnector` keys overlay Common's (e.g. VllmWorker)",
+    )
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file, service=args.service, as_json=args.json, strict=args.strict)
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def check_config(
+    path: str | None,
+    *,
+    service: str | None = None,
+    as_json: bool = False,
+    strict: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    from xconnector.integrations.dynamo import config_detector
+
+    try:
+        if path is None:
+            argv = ["xconnector"] + (["--service-name", service] if service else [])
+            found = config_detector.detect_config(argv=argv)
+        else:
+            found = config_detector.load_config_file(path, service=service)
+    except ConfigError as e:
+        code = EXIT_USAGE if path is not None and not os.path.isfile(path) else EXIT_INVALID
+        if as_json:
+            print(json.dumps({"valid": False, "error": str(e)}, indent=2), file=out)
+        else:
+            print(f"error: {e}", file=err)
+        return code
+    except NativeModuleError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_USAGE
+
+    if as_json:
+        doc = {
+            "valid": True,
+            "enabled": found.enabled,
+            "source": found.source,
+            "section": found.section,
+            "config": found.config.to_dict(),
+            "origins": found.origins,
+            "warnings": found.warnings,
+        }
+        print(json.dumps(doc, indent=2), file=out)
+    else:
+        _print_report(found, out)
+    return EXIT_INVALID if strict and found.warnings else EXIT_OK
+
+
+def _print_report(found: DetectedConfig, out: TextIO) -> None:
+    if found.found:
+        state = "enabled" if found.enabled else "disabled (enabled: false)"
+        print(f"{found.source}: valid; XConnector is {state} (read from {found.section})", file=out)
+    elif found.source == "none":
+        print("no XConnector config found in this environment; XConnector stays off", file=out)
+    else:
+        print(
+            f"{found.source}: no xconnector section; XConnector stays off. To turn it on, add "
+            "`xconnector: {enabled: true}` under `Common:`",
+            file=out,
+        )
+    if found.found:
+        rows = [(k, json.dumps(found.values[k]), origin) for k, origin in found.origins.items()]
+        kw = max(len(r[0]) for r in rows)
+        vw = min(max(len(r[1]) for r in rows), 40)
+        print("\neffective configuration (key, value, where it was set):", file=out)
+        for key, value, origin in rows:
+            print(f"  {key:<{kw}}  {value:<{vw}}  {origin}", file=out)
+    if found.warnings:
+        print(f"\nwarnings ({len(found.warnings)}):", file=out)
+        for w in found.warnings:
+            print(f"  - {w}", file=out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Integrations with inference stacks. Importing a subpackage loads nothing heavy."""
