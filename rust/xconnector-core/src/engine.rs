@@ -143,8 +143,6 @@ impl Engine {
 
     /// Stores the KV of the request's full blocks. `payload` holds exactly those blocks back to back.
     pub fn store(&self, tokens: &[u32], payload: &[u8], extras: HashExtras<'_>) -> Result<StoreOutcome> {
-        faults::check(FaultPoint::Store)?;
-        let t0 = Instant::now();
         let bs = self.cfg.block_size;
         let bb = self.cfg.block_bytes;
         let blocks = tokens.len() / bs;
@@ -158,10 +156,25 @@ impl Engine {
                 tokens.len() % bs
             )));
         }
+        self.store_with(tokens, extras, |i, dst| dst.copy_from_slice(&payload[i * bb..(i + 1) * bb]))
+    }
+
+    /// Stores the request's full blocks, filling each newly reserved slot in place with
+    /// `fill(block_index, slot_bytes)`: no staging copy, and no work for blocks already cached.
+    /// `fill` cannot fail: validate what it reads before calling this.
+    pub fn store_with(
+        &self,
+        tokens: &[u32],
+        extras: HashExtras<'_>,
+        mut fill: impl FnMut(usize, &mut [u8]),
+    ) -> Result<StoreOutcome> {
+        faults::check(FaultPoint::Store)?;
+        let t0 = Instant::now();
+        let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
         let res = self.tier.reserve(self.namespace_for(extras), &hashes)?;
         for &(i, slot) in &res.new_blocks {
-            self.tier.write_reserved(slot, &payload[i * bb..(i + 1) * bb]);
+            self.tier.fill_reserved(slot, |dst| fill(i, dst));
         }
         self.tier.publish(&res);
         let out = StoreOutcome { stored: res.new_blocks.len(), existing: res.existing, rejected: res.rejected };
@@ -181,13 +194,26 @@ impl Engine {
     /// Copies the longest cached prefix (at most `out.len() / block_bytes` blocks) into `out`,
     /// blocks back to back from offset 0. Returns the number of tokens loaded.
     pub fn load(&self, tokens: &[u32], out: &mut [u8], extras: HashExtras<'_>) -> Result<usize> {
+        let bb = self.cfg.block_bytes;
+        self.load_with(tokens, extras, out.len() / bb, |i, src| out[i * bb..(i + 1) * bb].copy_from_slice(src))
+    }
+
+    /// Hands the longest cached prefix (at most `max_blocks` blocks) to `read(block_index, bytes)`,
+    /// each block pinned while it is read. Returns the number of tokens loaded.
+    pub fn load_with(
+        &self,
+        tokens: &[u32],
+        extras: HashExtras<'_>,
+        max_blocks: usize,
+        mut read: impl FnMut(usize, &[u8]),
+    ) -> Result<usize> {
         faults::check(FaultPoint::Load)?;
         let t0 = Instant::now();
         let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
-        let slots = self.tier.pin_prefix(self.namespace_for(extras), &hashes, out.len() / bb);
+        let slots = self.tier.pin_prefix(self.namespace_for(extras), &hashes, max_blocks);
         for (i, &slot) in slots.iter().enumerate() {
-            self.tier.read_pinned(slot, &mut out[i * bb..(i + 1) * bb]);
+            self.tier.with_pinned(slot, |src| read(i, src));
         }
         self.tier.unpin(&slots);
         let c = &self.counters;

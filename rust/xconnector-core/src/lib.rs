@@ -8,8 +8,11 @@ pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod hashing;
+pub mod kv_layout;
 pub mod memory_tier;
 pub mod namespace;
+pub mod overlap;
+pub mod router;
 pub mod stats;
 
 pub use engine::{Engine, EngineConfig, PinnedBlock, StoreOutcome};

@@ -297,10 +297,12 @@ impl MemoryTier {
         Ok(res)
     }
 
-    /// Copies one block's bytes into a reserved slot.
-    pub fn write_reserved(&self, slot: SlotId, src: &[u8]) {
-        // SAFETY: `slot` came from `reserve` and is not published yet, so this caller owns it.
-        unsafe { self.arena.write(slot, src) }
+    /// Fills a reserved slot in place (no staging copy).
+    pub fn fill_reserved(&self, slot: SlotId, fill: impl FnOnce(&mut [u8])) {
+        // SAFETY: `slot` came from `reserve` and is not published yet, so this caller owns it
+        // exclusively; its segment was ensured by `reserve` and holds `block_bytes` bytes.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.arena.slot_ptr(slot), self.block_bytes()) };
+        fill(dst);
     }
 
     /// Makes reserved blocks visible, all at once, so a child is never visible before its parent.
@@ -338,9 +340,10 @@ impl MemoryTier {
     }
 
     /// Copies a pinned block into `dst`.
-    pub fn read_pinned(&self, slot: SlotId, dst: &mut [u8]) {
+    /// Hands a pinned slot's bytes to `read`.
+    pub fn with_pinned<R>(&self, slot: SlotId, read: impl FnOnce(&[u8]) -> R) -> R {
         // SAFETY: the caller pinned the slot, so it is neither evicted nor rewritten meanwhile.
-        unsafe { self.arena.read(slot, dst) }
+        read(unsafe { std::slice::from_raw_parts(self.pinned_ptr(slot), self.block_bytes()) })
     }
 
     /// The bytes of a pinned block, valid until it is unpinned.
