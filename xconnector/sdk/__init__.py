@@ -1,4 +1,12 @@
-"""The XConnector SDK: exceptions now; the SDK facade, config and handlers build on the engine."""
+"""The XConnector SDK.
+
+`XConnectorSDK`, the factories and the config classes load the native engine; they are imported
+on first use so that `import xconnector.sdk.exceptions` stays free for the autopatch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from xconnector.sdk.exceptions import (
     CacheError,
@@ -6,14 +14,45 @@ from xconnector.sdk.exceptions import (
     InternalError,
     InvalidInputError,
     NativeModuleError,
+    StateError,
     XConnectorError,
 )
 
+if TYPE_CHECKING:
+    from xconnector.sdk.config import AdapterConfig, SDKConfig
+    from xconnector.sdk.factory import KVCacheSDK, create_kv_cache_sdk, create_xconnector_sdk
+    from xconnector.sdk.xconnector_sdk import XConnectorSDK
+
 __all__ = [
+    "AdapterConfig",
     "CacheError",
     "ConfigError",
     "InternalError",
     "InvalidInputError",
+    "KVCacheSDK",
     "NativeModuleError",
+    "SDKConfig",
+    "StateError",
     "XConnectorError",
+    "XConnectorSDK",
+    "create_kv_cache_sdk",
+    "create_xconnector_sdk",
 ]
+
+_LAZY = {
+    "AdapterConfig": "xconnector.sdk.config",
+    "SDKConfig": "xconnector.sdk.config",
+    "KVCacheSDK": "xconnector.sdk.factory",
+    "create_kv_cache_sdk": "xconnector.sdk.factory",
+    "create_xconnector_sdk": "xconnector.sdk.factory",
+    "XConnectorSDK": "xconnector.sdk.xconnector_sdk",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'xconnector.sdk' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

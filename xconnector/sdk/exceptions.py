@@ -12,6 +12,7 @@ __all__ = [
     "InternalError",
     "InvalidInputError",
     "NativeModuleError",
+    "StateError",
     "XConnectorError",
 ]
 
@@ -38,3 +39,7 @@ class InternalError(XConnectorError):
 
 class NativeModuleError(XConnectorError, ImportError):
     """The compiled extension `xconnector._native` could not be loaded."""
+
+
+class StateError(XConnectorError, RuntimeError):
+    """A call the SDK's lifecycle does not allow now: before `initialize()`, after `shutdown()`."""

@@ -213,3 +213,33 @@ proptest! {
         let _ = parse_document(&s, "fuzz");
     }
 }
+
+#[test]
+fn adapter_settings_are_checked_per_adapter() {
+    let v = json!({"enabled": true, "adapters": [
+        {"name": "lmcache", "config": {"chunk_size": 256, "local_cpu": true, "max_local_cpu_size": 5.0,
+            "max_local_disk_size": "20GiB", "remote_url": "redis://cache:6379", "storage_backend": "memory"}},
+        {"name": "vllm", "config": {"kv_layout": "flashinfer", "staging_buffer_size": 256}},
+        {"name": "dynamo", "config": {"namespace": "dynamo", "worker_id": "w0"}}]});
+    assert!(parse_section(&v, "x").is_ok());
+    let bad = json!({"enabled": true, "adapters": [
+        {"name": "lmcache", "config": {"chunk_sise": 256, "chunk_size": 0, "remote_url": "http://x",
+            "storage_backend": "local", "max_local_cpu_size": -1}},
+        {"name": "vllm", "config": {"kv_layout": "HND", "enable_prefix_caching": "yes"}}]});
+    let text = report("f", &parse_section(&bad, "x").unwrap_err()).to_string();
+    for needle in [
+        "x.adapters[0].config.chunk_sise: unknown lmcache setting; accepted: storage_backend, max_cache_size, chunk_size,",
+        "x.adapters[0].config.chunk_size: expected an integer >= 1, got 0",
+        "x.adapters[0].config.remote_url: expected a URL like redis://host:port, got \"http://x\"",
+        "x.adapters[0].config.storage_backend: expected one of memory, disk, redis, hybrid, got \"local\"",
+        "x.adapters[0].config.max_local_cpu_size: -1 is not a size in GB >= 0",
+        "x.adapters[1].config.kv_layout: expected one of auto, flash_attn, flashinfer, standard, mla, got \"HND\"",
+        "x.adapters[1].config.enable_prefix_caching: expected true or false, got a string",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    use xconnector_core::config::{size_bytes, Setting};
+    assert_eq!(size_bytes(&json!(5.0), Setting::SizeGb), Ok(5_000_000_000));
+    assert_eq!(size_bytes(&json!(2048), Setting::SizeMib), Ok(2 << 30));
+    assert_eq!(size_bytes(&json!("1GiB"), Setting::SizeGb), Ok(1 << 30));
+}

@@ -122,3 +122,16 @@ pub fn config_discover<'py>(
 pub fn config_env_vars() -> Vec<&'static str> {
     core::CONFIG_VARS.to_vec()
 }
+
+/// A size setting of an adapter (`max_cache_size`, `max_local_cpu_size`, ...) in bytes, read the
+/// way the schema reads it (integers are MiB, or GB for LMCache's own keys; strings carry units).
+#[pyfunction]
+pub fn config_setting_bytes(py: Python<'_>, adapter: &str, key: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let path = format!("{adapter}.config.{key}");
+    let v = document(py, value, "<setting>", &path)?;
+    let setting = core::settings_of(adapter).iter().find(|(k, _)| *k == key).map(|(_, s)| *s);
+    let Some(setting @ (core::Setting::SizeMib | core::Setting::SizeGb)) = setting else {
+        return Err(problems(py, "<setting>", &[Problem { path, message: "is not a size setting".to_owned() }]));
+    };
+    core::size_bytes(&v, setting).map_err(|message| problems(py, "<setting>", &[Problem { path, message }]))
+}

@@ -20,7 +20,7 @@ use crate::errors::internal;
 /// The native KV engine: block hashing, the memory tier and its eviction, for one namespace.
 #[pyclass(module = "xconnector._native", frozen)]
 pub struct Engine {
-    inner: Arc<CoreEngine>,
+    pub(crate) inner: Arc<CoreEngine>,
 }
 
 pub(crate) fn extras<'a>(lora_name: &'a Option<String>, cache_salt: &'a Option<String>) -> HashExtras<'a> {

@@ -8,6 +8,8 @@ mod convert;
 mod engine;
 mod errors;
 mod logging;
+mod paged;
+mod router;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -76,6 +78,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HASH_VERSION", hashing::HASH_VERSION)?;
     m.add_class::<engine::Engine>()?;
     m.add_class::<engine::BlockView>()?;
+    m.add_class::<paged::PagedKv>()?;
+    m.add_class::<router::Router>()?;
+    m.add_class::<router::OverlapIndex>()?;
+    m.add_function(wrap_pyfunction!(paged::block_ids_from_slots, m)?)?;
+    m.add_function(wrap_pyfunction!(paged::detect_kv_layout, m)?)?;
     m.add_function(wrap_pyfunction!(sequence_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(local_block_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(_inject_fault, m)?)?;
@@ -86,5 +93,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_load_file, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_discover, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_env_vars, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_setting_bytes, m)?)?;
     Ok(())
 }

@@ -1,12 +1,14 @@
 //! The configuration schema (DESIGN section 2), defined once here. Parsing is strict and reports
 //! every problem at once, each with its full key path and what would be accepted.
 
+mod adapters;
 mod discover;
 mod locate;
 mod size;
 mod source;
 mod validate;
 
+pub use adapters::{check_settings, settings_of, size_bytes, Setting};
 pub use discover::{discover, Environment, CONFIG_VARS};
 pub use locate::{dynamo_warnings, resolve_document, Resolved};
 pub use size::{mib_to_bytes, parse_size};

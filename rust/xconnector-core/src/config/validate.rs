@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::size::{mib_to_bytes, parse_size};
+use super::adapters::check_settings;
 use super::{AdapterConfig, AdapterType, IntegrationConfig, Mode, PerformanceConfig, SdkConfig, KNOWN_ADAPTERS};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,8 +17,6 @@ const TOP_KEYS: &[&str] =
 const ADAPTER_KEYS: &[&str] = &["name", "type", "config", "enabled", "priority"];
 const INTEGRATION_KEYS: &[&str] = &["targets", "services", "strict"];
 const PERFORMANCE_KEYS: &[&str] = &["block_size", "worker_threads", "pin_memory", "batch_size", "metrics_port"];
-/// Adapter settings whose values are sizes (integer MiB or a string with a unit).
-const SIZE_KEYS: &[&str] = &["max_cache_size", "max_local_cpu_size", "max_local_disk_size"];
 
 struct Walker {
     problems: Vec<Problem>,
@@ -280,23 +278,7 @@ impl Walker {
             None => Map::new(),
             Some(c) => self.mapping(c, &join_path(path, "config")).cloned().unwrap_or_default(),
         };
-        for key in SIZE_KEYS {
-            let p = join_path(&join_path(path, "config"), key);
-            match config.get(*key) {
-                None => {}
-                Some(Value::Number(n)) => match n.as_i64().map(mib_to_bytes) {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => self.problem(&p, e),
-                    None => self.problem(&p, format!("{n} is not a whole number of MiB; write e.g. \"1.5GiB\"")),
-                },
-                Some(Value::String(s)) => {
-                    if let Err(e) = parse_size(s) {
-                        self.problem(&p, e);
-                    }
-                }
-                Some(other) => self.problem(&p, format!("expected a size (MiB or \"2GiB\"), got {}", kind(other))),
-            }
-        }
+        self.problems.extend(check_settings(&name, &config, &join_path(path, "config")));
         let enabled = self.boolean(m, path, "enabled", true);
         let priority = self.integer(m, path, "priority", i64::from(i32::MIN), i64::from(i32::MAX)).unwrap_or(0);
         kind_ok.then_some(AdapterConfig { name, kind: expected, config, enabled, priority })

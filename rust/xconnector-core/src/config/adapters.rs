@@ -1,0 +1,121 @@
+//! The settings each built-in adapter accepts under `config:`, with their types. Unknown keys are
+//! errors (LMCache only warns on them; its users lose hours to typos).
+
+use serde_json::{Map, Value};
+
+use super::size::{mib_to_bytes, parse_size};
+use super::validate::{join_path, Problem};
+
+/// What a setting's value must be.
+#[derive(Clone, Copy, Debug)]
+pub enum Setting {
+    Bool,
+    /// An integer >= the bound.
+    Int(i64),
+    /// Integer MiB (the design's `max_cache_size: 2048`) or a string with a unit.
+    SizeMib,
+    /// A number of GB, as LMCache reads `max_local_cpu_size: 5.0`, or a string with a unit.
+    SizeGb,
+    Str,
+    OneOf(&'static [&'static str]),
+    /// A URL with one of these schemes.
+    Url(&'static [&'static str]),
+}
+
+pub const LMCACHE_SETTINGS: &[(&str, Setting)] = &[
+    ("storage_backend", Setting::OneOf(&["memory", "disk", "redis", "hybrid"])),
+    ("max_cache_size", Setting::SizeMib),
+    ("chunk_size", Setting::Int(1)),
+    ("local_cpu", Setting::Bool),
+    ("max_local_cpu_size", Setting::SizeGb),
+    ("local_disk", Setting::Str),
+    ("max_local_disk_size", Setting::SizeGb),
+    ("remote_url", Setting::Url(&["redis", "rediss"])),
+];
+
+pub const VLLM_SETTINGS: &[(&str, Setting)] = &[
+    ("enable_prefix_caching", Setting::Bool),
+    ("kv_layout", Setting::OneOf(&["auto", "flash_attn", "flashinfer", "standard", "mla"])),
+    ("staging_buffer_size", Setting::SizeMib),
+];
+
+pub const DYNAMO_SETTINGS: &[(&str, Setting)] =
+    &[("namespace", Setting::Str), ("component", Setting::Str), ("worker_id", Setting::Str)];
+
+pub fn settings_of(adapter: &str) -> &'static [(&'static str, Setting)] {
+    match adapter {
+        "lmcache" => LMCACHE_SETTINGS,
+        "vllm" => VLLM_SETTINGS,
+        "dynamo" => DYNAMO_SETTINGS,
+        _ => &[],
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// A size setting in bytes (`None` when absent). Errors say what to write.
+pub fn size_bytes(v: &Value, setting: Setting) -> Result<u64, String> {
+    match (v, setting) {
+        (Value::String(s), _) => parse_size(s),
+        (Value::Number(n), Setting::SizeMib) => match n.as_i64() {
+            Some(i) => mib_to_bytes(i),
+            None => Err(format!("{n} is not a whole number of MiB; write e.g. \"1.5GiB\"")),
+        },
+        (Value::Number(n), Setting::SizeGb) => match n.as_f64() {
+            Some(gb) if (0.0..1e9).contains(&gb) => Ok((gb * 1e9) as u64),
+            _ => Err(format!("{n} is not a size in GB >= 0")),
+        },
+        (other, Setting::SizeGb) => {
+            Err(format!("expected a size (GB, as LMCache reads it, or \"5GiB\"), got {}", kind(other)))
+        }
+        (other, _) => Err(format!("expected a size (MiB or \"2GiB\"), got {}", kind(other))),
+    }
+}
+
+/// Problems with an adapter's `config:` mapping, each at its key path.
+pub fn check_settings(adapter: &str, config: &Map<String, Value>, path: &str) -> Vec<Problem> {
+    let schema = settings_of(adapter);
+    let mut out = Vec::new();
+    for (key, value) in config {
+        let p = join_path(path, key);
+        let Some(&(_, setting)) = schema.iter().find(|(k, _)| k == key) else {
+            let keys: Vec<&str> = schema.iter().map(|(k, _)| *k).collect();
+            out.push(Problem { path: p, message: format!("unknown {adapter} setting; accepted: {}", keys.join(", ")) });
+            continue;
+        };
+        let message = match (setting, value) {
+            (Setting::Bool, Value::Bool(_)) | (Setting::Str, Value::String(_)) => None,
+            (Setting::Bool, other) => Some(format!("expected true or false, got {}", kind(other))),
+            (Setting::Str, other) => Some(format!("expected a string, got {}", kind(other))),
+            (Setting::Int(min), v) => match v.as_i64() {
+                Some(i) if i >= min => None,
+                _ => Some(format!("expected an integer >= {min}, got {v}")),
+            },
+            (Setting::SizeMib | Setting::SizeGb, v) => size_bytes(v, setting).err(),
+            (Setting::OneOf(choices), Value::String(s)) if choices.contains(&s.as_str()) => None,
+            (Setting::OneOf(choices), v) => Some(format!("expected one of {}, got {v}", choices.join(", "))),
+            (Setting::Url(schemes), Value::String(s))
+                if s.split_once("://").is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty()) =>
+            {
+                None
+            }
+            (Setting::Url(schemes), v) => Some(format!(
+                "expected a URL like {}://host:port, got {v}",
+                schemes.first().copied().unwrap_or("scheme")
+            )),
+        };
+        if let Some(message) = message {
+            out.push(Problem { path: p, message });
+        }
+    }
+    out
+}

@@ -1,0 +1,304 @@
+//! `xconnector._native.PagedKv`: a model's paged KV tensors (torch CPU tensors or numpy arrays,
+//! one per layer) packed to and unpacked from per-block payloads, and stored into / loaded from
+//! an `Engine` with a single copy. The copying is `xconnector_core::kv_layout`.
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use xconnector_core::kv_layout::{self, KvLayout, PagedKv as CorePagedKv, StridedTensor};
+
+use crate::buffers::ByteRegion;
+use crate::call::{detached, guarded};
+use crate::engine::{extras, Engine};
+use crate::errors::invalid_input;
+
+/// One layer's address, shape and strides. Torch tensors must be on the CPU (CUDA caches are
+/// staged through pinned memory by the Python adapter); numpy arrays must be writable.
+fn describe(py: Python<'_>, obj: &Bound<'_, PyAny>, layer: usize) -> PyResult<StridedTensor> {
+    if obj.hasattr("data_ptr")? && obj.hasattr("stride")? {
+        let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
+        if device != "cpu" {
+            return Err(invalid_input(
+                py,
+                format!(
+                    "layer {layer}: the tensor is on {device}; the native copy reads host memory, \
+                     so pass CPU tensors (the vllm adapter stages device tensors through pinned memory)"
+                ),
+            ));
+        }
+        let shape: Vec<usize> = obj.getattr("shape")?.extract()?;
+        let strides: Vec<isize> = obj.call_method0("stride")?.extract()?;
+        return Ok(StridedTensor {
+            addr: obj.call_method0("data_ptr")?.extract()?,
+            shape,
+            strides,
+            elem_size: obj.call_method0("element_size")?.extract()?,
+        });
+    }
+    let Ok(ai) = obj.getattr("__array_interface__") else {
+        return Err(invalid_input(
+            py,
+            format!("layer {layer}: expected a torch tensor or a numpy array, got {}", obj.get_type().name()?),
+        ));
+    };
+    let (addr, readonly): (usize, bool) = ai.get_item("data")?.extract()?;
+    if readonly {
+        return Err(invalid_input(py, format!("layer {layer}: the array is read-only; KV caches must be writable")));
+    }
+    let shape: Vec<usize> = ai.get_item("shape")?.extract()?;
+    let typestr: String = ai.get_item("typestr")?.extract()?;
+    let elem_size: usize = typestr.get(2..).and_then(|s| s.parse().ok()).unwrap_or(0);
+    if elem_size == 0 {
+        return Err(invalid_input(py, format!("layer {layer}: unsupported element type {typestr:?}")));
+    }
+    let strides: Vec<isize> = match ai.get_item("strides")?.extract::<Option<Vec<isize>>>()? {
+        Some(bytes) => {
+            if bytes.iter().any(|s| s % elem_size as isize != 0) {
+                return Err(invalid_input(py, format!("layer {layer}: strides {bytes:?} are not whole elements")));
+            }
+            bytes.iter().map(|s| s / elem_size as isize).collect()
+        }
+        None => {
+            let mut s = vec![1isize; shape.len()];
+            for d in (0..shape.len().saturating_sub(1)).rev() {
+                s[d] = s[d + 1] * shape[d + 1] as isize;
+            }
+            s
+        }
+    };
+    Ok(StridedTensor { addr, shape, strides, elem_size })
+}
+
+fn block_ids(py: Python<'_>, ids: Vec<i64>) -> PyResult<Vec<u32>> {
+    ids.iter()
+        .map(|&b| u32::try_from(b).map_err(|_| invalid_input(py, format!("block id {b} is not a valid block index"))))
+        .collect()
+}
+
+/// A model's paged KV caches, one tensor per layer, all in one layout.
+#[pyclass(module = "xconnector._native", frozen)]
+pub struct PagedKv {
+    inner: CorePagedKv,
+    /// Keeps the tensors (and so the memory `inner` points into) alive.
+    tensors: Vec<Py<PyAny>>,
+}
+
+#[pymethods]
+impl PagedKv {
+    #[new]
+    #[pyo3(signature = (tensors, block_size, *, layout = None, num_blocks = None))]
+    fn new(
+        py: Python<'_>,
+        tensors: Vec<Bound<'_, PyAny>>,
+        block_size: usize,
+        layout: Option<&str>,
+        num_blocks: Option<usize>,
+    ) -> PyResult<Self> {
+        let layout = match layout {
+            None => None,
+            Some(name) => Some(KvLayout::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = KvLayout::ALL.iter().map(|l| l.name()).collect();
+                invalid_input(py, format!("unknown KV layout {name:?}; known: {}", known.join(", ")))
+            })?),
+        };
+        let descs: Vec<StridedTensor> =
+            guarded(py, || tensors.iter().enumerate().map(|(i, t)| describe(py, t, i)).collect())?;
+        // SAFETY: each description comes from a live tensor/array that `tensors` keeps alive for
+        // as long as this object exists; torch and numpy guarantee the described elements lie in
+        // their storage. Concurrent writers to the same blocks are the caller's to avoid, as
+        // with any in-place tensor operation.
+        let inner = detached(py, || unsafe { CorePagedKv::new(&descs, block_size, layout, num_blocks) })?;
+        Ok(Self { inner, tensors: tensors.into_iter().map(Bound::unbind).collect() })
+    }
+
+    #[getter]
+    fn layout(&self) -> &'static str {
+        self.inner.layout().name()
+    }
+
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+
+    /// Bytes of one block's payload: all layers.
+    #[getter]
+    fn block_bytes(&self) -> usize {
+        self.inner.block_bytes()
+    }
+
+    #[getter]
+    fn num_blocks(&self) -> usize {
+        self.inner.num_blocks()
+    }
+
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.num_layers()
+    }
+
+    /// The payloads of blocks `block_ids`, back to back: into `out` (a writable buffer), or as
+    /// new `bytes`.
+    #[pyo3(signature = (block_ids, out = None))]
+    fn pack<'py>(
+        &self,
+        py: Python<'py>,
+        block_ids: Vec<i64>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let ids = block_ids_checked(py, &self.inner, block_ids)?;
+        match out {
+            Some(out) => {
+                let mut region = guarded(py, || ByteRegion::get(out, "out"))?;
+                let dst = region.as_mut_slice(py, "out")?;
+                detached(py, || self.inner.pack(&ids, dst))?;
+                Ok(None)
+            }
+            None => {
+                let mut buf = vec![0u8; ids.len() * self.inner.block_bytes()];
+                detached(py, || self.inner.pack(&ids, &mut buf))?;
+                Ok(Some(PyBytes::new(py, &buf)))
+            }
+        }
+    }
+
+    /// Writes back-to-back payloads (as made by `pack`) into blocks `block_ids`.
+    fn unpack(&self, py: Python<'_>, block_ids: Vec<i64>, payload: &Bound<'_, PyAny>) -> PyResult<()> {
+        let ids = block_ids_checked(py, &self.inner, block_ids)?;
+        let region = guarded(py, || ByteRegion::get(payload, "payload"))?;
+        let src = region.as_slice();
+        detached(py, || self.inner.unpack(&ids, src))
+    }
+
+    /// Stores the request's full blocks straight from the KV tensors: the i-th KV block of
+    /// `tokens` is cache block `block_ids[i]`. An engine block may span several KV blocks (LMCache's
+    /// `chunk_size`). Only blocks not cached yet are copied. Returns engine blocks stored.
+    #[pyo3(signature = (engine, tokens, block_ids, *, lora_name = None, cache_salt = None))]
+    fn store(
+        &self,
+        py: Python<'_>,
+        engine: &Engine,
+        tokens: &Bound<'_, PyAny>,
+        block_ids: Vec<i64>,
+        lora_name: Option<String>,
+        cache_salt: Option<String>,
+    ) -> PyResult<usize> {
+        let toks = guarded(py, || crate::buffers::tokens(tokens))?;
+        let ids = block_ids_checked(py, &self.inner, block_ids)?;
+        let per = self.kv_blocks_per_engine_block(py, engine)?;
+        let engine_bs = per * self.inner.block_size();
+        let full = toks.len() / engine_bs;
+        if ids.len() < full * per {
+            return Err(invalid_input(
+                py,
+                format!(
+                    "{} tokens make {} full KV block(s) but only {} block id(s) were given",
+                    toks.len(),
+                    full * per,
+                    ids.len()
+                ),
+            ));
+        }
+        let kv = &self.inner;
+        let kbb = kv.block_bytes();
+        let out = detached(py, || {
+            engine.inner.store_with(&toks[..full * engine_bs], extras(&lora_name, &cache_salt), |i, slot| {
+                for j in 0..per {
+                    kv.pack_block(ids[i * per + j], &mut slot[j * kbb..(j + 1) * kbb]);
+                }
+            })
+        })?;
+        Ok(out.stored)
+    }
+
+    /// Loads the longest cached prefix of `tokens` (as many engine blocks as `block_ids` covers)
+    /// straight into cache blocks `block_ids`. Returns the number of tokens loaded.
+    #[pyo3(signature = (engine, tokens, block_ids, *, lora_name = None, cache_salt = None))]
+    fn load(
+        &self,
+        py: Python<'_>,
+        engine: &Engine,
+        tokens: &Bound<'_, PyAny>,
+        block_ids: Vec<i64>,
+        lora_name: Option<String>,
+        cache_salt: Option<String>,
+    ) -> PyResult<usize> {
+        let toks = guarded(py, || crate::buffers::tokens(tokens))?;
+        let ids = block_ids_checked(py, &self.inner, block_ids)?;
+        let per = self.kv_blocks_per_engine_block(py, engine)?;
+        let kv = &self.inner;
+        let kbb = kv.block_bytes();
+        detached(py, || {
+            engine.inner.load_with(&toks, extras(&lora_name, &cache_salt), ids.len() / per, |i, bytes| {
+                for j in 0..per {
+                    kv.unpack_block(ids[i * per + j], &bytes[j * kbb..(j + 1) * kbb]);
+                }
+            })
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "PagedKv(layout={:?}, layers={}, num_blocks={}, block_size={}, block_bytes={})",
+            self.inner.layout().name(),
+            self.inner.num_layers(),
+            self.inner.num_blocks(),
+            self.inner.block_size(),
+            self.inner.block_bytes()
+        )
+    }
+
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        for t in &self.tensors {
+            visit.call(t)?;
+        }
+        Ok(())
+    }
+}
+
+impl PagedKv {
+    /// How many KV blocks make one engine block; the engine must hold whole KV blocks.
+    fn kv_blocks_per_engine_block(&self, py: Python<'_>, engine: &Engine) -> PyResult<usize> {
+        let cfg = engine.inner.config();
+        let (bs, bb) = (self.inner.block_size(), self.inner.block_bytes());
+        let per = cfg.block_size / bs;
+        if cfg.block_size % bs != 0 || cfg.block_bytes != per * bb {
+            return Err(invalid_input(
+                py,
+                format!(
+                    "the engine holds blocks of {} tokens / {} bytes, which is not a whole number of these \
+                     KV blocks ({bs} tokens / {bb} bytes); create the engine with block_size=k*{bs} and \
+                     block_bytes=k*{bb}",
+                    cfg.block_size, cfg.block_bytes
+                ),
+            ));
+        }
+        Ok(per)
+    }
+}
+
+fn block_ids_checked(py: Python<'_>, kv: &CorePagedKv, ids: Vec<i64>) -> PyResult<Vec<u32>> {
+    let ids = block_ids(py, ids)?;
+    kv.check_blocks(&ids).map_err(|e| crate::errors::core_to_py(py, e))?;
+    Ok(ids)
+}
+
+/// Block ids of a request's full blocks from its per-token slot mapping (vLLM v0).
+#[pyfunction]
+pub fn block_ids_from_slots(py: Python<'_>, slots: Vec<i64>, block_size: usize) -> PyResult<Vec<u32>> {
+    if block_size == 0 {
+        return Err(invalid_input(py, "block_size must be positive"));
+    }
+    detached(py, || kv_layout::block_ids_from_slots(&slots, block_size))
+}
+
+/// The KV layout (`flash_attn`, `flashinfer`, `standard`, `mla`) a tensor of this shape has.
+#[pyfunction]
+#[pyo3(signature = (shape, block_size, num_blocks = None))]
+pub fn detect_kv_layout(
+    py: Python<'_>,
+    shape: Vec<usize>,
+    block_size: usize,
+    num_blocks: Option<usize>,
+) -> PyResult<&'static str> {
+    KvLayout::detect(&shape, block_size, num_blocks).map(KvLayout::name).map_err(|e| crate::errors::core_to_py(py, e))
+}

@@ -1,0 +1,120 @@
+"""The cache adapter: XConnector's native engine, configured with the keys LMCache users know
+(`chunk_size`, `local_cpu`, `max_local_cpu_size`, ...) and the design's (`storage_backend`,
+`max_cache_size`).
+
+Sizes: `max_cache_size` integers are MiB (the design's unit); `max_local_cpu_size` and
+`max_local_disk_size` numbers are GB, as LMCache reads them; strings carry units everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from xconnector._loader import load_native
+from xconnector._native import Engine
+from xconnector.adapters.base import Adapter
+from xconnector.sdk.config import AdapterConfig, SDKConfig
+from xconnector.sdk.exceptions import ConfigError
+
+DEFAULT_CAPACITY = 2 << 30
+
+# Settings that need the disk or remote tier. Rejected with a clear error until those tiers
+# exist, rather than accepted and silently ignored.
+_NEEDS_DISK_OR_REMOTE = ("local_disk", "max_local_disk_size", "remote_url")
+
+
+class LMCacheAdapter(Adapter):
+    name: ClassVar[str] = "lmcache"
+    type: ClassVar[str] = "cache"
+
+    def __init__(self, config: AdapterConfig, sdk_config: SDKConfig) -> None:
+        super().__init__(config, sdk_config)
+        s = self.settings
+        where = f"adapters.{self.name}.config"
+        backend = s.get("storage_backend", "memory")
+        if backend != "memory":
+            raise ConfigError(
+                f"{where}.storage_backend: {backend!r} needs the disk/Redis tiers, which this "
+                "build does not have yet; use storage_backend: memory"
+            )
+        for key in _NEEDS_DISK_OR_REMOTE:
+            if s.get(key) not in (None, False, ""):
+                raise ConfigError(
+                    f"{where}.{key}: the disk/Redis tiers are not in this build yet; remove {key} "
+                    "(the memory tier is used)"
+                )
+        if s.get("local_cpu") is False:
+            raise ConfigError(
+                f"{where}.local_cpu: false leaves no tier to cache in; XConnector always keeps a "
+                "memory tier, so remove local_cpu or set it to true"
+            )
+        if "max_cache_size" in s and "max_local_cpu_size" in s:
+            raise ConfigError(
+                f"{where}: max_cache_size and max_local_cpu_size both set the memory budget; "
+                "keep one"
+            )
+        native = load_native()
+        self.capacity_bytes = DEFAULT_CAPACITY
+        for key in ("max_cache_size", "max_local_cpu_size"):
+            if key in s:
+                self.capacity_bytes = native.config_setting_bytes(self.name, key, s[key])
+        #: Tokens per cached block; None: one KV block (vLLM's block size).
+        self.chunk_size: int | None = s.get("chunk_size")
+        self._engines: dict[tuple[Any, ...], Engine] = {}
+        self._lock = threading.Lock()
+
+    def engine_for(
+        self,
+        *,
+        kv_block_size: int,
+        kv_block_bytes: int,
+        model: str,
+        dtype: str,
+        kv_layout: str,
+        tp_world_size: int = 1,
+        tp_rank: int = 0,
+        extra: dict[str, str] | None = None,
+    ) -> Engine:
+        """The engine for one KV geometry and namespace, created on first use."""
+        chunk = self.chunk_size or kv_block_size
+        if chunk % kv_block_size:
+            raise ConfigError(
+                f"adapters.{self.name}.config.chunk_size: {chunk} is not a multiple of vLLM's "
+                f"block size {kv_block_size}; use {kv_block_size * max(1, chunk // kv_block_size)}"
+            )
+        per = chunk // kv_block_size
+        key = (chunk, kv_block_bytes, model, dtype, kv_layout, tp_world_size, tp_rank, str(extra))
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                if not self.started:
+                    raise ConfigError(f"the {self.name} adapter is stopped")
+                engine = Engine(
+                    block_bytes=per * kv_block_bytes,
+                    capacity_bytes=self.capacity_bytes,
+                    block_size=chunk,
+                    model=model,
+                    dtype=dtype,
+                    kv_layout=kv_layout,
+                    tp_world_size=tp_world_size,
+                    tp_rank=tp_rank,
+                    extra=extra,
+                )
+                self._engines[key] = engine
+            return engine
+
+    def engines(self) -> list[Engine]:
+        with self._lock:
+            return list(self._engines.values())
+
+    def stop(self) -> None:
+        with self._lock:
+            self._engines.clear()
+        super().stop()
+
+    def health(self) -> dict[str, Any]:
+        out = super().health()
+        out["capacity_bytes"] = self.capacity_bytes
+        out["engines"] = [e.stats() for e in self.engines()]
+        return out

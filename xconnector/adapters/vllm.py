@@ -1,0 +1,248 @@
+"""The inference adapter: vLLM's paged KV caches.
+
+It detects the layout of the KV tensors (DESIGN 3.2: flash_attn, flashinfer, the standardized
+0.32/CPU view, MLA) from their shapes, and moves a request's blocks between those tensors and
+the engine: host tensors (CPU torch, numpy) in one native strided copy per block; CUDA tensors
+gathered on the device and copied through a pinned host staging buffer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol
+
+from xconnector._loader import load_native
+from xconnector._native import Engine
+from xconnector.adapters._arrays import dtype_name, is_torch
+from xconnector.adapters.base import Adapter
+from xconnector.sdk.config import AdapterConfig, SDKConfig
+from xconnector.sdk.exceptions import InvalidInputError
+
+DEFAULT_STAGING_BYTES = 256 << 20
+
+
+class KvIO(Protocol):
+    """Moves blocks between a model's KV caches and an engine."""
+
+    layout: str
+    block_size: int
+    block_bytes: int
+    num_blocks: int
+
+    def store(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int: ...
+    def load(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int: ...
+
+
+def layer_tensors(kv_caches: Any) -> list[Any]:
+    """Per-layer KV tensors from a list (v0) or a `{layer_name: tensor}` mapping (v1)."""
+    tensors = list(kv_caches.values()) if isinstance(kv_caches, Mapping) else list(kv_caches)
+    if not tensors:
+        raise InvalidInputError("kv_caches is empty; expected one KV tensor per layer")
+    return tensors
+
+
+class HostKv:
+    """KV caches in host memory: the native strided copy, GIL released."""
+
+    def __init__(self, tensors: list[Any], block_size: int, layout: str | None) -> None:
+        self._kv = load_native().PagedKv(tensors, block_size, layout=layout)
+        self.layout: str = self._kv.layout
+        self.block_size: int = self._kv.block_size
+        self.block_bytes: int = self._kv.block_bytes
+        self.num_blocks: int = self._kv.num_blocks
+
+    def store(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
+        return int(self._kv.store(engine, tokens, list(block_ids)))
+
+    def load(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
+        return int(self._kv.load(engine, tokens, list(block_ids)))
+
+    def pack(self, block_ids: Sequence[int]) -> bytes:
+        out = self._kv.pack(list(block_ids))
+        assert out is not None
+        return bytes(out)
+
+    def unpack(self, block_ids: Sequence[int], payload: Any) -> None:
+        self._kv.unpack(list(block_ids), payload)
+
+
+class StagedKv:
+    """KV caches on a GPU (torch): blocks are gathered/scattered on the device with
+    `index_select`/`index_copy_` and cross PCIe through one pinned host buffer, so the copy runs
+    at full bandwidth (pageable memory reaches about a third of it). Payload bytes are the same
+    as `HostKv`'s: per block, each layer's block in logical order, layers back to back."""
+
+    def __init__(
+        self, tensors: list[Any], block_size: int, layout: str | None, staging_bytes: int
+    ) -> None:
+        import torch
+
+        native = load_native()
+        first = tensors[0]
+        self.layout = layout or native.detect_kv_layout(list(first.shape), block_size)
+        self.block_dim = 1 if self.layout == "flash_attn" else 0
+        self.block_size = block_size
+        self.num_blocks = int(first.shape[self.block_dim])
+        self._tensors = tensors
+        self._layer_bytes = [
+            t.numel() // int(t.shape[self.block_dim]) * t.element_size() for t in tensors
+        ]
+        self.block_bytes = sum(self._layer_bytes)
+        self._device = first.device
+        self._pin = first.device.type == "cuda"
+        self._staging_bytes = max(staging_bytes, self.block_bytes)
+        self._staging: Any = None
+        self._lock = threading.Lock()
+        self._torch = torch
+
+    def _host(self, nbytes: int) -> Any:
+        if self._staging is None or self._staging.numel() < nbytes:
+            size = max(nbytes, self._staging_bytes)
+            self._staging = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=self._pin)
+        return self._staging[:nbytes]
+
+    def _ids(self, block_ids: Sequence[int]) -> Any:
+        ids = self._torch.as_tensor(list(block_ids), dtype=self._torch.long, device=self._device)
+        if len(block_ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_blocks):
+            raise InvalidInputError(
+                f"block ids out of range: the KV cache has {self.num_blocks} blocks"
+            )
+        return ids
+
+    def pack_device(self, block_ids: Sequence[int]) -> Any:
+        ids = self._ids(block_ids)
+        n = len(block_ids)
+        parts = [
+            t.index_select(self.block_dim, ids)
+            .movedim(self.block_dim, 0)
+            .contiguous()
+            .view(self._torch.uint8)
+            .reshape(n, -1)
+            for t in self._tensors
+        ]
+        return self._torch.cat(parts, dim=1)
+
+    def unpack_device(self, block_ids: Sequence[int], data: Any) -> None:
+        ids = self._ids(block_ids)
+        n = len(block_ids)
+        col = 0
+        for t, nbytes in zip(self._tensors, self._layer_bytes, strict=True):
+            part = data[:, col : col + nbytes].contiguous().view(t.dtype)
+            rest = [int(d) for i, d in enumerate(t.shape) if i != self.block_dim]
+            t.index_copy_(self.block_dim, ids, part.reshape(n, *rest).movedim(0, self.block_dim))
+            col += nbytes
+
+    def _per(self, engine: Engine) -> int:
+        per = engine.block_size // self.block_size
+        if engine.block_size % self.block_size or engine.block_bytes != per * self.block_bytes:
+            raise InvalidInputError("the engine's blocks are not whole blocks of these KV caches")
+        return per
+
+    def store(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
+        per = self._per(engine)
+        tokens = list(tokens)
+        full = len(tokens) // engine.block_size
+        cached = engine.lookup(tokens) // engine.block_size
+        if full <= cached:
+            return 0
+        ids = list(block_ids)[: full * per]
+        if len(ids) < full * per:
+            raise InvalidInputError(f"{full * per} block ids needed, {len(ids)} given")
+        with self._lock:
+            dev = self.pack_device(ids)
+            host = self._host(dev.numel()).view(full * per, self.block_bytes)
+            host.copy_(dev)
+            return engine.store(tokens[: full * engine.block_size], host)
+
+    def load(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
+        per = self._per(engine)
+        n_engine = len(block_ids) // per
+        with self._lock:
+            host = self._host(n_engine * engine.block_bytes)
+            loaded = engine.load(list(tokens), host)
+            n = loaded // self.block_size
+            if n:
+                data = host[: n * self.block_bytes].view(n, self.block_bytes)
+                self.unpack_device(list(block_ids)[:n], data.to(self._device))
+            return loaded
+
+
+class VLLMAdapter(Adapter):
+    name: ClassVar[str] = "vllm"
+    type: ClassVar[str] = "inference"
+
+    def __init__(self, config: AdapterConfig, sdk_config: SDKConfig) -> None:
+        super().__init__(config, sdk_config)
+        layout = self.settings.get("kv_layout", "auto")
+        self.kv_layout: str | None = None if layout == "auto" else layout
+        self.enable_prefix_caching: bool = self.settings.get("enable_prefix_caching", True)
+        staging = self.settings.get("staging_buffer_size")
+        self.staging_bytes = (
+            DEFAULT_STAGING_BYTES
+            if staging is None
+            else load_native().config_setting_bytes(self.name, "staging_buffer_size", staging)
+        )
+        self._io: dict[tuple[Any, ...], KvIO] = {}
+        self._lock = threading.Lock()
+
+    def kv_io(self, kv_caches: Any, block_size: int) -> KvIO:
+        """The block mover for these KV caches, detected once and reused while they live."""
+        tensors = layer_tensors(kv_caches)
+        key = (block_size, *(_address(t) for t in tensors))
+        with self._lock:
+            io = self._io.get(key)
+            if io is None:
+                on_device = is_torch(tensors[0]) and tensors[0].device.type != "cpu"
+                if on_device:
+                    io = StagedKv(tensors, block_size, self.kv_layout, self.staging_bytes)
+                else:
+                    io = HostKv(tensors, block_size, self.kv_layout)
+                self._io[key] = io
+            return io
+
+    def namespace(self, model_executable: Any, kv_caches: Any, io: KvIO) -> dict[str, Any]:
+        """What makes KV bytes incompatible: the model, dtype, layout and tensor shapes, and
+        the tensor-parallel rank."""
+        first = layer_tensors(kv_caches)[0]
+        config = getattr(model_executable, "config", None)
+        model = (
+            getattr(config, "_name_or_path", None)
+            or getattr(config, "name_or_path", None)
+            or type(model_executable).__qualname__
+        )
+        world, rank = _tp_world_and_rank()
+        shape = "x".join(str(int(d)) for d in first.shape)
+        return {
+            "model": str(model),
+            "dtype": dtype_name(first),
+            "kv_layout": io.layout,
+            "tp_world_size": world,
+            "tp_rank": rank,
+            "extra": {"kv_shape": f"{len(layer_tensors(kv_caches))}x{shape}"},
+        }
+
+    def stop(self) -> None:
+        with self._lock:
+            self._io.clear()
+        super().stop()
+
+
+def _address(t: Any) -> int:
+    if hasattr(t, "data_ptr"):
+        return int(t.data_ptr())
+    return int(t.__array_interface__["data"][0])
+
+
+def _tp_world_and_rank() -> tuple[int, int]:
+    """Tensor-parallel size and rank when torch.distributed runs, else (1, 0). Never imports
+    torch just to ask."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_world_size()), int(dist.get_rank())
+    except Exception:  # a half-initialized process group: the single-process default is safe
+        pass
+    return 1, 0

@@ -1,0 +1,65 @@
+"""Ready-to-use SDKs: `create_xconnector_sdk()` and `create_kv_cache_sdk()` return initialized
+instances (shut them down with `shutdown()` or use them as context managers)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from xconnector.sdk.config import SDKConfig
+from xconnector.sdk.exceptions import ConfigError
+from xconnector.sdk.xconnector_sdk import XConnectorSDK, coerce_config
+
+__all__ = ["KVCacheSDK", "create_kv_cache_sdk", "create_xconnector_sdk"]
+
+_CACHE_BACKENDS = ("lmcache",)
+
+
+def _with(
+    config: SDKConfig | Mapping[str, Any] | None, *, force: bool = False, **keys: Any
+) -> SDKConfig:
+    """`config` with `keys` set; a different value already there is an error unless `force`."""
+    if isinstance(config, SDKConfig):
+        data = config.to_dict()
+    elif config is None:
+        data = {}
+    else:
+        data = dict(config)
+    for key, value in keys.items():
+        if not force and key in data and data[key] != value:
+            raise ConfigError(
+                f"{key} is {value!r} in the call but {data[key]!r} in config; give it once"
+            )
+        data[key] = value
+    return coerce_config(data)
+
+
+def create_xconnector_sdk(
+    mode: str = "embedded", config: SDKConfig | Mapping[str, Any] | None = None
+) -> XConnectorSDK:
+    """An initialized SDK. A `config` dict without `enabled` is enabled."""
+    sdk = XConnectorSDK(_with(config, mode=mode))
+    sdk.initialize()
+    return sdk
+
+
+class KVCacheSDK(XConnectorSDK):
+    """An SDK for KV caching alone: no distributed handler."""
+
+
+def create_kv_cache_sdk(
+    cache_backend: str = "lmcache", config: SDKConfig | Mapping[str, Any] | None = None
+) -> KVCacheSDK:
+    """An initialized SDK that caches KV with `cache_backend` and does nothing distributed."""
+    if cache_backend not in _CACHE_BACKENDS:
+        raise ConfigError(
+            f"unknown cache_backend {cache_backend!r}; available: {', '.join(_CACHE_BACKENDS)}"
+        )
+    cfg = _with(config, force=True, enable_distributed=False)
+    if all(a.name != cache_backend for a in cfg.adapters):
+        cfg = SDKConfig.from_dict(
+            {**cfg.to_dict(), "adapters": [*cfg.to_dict()["adapters"], {"name": cache_backend}]}
+        )
+    sdk = KVCacheSDK(cfg)
+    sdk.initialize()
+    return sdk

@@ -1,0 +1,189 @@
+"""KV-cache work for a worker: lookup, store and load of a request's blocks, and the vLLM-v0
+shaped receive/send that serve a batch's cached prefixes and store what it computed."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from xconnector._loader import load_native
+from xconnector._native import Engine
+from xconnector.adapters.lmcache import LMCacheAdapter
+from xconnector.adapters.vllm import KvIO, VLLMAdapter
+from xconnector.adapters.vllm_v0 import PrefillRequest, prefill_requests, rebuild_model_input
+from xconnector.sdk.handlers.monitoring import MonitoringHandler
+
+# Receives remembered until their send, keyed by the rebuilt model_input's id (the worker hands
+# the same object back). Bounded: a batch whose send never comes is forgotten, not leaked.
+_PENDING_MAX = 256
+
+
+@dataclass
+class KVReceiveResult:
+    """What `recv_kv_caches` should do. `data` is its return value:
+    `(hidden_or_None, bypass_model_exec, model_input)`."""
+
+    cache_hit: bool
+    #: Prompt tokens whose KV was loaded, all requests together.
+    hit_tokens: int
+    #: Prompt tokens of the batch's fresh prefill requests.
+    prompt_tokens: int
+    #: The batch to run: the original, or one that skips the loaded tokens.
+    model_input: Any
+    hidden_states: Any = None
+    bypass_model_exec: bool = False
+    #: Loaded tokens per prefill request, in batch order.
+    per_request: list[int] = field(default_factory=list)
+    #: Why the cache was not used, when an error made the call fall back.
+    fallback_reason: str | None = None
+
+    @property
+    def data(self) -> tuple[Any, bool, Any]:
+        return (self.hidden_states, self.bypass_model_exec, self.model_input)
+
+
+@dataclass
+class KVSendResult:
+    stored_blocks: int
+    requests: int
+    fallback_reason: str | None = None
+
+
+class KVCacheHandler:
+    """Lookup/store/load of requests' KV over the cache adapter's engine, with the inference
+    adapter moving blocks in and out of the model's paged KV caches."""
+
+    def __init__(
+        self,
+        cache: LMCacheAdapter,
+        inference: VLLMAdapter,
+        *,
+        block_size: int,
+        monitoring: MonitoringHandler,
+    ) -> None:
+        self.cache = cache
+        self.inference = inference
+        self.block_size = block_size
+        self.monitoring = monitoring
+        self._engine: Engine | None = None
+        self._pending: OrderedDict[int, tuple[Any, list[PrefillRequest]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine of the KV caches seen last (None before any)."""
+        return self._engine
+
+    def bind(self, kv_caches: Any, model_executable: Any = None) -> tuple[KvIO, Engine]:
+        """The block mover and the engine for these KV caches (created on first use)."""
+        io = self.inference.kv_io(kv_caches, self.block_size)
+        ns = self.inference.namespace(model_executable, kv_caches, io)
+        engine = self.cache.engine_for(
+            kv_block_size=io.block_size, kv_block_bytes=io.block_bytes, **ns
+        )
+        self._engine = engine
+        return io, engine
+
+    # -- per request -------------------------------------------------------------------------
+
+    def lookup(self, tokens: Any) -> int:
+        """Leading tokens of `tokens` whose KV is cached (0 before any KV caches were seen)."""
+        engine = self._engine
+        return 0 if engine is None else engine.lookup(tokens)
+
+    def store(
+        self, tokens: Any, kv_caches: Any, block_ids: Sequence[int], model_executable: Any = None
+    ) -> int:
+        """Stores the full blocks of `tokens` from cache blocks `block_ids`; returns blocks
+        newly stored."""
+        io, engine = self.bind(kv_caches, model_executable)
+        stored = io.store(engine, tokens, block_ids)
+        self.monitoring.count("stored_blocks", stored)
+        return stored
+
+    def load(
+        self, tokens: Any, kv_caches: Any, block_ids: Sequence[int], model_executable: Any = None
+    ) -> int:
+        """Loads the cached prefix of `tokens` into cache blocks `block_ids`; returns tokens
+        loaded."""
+        io, engine = self.bind(kv_caches, model_executable)
+        loaded = io.load(engine, tokens, block_ids)
+        self.monitoring.count("loaded_tokens", loaded)
+        return loaded
+
+    # -- vLLM v0 shaped batches ----------------------------------------------------------------
+
+    def receive(self, model_executable: Any, model_input: Any, kv_caches: Any) -> KVReceiveResult:
+        """Loads each fresh prefill request's cached prefix (never its last token, whose logits
+        are needed) and returns the batch rebuilt to compute only the rest."""
+        if getattr(model_input, "lora_requests", None):
+            # LoRA KV differs per adapter and v0 batches mix them: never serve it from the cache.
+            self.monitoring.count("skipped_lora_batches")
+            return KVReceiveResult(False, 0, 0, model_input)
+        requests = prefill_requests(model_input)
+        io, engine = self.bind(kv_caches, model_executable)
+        native = load_native()
+        ebs = engine.block_size
+        loaded: dict[int, int] = {}
+        prompt_tokens = 0
+        for r in requests:
+            if not r.fresh:
+                continue
+            prompt_tokens += len(r.tokens)
+            usable = min(engine.lookup(r.tokens), (len(r.tokens) - 1) // ebs * ebs)
+            if usable <= 0:
+                continue
+            ids = native.block_ids_from_slots(r.slots[:usable], io.block_size)
+            n = io.load(engine, r.tokens[:usable], ids)
+            if n:
+                loaded[r.index] = n
+        hit = sum(loaded.values())
+        new_input = rebuild_model_input(model_input, requests, loaded) if loaded else model_input
+        with self._lock:
+            self._pending[id(new_input)] = (new_input, requests)
+            while len(self._pending) > _PENDING_MAX:
+                self._pending.popitem(last=False)
+        m = self.monitoring
+        m.count("receives")
+        m.count("prompt_tokens", prompt_tokens)
+        m.count("hit_tokens", hit)
+        m.count("hit_requests", len(loaded))
+        return KVReceiveResult(
+            cache_hit=hit > 0,
+            hit_tokens=hit,
+            prompt_tokens=prompt_tokens,
+            model_input=new_input,
+            per_request=[loaded.get(r.index, 0) for r in requests],
+        )
+
+    def send(
+        self, model_executable: Any, model_input: Any, kv_caches: Any, hidden_states: Any = None
+    ) -> KVSendResult:
+        """Stores the full blocks of every fresh prefill request of the batch just computed
+        (blocks already cached are not copied again)."""
+        with self._lock:
+            entry = self._pending.pop(id(model_input), None)
+        if entry is not None and entry[0] is model_input:
+            requests = entry[1]
+        elif getattr(model_input, "lora_requests", None):
+            return KVSendResult(0, 0)
+        else:
+            requests = prefill_requests(model_input)
+        io, engine = self.bind(kv_caches, model_executable)
+        native = load_native()
+        ebs = engine.block_size
+        stored = handled = 0
+        for r in requests:
+            full = len(r.tokens) // ebs * ebs
+            if not r.fresh or full == 0:
+                continue
+            ids = native.block_ids_from_slots(r.slots[:full], io.block_size)
+            n = io.store(engine, r.tokens[:full], ids)
+            stored += n
+            handled += 1
+        self.monitoring.count("sends")
+        self.monitoring.count("stored_blocks", stored)
+        return KVSendResult(stored_blocks=stored, requests=handled)
