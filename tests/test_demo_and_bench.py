@@ -48,3 +48,16 @@ def test_benchmark_quick_run_prints_every_section() -> None:
         "memoryview copy",
     ):
         assert needle in r.stdout, r.stdout
+
+
+def test_kv_layout_benchmark_quick_run() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kv_layout_bench.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    for needle in ("store  native gather", "load   native scatter", "ratio", "equal the stored"):
+        assert needle in r.stdout, r.stdout

@@ -11,11 +11,39 @@ from typing import TYPE_CHECKING, Any
 __version__ = "1.0.0"
 
 if TYPE_CHECKING:
-    from xconnector._native import BlockView, Engine, local_block_hashes, sequence_hashes
+    from xconnector._native import (
+        BlockView,
+        Engine,
+        OverlapIndex,
+        PagedKv,
+        Router,
+        local_block_hashes,
+        sequence_hashes,
+    )
 
-__all__ = ["BlockView", "Engine", "__version__", "local_block_hashes", "native", "sequence_hashes"]
+__all__ = [
+    "BlockView",
+    "Engine",
+    "OverlapIndex",
+    "PagedKv",
+    "Router",
+    "__version__",
+    "local_block_hashes",
+    "native",
+    "sequence_hashes",
+]
 
-_NATIVE_NAMES = frozenset({"BlockView", "Engine", "local_block_hashes", "sequence_hashes"})
+_NATIVE_NAMES = frozenset(
+    {
+        "BlockView",
+        "Engine",
+        "OverlapIndex",
+        "PagedKv",
+        "Router",
+        "local_block_hashes",
+        "sequence_hashes",
+    }
+)
 
 
 def native() -> Any:
