@@ -180,6 +180,14 @@ class VLLMWorker:
         await self.send_kv_caches(self.model, model_input, self.kv_caches, hidden)
         return model_input
 
+    def output(self, prompts: list[list[int]]) -> str:
+        """A digest of the KV the last step left for `prompts` (what decoding would attend to)."""
+        h = hashlib.sha256()
+        for prompt, table in zip(prompts, self.last_tables, strict=True):
+            for layer in self.kv_of(prompt, table):
+                h.update(layer.tobytes())
+        return h.hexdigest()[:16]
+
     def finish(self) -> None:
         for table in self.last_tables:
             self.allocator.release(table)
@@ -199,3 +207,29 @@ def expected_kv(prompt: list[int]) -> list[np.ndarray]:
         np.stack([token_kv(prompt[: p + 1], layer) for p in range(len(prompt))], axis=1)
         for layer in range(LAYERS)
     ]
+
+
+class SyncVLLMWorker(VLLMWorker):
+    """The same worker with synchronous hooks, as vLLM calls its connector."""
+
+    def recv_kv_caches(self, model_executable: Any, model_input: Any, kv_caches: Any) -> Any:  # type: ignore[override]
+        return None, False, model_input
+
+    def send_kv_caches(  # type: ignore[override]
+        self,
+        model_executable: Any,
+        model_input: Any,
+        kv_caches: Any,
+        hidden_or_intermediate_states: Any,
+    ) -> None:
+        return None
+
+    def prefill_sync(self, prompts: list[list[int]]) -> ModelInput:
+        tables = [self.allocator.allocate(-(-len(p) // BLOCK)) for p in prompts]
+        self.last_tables = tables
+        model_input = build_model_input(prompts, tables)
+        hidden, bypass, model_input = self.recv_kv_caches(self.model, model_input, self.kv_caches)
+        if not bypass:
+            hidden = self.model(model_input, self.kv_caches, prompts, tables)
+        self.send_kv_caches(self.model, model_input, self.kv_caches, hidden)
+        return model_input

@@ -1,0 +1,353 @@
+"""Finds the worker classes and patches their KV methods, whenever their modules are imported.
+
+A `sys.meta_path` finder wraps the loader of each watched module and patches the module right
+after it executes (wrapt's post-import hooks), so the import line may come before or after the
+worker's imports. Targets already imported are patched at once. Dynamo's `@service` wrapper is
+unwrapped (`.inner`). Wrappers are marked, so nothing is wrapped twice; `unpatch()` puts back
+exactly what was there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+from xconnector.integrations.dynamo import minimal_sdk
+from xconnector.integrations.dynamo.worker_wrapper import (
+    MARK,
+    SdkProvider,
+    is_wrapper,
+    make_recv_wrapper,
+    make_send_wrapper,
+)
+from xconnector.sdk.exceptions import ConfigError
+
+log = logging.getLogger("xconnector.autopatch")
+
+#: (receive, send) method names: Dynamo-style workers, and vLLM v0 KV connectors.
+WORKER_METHODS = ("recv_kv_caches", "send_kv_caches")
+V0_CONNECTOR_METHODS = ("recv_kv_caches_and_hidden_states", "send_kv_caches_and_hidden_states")
+V0_CONNECTOR_MODULE = "vllm.distributed.kv_transfer.kv_connector.base"
+
+_MISSING = object()
+_lock = threading.RLock()
+_installed = False
+# (owner, attribute, what its __dict__ held before, or _MISSING)
+_patches: list[tuple[type, str, Any]] = []
+_finder: _PostImportFinder | None = None
+
+
+class _HookedLoader(importlib.abc.Loader):
+    """Runs the real loader, then the hooks; a hook that fails is logged, never raised."""
+
+    def __init__(self, loader: Any, hooks: list[Callable[[ModuleType], None]]) -> None:
+        self._loader = loader
+        self._hooks = hooks
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        create = getattr(self._loader, "create_module", None)
+        return None if create is None else create(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        for hook in self._hooks:
+            try:
+                hook(module)
+            except Exception as e:  # the host's import must succeed whatever happens here
+                log.error("XConnector could not patch %s: %s", module.__name__, e)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def __init__(self) -> None:
+        self.hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
+        self._busy: set[str] = set()
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        hooks = self.hooks.get(fullname)
+        if not hooks or fullname in self._busy:
+            return None
+        self._busy.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)  # the other finders, not this one again
+        except Exception:
+            return None
+        finally:
+            self._busy.discard(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _HookedLoader(spec.loader, list(hooks))
+        return spec
+
+
+def _when_imported(module: str, hook: Callable[[ModuleType], None]) -> None:
+    """Runs `hook(module)` now if `module` is imported, else right after it is."""
+    global _finder
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        try:
+            hook(loaded)
+        except Exception as e:
+            log.error("XConnector could not patch %s: %s", module, e)
+        return
+    if _finder is None:
+        _finder = _PostImportFinder()
+        sys.meta_path.insert(0, _finder)
+    _finder.hooks.setdefault(module, []).append(hook)
+
+
+# Targets whose module was still executing when the autopatch ran: the import line is the
+# first line of the worker module itself (DESIGN's usage), so the class does not exist yet. The
+# class statement goes through `builtins.__build_class__`; wrapping it while such targets are
+# pending patches the class the moment it is created, before any decorator (Dynamo's
+# `@service`) wraps it. The wrapper is removed when nothing is pending.
+_pending_classes: dict[tuple[str, str], Callable[[type], None]] = {}
+_original_build_class: Any = None
+
+
+def _build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> Any:
+    cls = _original_build_class(func, name, *bases, **kwargs)
+    try:
+        hook = _pending_classes.pop(
+            (getattr(cls, "__module__", ""), getattr(cls, "__qualname__", "")), None
+        )
+        if hook is not None:
+            hook(cls)
+        if not _pending_classes:
+            _restore_build_class()
+    except Exception as e:  # the host's class statement must succeed whatever happens here
+        log.error("XConnector could not patch %s: %s", name, e)
+    return cls
+
+
+def _restore_build_class() -> None:
+    global _original_build_class
+    import builtins
+
+    if _original_build_class is not None:
+        builtins.__build_class__ = _original_build_class
+        _original_build_class = None
+
+
+def _when_class_defined(module: str, qualname: str, hook: Callable[[type], None]) -> None:
+    global _original_build_class
+    import builtins
+
+    _pending_classes[(module, qualname)] = hook
+    if _original_build_class is None:
+        _original_build_class = builtins.__build_class__
+        builtins.__build_class__ = _build_class  # type: ignore[assignment]
+
+
+def _initializing(module: ModuleType) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _patch_method(owner: type, name: str, make: Callable[..., Any], get_sdk: SdkProvider) -> bool:
+    current = inspect.getattr_static(owner, name, _MISSING)
+    if current is _MISSING:
+        return False
+    if is_wrapper(current):
+        return True  # patched already (here or on a base class)
+    if not inspect.isfunction(current):
+        log.info("XConnector: %s.%s is not a plain method; left alone", owner.__qualname__, name)
+        return False
+    _patches.append((owner, name, owner.__dict__.get(name, _MISSING)))
+    setattr(owner, name, make(current, get_sdk))
+    return True
+
+
+def patch_class(
+    cls: type, methods: tuple[str, str] = WORKER_METHODS, get_sdk: SdkProvider = minimal_sdk.get_sdk
+) -> bool:
+    """Wraps `cls`'s receive and send methods; False (and one info line) if it has neither."""
+    recv, send = methods
+    with _lock:
+        a = _patch_method(cls, recv, make_recv_wrapper, get_sdk)
+        b = _patch_method(cls, send, make_send_wrapper, get_sdk)
+    if not (a or b):
+        log.info(
+            "XConnector: %s has no %s/%s methods, so there is nothing to patch there",
+            cls.__qualname__,
+            recv,
+            send,
+        )
+    return a or b
+
+
+def _resolve(module: ModuleType, qualname: str) -> type | None:
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    inner = getattr(obj, "inner", None)  # Dynamo's @service keeps the class as .inner
+    if not isinstance(obj, type) and isinstance(inner, type):
+        return inner
+    return obj if isinstance(obj, type) else None
+
+
+def _target_hook(target: str) -> tuple[str, Callable[[ModuleType], None]]:
+    module_name, qualname = target.split(":", 1)
+
+    def hook(module: ModuleType) -> None:
+        cls = _resolve(module, qualname)
+        if cls is None:
+            log.info("XConnector: %s has no class %s; nothing patched", module_name, qualname)
+            return
+        if patch_class(cls):
+            log.info("XConnector: patched %s", target)
+
+    return module_name, hook
+
+
+def _class_hook(target: str) -> Callable[[type], None]:
+    def hook(cls: type) -> None:
+        if patch_class(cls):
+            log.info("XConnector: patched %s", target)
+
+    return hook
+
+
+def _v0_connector_hook(module: ModuleType) -> None:
+    """Patches every subclass of vLLM v0's KVConnectorBase, now and when defined later."""
+    found = getattr(module, "KVConnectorBase", None)
+    if not isinstance(found, type):
+        return
+    base: type = found
+
+    def patch_tree(cls: type) -> None:
+        if cls is not base and any(m in cls.__dict__ for m in V0_CONNECTOR_METHODS):
+            patch_class(cls, V0_CONNECTOR_METHODS)
+        sub: type
+        for sub in cls.__subclasses__():
+            patch_tree(sub)
+
+    patch_tree(base)
+    original = base.__dict__.get("__init_subclass__", _MISSING)
+
+    def __init_subclass__(cls: Any, /, **kwargs: Any) -> None:
+        if original is not _MISSING:
+            original.__func__(cls, **kwargs)
+        else:
+            super(base, cls).__init_subclass__(**kwargs)  # type: ignore[arg-type]
+        try:
+            if any(m in cls.__dict__ for m in V0_CONNECTOR_METHODS):
+                patch_class(cls, V0_CONNECTOR_METHODS)
+        except Exception as e:
+            log.error("XConnector could not patch %s: %s", cls.__qualname__, e)
+
+    setattr(__init_subclass__, MARK, True)
+    with _lock:
+        _patches.append((base, "__init_subclass__", original))
+        base.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]
+
+
+def service_name(environ: Mapping[str, str], argv: Sequence[str]) -> str | None:
+    """The Dynamo service this process runs: `--service-name` in argv (how `dynamo serve`
+    starts components), else `XCONNECTOR_SERVICE`."""
+    for i, arg in enumerate(argv):
+        if arg == "--service-name" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--service-name="):
+            return arg.split("=", 1)[1]
+    return environ.get("XCONNECTOR_SERVICE") or None
+
+
+def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> bool:
+    """Reads the config and, in a worker process, patches the targets. True when patching is in
+    place. Never raises, except a configuration error with `integration.strict: true` (or
+    `XCONNECTOR_STRICT=1`)."""
+    global _installed
+    env = os.environ if environ is None else environ
+    args = sys.argv if argv is None else argv
+    strict = env.get("XCONNECTOR_STRICT", "").strip().lower() in ("1", "true")
+    with _lock:
+        if _installed:
+            return True
+        try:
+            from xconnector.integrations.dynamo.config_detector import detect_config
+
+            found = detect_config(env, args)
+            strict = strict or found.config.integration.strict
+            if not found.enabled:
+                log.debug("XConnector is off: %s", found.describe())
+                return False
+            service = service_name(env, args)
+            services = found.config.integration.services
+            if service is not None and service not in services:
+                log.debug(
+                    "XConnector: service %s is not one of %s; nothing patched", service, services
+                )
+                return False
+            minimal_sdk.configure(found.config)
+            for target in found.config.integration.targets:
+                module_name, qualname = target.split(":", 1)
+                loading = sys.modules.get(module_name)
+                if (
+                    loading is not None
+                    and _initializing(loading)
+                    and _resolve(loading, qualname) is None
+                ):
+                    _when_class_defined(module_name, qualname, _class_hook(target))
+                else:
+                    _when_imported(*_target_hook(target))
+            _when_imported(V0_CONNECTOR_MODULE, _v0_connector_hook)
+            _installed = True
+            log.info(
+                "XConnector %s; watching %s",
+                found.describe(),
+                ", ".join(found.config.integration.targets),
+            )
+            return True
+        except ConfigError as e:
+            if strict:
+                raise
+            log.error("XConnector is off, the worker runs without it: %s", e)
+            return False
+        except Exception as e:
+            if strict:
+                raise ConfigError(f"XConnector could not start: {e}") from e
+            log.error("XConnector is off, the worker runs without it: %s", e)
+            return False
+
+
+def unpatch() -> None:
+    """Restores every patched attribute exactly and removes the import hook."""
+    global _installed, _finder
+    with _lock:
+        while _patches:
+            owner, name, original = _patches.pop()
+            if original is _MISSING:
+                with contextlib.suppress(AttributeError):
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+        _pending_classes.clear()
+        _restore_build_class()
+        if _finder is not None:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(_finder)
+            _finder = None
+        minimal_sdk.configure(None)
+        _installed = False
+
+
+def patched() -> list[tuple[type, str]]:
+    """What is patched now: (class, attribute)."""
+    with _lock:
+        return [(owner, name) for owner, name, _ in _patches]
