@@ -18,13 +18,22 @@ ruff format --check .
 python -m mypy xconnector
 python -m mypy.stubtest xconnector._native
 
+# pytest's exit code 5 means "no tests collected": a failure here, not a pass.
+run_pytest() {
+    set +e
+    "$@"
+    local rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then
+        echo "pytest collected no tests: that is a failure" >&2
+        return 1
+    fi
+    return "$rc"
+}
+
 echo "== pytest"
-set +e
-python -m pytest "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    echo "pytest collected no tests: that is a failure" >&2
-    exit 1
-fi
-exit "$rc"
+run_pytest python -m pytest "$@"
+
+echo "== pytest in .venv-vllm (tests that need torch or a real vLLM engine)"
+bash scripts/vllm_env.sh
+PYTHONPATH="$PWD" run_pytest .venv-vllm/bin/python -m pytest -p no:cacheprovider -m "torch or vllm" "$@"

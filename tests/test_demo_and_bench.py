@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_shows_a_full_hit_and_a_prefix_hit() -> None:
+def test_main_job_dynamo_worker_demo_hits_through_the_autopatch() -> None:
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = next(ln for ln in lines if ln.startswith("1."))
+    again = next(ln for ln in lines if ln.startswith("2."))
+    prefix = next(ln for ln in lines if ln.startswith("3."))
+    assert "from cache     0  computed  3200" in first
+    # 3200 = 200 blocks of 16: the block holding the last token is recomputed.
+    assert "from cache  3184  computed    16" in again
+    # Question B shares the 3000-token system prompt: 187 full blocks of 16 = 2992 tokens.
+    assert "from cache  2992  computed   158" in prefix
+    assert "same next token: yes" in r.stdout and "fallbacks none" in r.stdout
+
+
+def test_main_job_demo_with_the_kill_switch_computes_everything() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "integrations" / "dynamo" / "demo.py")],
+        env={**os.environ, "XCONNECTOR_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("from cache     0") == 3 and "XConnector: hit rate" not in r.stdout
+
+
+def test_engine_demo_shows_a_full_hit_and_a_prefix_hit() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "xconnector.demo", "--cache-mib", "256"],
         capture_output=True,

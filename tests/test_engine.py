@@ -315,6 +315,7 @@ def test_array_and_numpy_tokens_address_the_same_blocks(make_engine: MakeEngine)
     assert e.lookup(tuple(toks)) == 2 * BLOCK
 
 
+@pytest.mark.torch
 def test_torch_cpu_tensors_round_trip(make_engine: MakeEngine) -> None:
     torch = pytest.importorskip("torch", reason="torch is installed by the vLLM test environment")
     e = make_engine()

@@ -104,7 +104,8 @@ def test_detection_and_input_errors() -> None:
     assert native().block_ids_from_slots([32, 33, 34, 35, 8, 9, 10, 11], 4) == [8, 2]
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch is installed by the vLLM test environment")
+@pytest.mark.torch
+@pytest.mark.skipif(not HAS_TORCH, reason="runs in .venv-vllm, where scripts/test.sh has torch")
 @pytest.mark.parametrize("layout", list(SHAPES))
 def test_torch_cpu_tensors_and_the_staging_path_give_the_same_bytes(layout: str) -> None:
     import torch

@@ -49,10 +49,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "check-config":
-        return check_config(args.file, service=args.service, as_json=args.json, strict=args.strict)
-    parser.print_help(sys.stderr)
-    return EXIT_USAGE
+    try:
+        if args.command == "check-config":
+            return check_config(
+                args.file, service=args.service, as_json=args.json, strict=args.strict
+            )
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly (Python's documented recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 def check_config(

@@ -135,3 +135,12 @@ pub fn config_setting_bytes(py: Python<'_>, adapter: &str, key: &str, value: &Bo
     };
     core::size_bytes(&v, setting).map_err(|message| problems(py, "<setting>", &[Problem { path, message }]))
 }
+
+/// A whole YAML/JSON file as Python values (the checks of `config_load_file` apply), e.g. to
+/// hand a Dynamo config to `DYNAMO_SERVICE_CONFIG` the way `dynamo serve` does.
+#[pyfunction]
+pub fn config_read_document<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyAny>> {
+    let source = path.display().to_string();
+    let doc = crate::call::detached(py, || core::parse_document(&core::read_config_file(&path, &source)?, &source))?;
+    guarded(py, || to_py(py, &doc))
+}
