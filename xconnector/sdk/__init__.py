@@ -6,8 +6,6 @@ on first use so that `import xconnector.sdk.exceptions` stays free for the autop
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from xconnector.sdk.exceptions import (
     CacheError,
     ConfigError,
@@ -18,7 +16,11 @@ from xconnector.sdk.exceptions import (
     XConnectorError,
 )
 
+TYPE_CHECKING = False  # see xconnector/__init__.py
+
 if TYPE_CHECKING:
+    from typing import Any
+
     from xconnector.sdk.config import AdapterConfig, SDKConfig
     from xconnector.sdk.factory import KVCacheSDK, create_kv_cache_sdk, create_xconnector_sdk
     from xconnector.sdk.xconnector_sdk import XConnectorSDK

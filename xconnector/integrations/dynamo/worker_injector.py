@@ -10,27 +10,24 @@ exactly what was there.
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
-import inspect
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from types import ModuleType
-from typing import Any
 
-from xconnector.integrations.dynamo import minimal_sdk
-from xconnector.integrations.dynamo.worker_wrapper import (
-    MARK,
-    SdkProvider,
-    is_wrapper,
-    make_recv_wrapper,
-    make_send_wrapper,
-)
 from xconnector.sdk.exceptions import ConfigError
+
+# Imports kept light on purpose: Dynamo runs this in every process it starts, and only worker
+# processes need more than config discovery (the rest is imported when patching starts).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import importlib.machinery
+    from collections.abc import Callable, Mapping, Sequence
+    from types import ModuleType
+    from typing import Any
+
+    from xconnector.integrations.dynamo.worker_wrapper import SdkProvider
 
 log = logging.getLogger("xconnector.autopatch")
 
@@ -47,7 +44,7 @@ _patches: list[tuple[type, str, Any]] = []
 _finder: _PostImportFinder | None = None
 
 
-class _HookedLoader(importlib.abc.Loader):
+class _HookedLoader:
     """Runs the real loader, then the hooks; a hook that fails is logged, never raised."""
 
     def __init__(self, loader: Any, hooks: list[Callable[[ModuleType], None]]) -> None:
@@ -70,7 +67,7 @@ class _HookedLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
     def __init__(self) -> None:
         self.hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
         self._busy: set[str] = set()
@@ -90,7 +87,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
             self._busy.discard(fullname)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return None
-        spec.loader = _HookedLoader(spec.loader, list(hooks))
+        spec.loader = _HookedLoader(spec.loader, list(hooks))  # type: ignore[assignment]
         return spec
 
 
@@ -158,6 +155,10 @@ def _initializing(module: ModuleType) -> bool:
 
 
 def _patch_method(owner: type, name: str, make: Callable[..., Any], get_sdk: SdkProvider) -> bool:
+    import inspect
+
+    from xconnector.integrations.dynamo.worker_wrapper import is_wrapper
+
     current = inspect.getattr_static(owner, name, _MISSING)
     if current is _MISSING:
         return False
@@ -172,13 +173,20 @@ def _patch_method(owner: type, name: str, make: Callable[..., Any], get_sdk: Sdk
 
 
 def patch_class(
-    cls: type, methods: tuple[str, str] = WORKER_METHODS, get_sdk: SdkProvider = minimal_sdk.get_sdk
+    cls: type,
+    methods: tuple[str, str] = WORKER_METHODS,
+    get_sdk: SdkProvider | None = None,
 ) -> bool:
-    """Wraps `cls`'s receive and send methods; False (and one info line) if it has neither."""
+    """Wraps `cls`'s receive and send methods; False (and one info line) if it has neither.
+    `get_sdk` defaults to the process-wide SDK of `minimal_sdk`."""
+    from xconnector.integrations.dynamo import minimal_sdk
+    from xconnector.integrations.dynamo.worker_wrapper import make_recv_wrapper, make_send_wrapper
+
+    provider = get_sdk or minimal_sdk.get_sdk
     recv, send = methods
     with _lock:
-        a = _patch_method(cls, recv, make_recv_wrapper, get_sdk)
-        b = _patch_method(cls, send, make_send_wrapper, get_sdk)
+        a = _patch_method(cls, recv, make_recv_wrapper, provider)
+        b = _patch_method(cls, send, make_send_wrapper, provider)
     if not (a or b):
         log.info(
             "XConnector: %s has no %s/%s methods, so there is nothing to patch there",
@@ -251,6 +259,8 @@ def _v0_connector_hook(module: ModuleType) -> None:
         except Exception as e:
             log.error("XConnector could not patch %s: %s", cls.__qualname__, e)
 
+    from xconnector.integrations.dynamo.worker_wrapper import MARK
+
     setattr(__init_subclass__, MARK, True)
     with _lock:
         _patches.append((base, "__init_subclass__", original))
@@ -280,22 +290,28 @@ def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None
         if _installed:
             return True
         try:
-            from xconnector.integrations.dynamo.config_detector import detect_config
+            from xconnector._loader import load_native
 
-            found = detect_config(env, args)
-            strict = strict or found.config.integration.strict
-            if not found.enabled:
-                log.debug("XConnector is off: %s", found.describe())
+            native = load_native()
+            wanted = {k: env[k] for k in native.config_env_vars() if k in env}
+            found = native.config_discover(wanted, list(args))
+            config = found["config"]
+            strict = strict or config["integration"]["strict"]
+            if found["section"] is None or not config["enabled"]:
+                log.debug("XConnector is off (config source: %s)", found["source"])
                 return False
             service = service_name(env, args)
-            services = found.config.integration.services
+            services = config["integration"]["services"]
             if service is not None and service not in services:
-                log.debug(
-                    "XConnector: service %s is not one of %s; nothing patched", service, services
-                )
+                log.debug("XConnector: service %s not in %s; nothing patched", service, services)
                 return False
-            minimal_sdk.configure(found.config)
-            for target in found.config.integration.targets:
+            # A worker process: from here on, the full SDK.
+            from xconnector.integrations.dynamo import minimal_sdk
+            from xconnector.integrations.dynamo.config_detector import _detected
+
+            detected = _detected(found)
+            minimal_sdk.configure(detected.config)
+            for target in detected.config.integration.targets:
                 module_name, qualname = target.split(":", 1)
                 loading = sys.modules.get(module_name)
                 if (
@@ -308,11 +324,8 @@ def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None
                     _when_imported(*_target_hook(target))
             _when_imported(V0_CONNECTOR_MODULE, _v0_connector_hook)
             _installed = True
-            log.info(
-                "XConnector %s; watching %s",
-                found.describe(),
-                ", ".join(found.config.integration.targets),
-            )
+            targets = ", ".join(detected.config.integration.targets)
+            log.info("XConnector %s; watching %s", detected.describe(), targets)
             return True
         except ConfigError as e:
             if strict:
@@ -343,7 +356,9 @@ def unpatch() -> None:
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(_finder)
             _finder = None
-        minimal_sdk.configure(None)
+        minimal = sys.modules.get("xconnector.integrations.dynamo.minimal_sdk")
+        if minimal is not None:
+            minimal.configure(None)
         _installed = False
 
 
