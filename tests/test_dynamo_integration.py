@@ -164,3 +164,26 @@ def test_vllm_v0_connector_subclasses_are_patched(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out == {"early": 1, "derived_own": False, "computed": 50 + 2}
+
+
+def test_v1_engines_get_the_connector_or_a_multiconnector() -> None:
+    from xconnector.integrations.dynamo.worker_injector import v1_transfer_config
+
+    section = {"enabled": True, "mode": "embedded"}
+    ours = v1_transfer_config(None, section)
+    assert ours == {
+        "kv_connector": "XConnectorV1",
+        "kv_connector_module_path": "xconnector.integrations.vllm.connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"xconnector": section},
+        "kv_load_failure_policy": "recompute",
+    }
+    nixl = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"}
+    multi = v1_transfer_config(nixl, section)
+    assert multi is not None and multi["kv_connector"] == "MultiConnector"
+    children = multi["kv_connector_extra_config"]["connectors"]
+    assert [c["kv_connector"] for c in children] == ["NixlConnector", "XConnectorV1"]
+    assert children[0]["kv_buffer_device"] == "cuda"  # the user's connector keeps its settings
+    assert v1_transfer_config({"kv_connector": "XConnectorV1"}, section) is None
+    assert v1_transfer_config(multi, section) is None  # never composed twice
+    assert v1_transfer_config({"kv_connector": None}, section) == ours

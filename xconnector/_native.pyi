@@ -153,6 +153,7 @@ class PagedKv:
         tokens: _Tokens,
         block_ids: list[int] | Any,
         *,
+        first_block: int = 0,
         lora_name: str | None = None,
         cache_salt: str | None = None,
     ) -> int: ...

@@ -30,8 +30,17 @@ class KvIO(Protocol):
     block_bytes: int
     num_blocks: int
 
-    def store(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int: ...
-    def load(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int: ...
+    def store(
+        self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
+    ) -> int: ...
+    def load(
+        self,
+        engine: Engine,
+        tokens: Any,
+        block_ids: Sequence[int],
+        first_block: int = 0,
+        **extras: str | None,
+    ) -> int: ...
 
 
 def layer_tensors(kv_caches: Any) -> list[Any]:
@@ -52,11 +61,22 @@ class HostKv:
         self.block_bytes: int = self._kv.block_bytes
         self.num_blocks: int = self._kv.num_blocks
 
-    def store(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
-        return int(self._kv.store(engine, tokens, list(block_ids)))
+    def store(
+        self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
+    ) -> int:
+        return int(self._kv.store(engine, tokens, list(block_ids), **extras))
 
-    def load(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
-        return int(self._kv.load(engine, tokens, list(block_ids)))
+    def load(
+        self,
+        engine: Engine,
+        tokens: Any,
+        block_ids: Sequence[int],
+        first_block: int = 0,
+        **extras: str | None,
+    ) -> int:
+        return int(
+            self._kv.load(engine, tokens, list(block_ids), first_block=first_block, **extras)
+        )
 
     def pack(self, block_ids: Sequence[int]) -> bytes:
         out = self._kv.pack(list(block_ids))
@@ -139,11 +159,13 @@ class StagedKv:
             raise InvalidInputError("the engine's blocks are not whole blocks of these KV caches")
         return per
 
-    def store(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
+    def store(
+        self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
+    ) -> int:
         per = self._per(engine)
         tokens = list(tokens)
         full = len(tokens) // engine.block_size
-        cached = engine.lookup(tokens) // engine.block_size
+        cached = engine.lookup(tokens, **extras) // engine.block_size
         if full <= cached:
             return 0
         ids = list(block_ids)[: full * per]
@@ -153,18 +175,26 @@ class StagedKv:
             dev = self.pack_device(ids)
             host = self._host(dev.numel()).view(full * per, self.block_bytes)
             host.copy_(dev)
-            return engine.store(tokens[: full * engine.block_size], host)
+            return engine.store(tokens[: full * engine.block_size], host, **extras)
 
-    def load(self, engine: Engine, tokens: Any, block_ids: Sequence[int]) -> int:
+    def load(
+        self,
+        engine: Engine,
+        tokens: Any,
+        block_ids: Sequence[int],
+        first_block: int = 0,
+        **extras: str | None,
+    ) -> int:
         per = self._per(engine)
         n_engine = len(block_ids) // per
         with self._lock:
             host = self._host(n_engine * engine.block_bytes)
-            loaded = engine.load(list(tokens), host)
+            loaded = engine.load(list(tokens), host, **extras)
             n = loaded // self.block_size
-            if n:
-                data = host[: n * self.block_bytes].view(n, self.block_bytes)
-                self.unpack_device(list(block_ids)[:n], data.to(self._device))
+            if n > first_block:
+                data = host[first_block * self.block_bytes : n * self.block_bytes]
+                data = data.view(n - first_block, self.block_bytes).to(self._device)
+                self.unpack_device(list(block_ids)[first_block:n], data)
             return loaded
 
 

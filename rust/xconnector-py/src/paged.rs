@@ -211,14 +211,17 @@ impl PagedKv {
     }
 
     /// Loads the longest cached prefix of `tokens` (as many engine blocks as `block_ids` covers)
-    /// straight into cache blocks `block_ids`. Returns the number of tokens loaded.
-    #[pyo3(signature = (engine, tokens, block_ids, *, lora_name = None, cache_salt = None))]
+    /// straight into cache blocks `block_ids`. KV blocks before `first_block` are not written
+    /// (the engine already holds them on the device). Returns the number of tokens loaded.
+    #[pyo3(signature = (engine, tokens, block_ids, *, first_block = 0, lora_name = None, cache_salt = None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         py: Python<'_>,
         engine: &Engine,
         tokens: &Bound<'_, PyAny>,
         block_ids: Vec<i64>,
+        first_block: usize,
         lora_name: Option<String>,
         cache_salt: Option<String>,
     ) -> PyResult<usize> {
@@ -229,7 +232,7 @@ impl PagedKv {
         let kbb = kv.block_bytes();
         detached(py, || {
             engine.inner.load_with(&toks, extras(&lora_name, &cache_salt), ids.len() / per, |i, bytes| {
-                for j in 0..per {
+                for j in (0..per).filter(|j| i * per + j >= first_block) {
                     kv.unpack_block(ids[i * per + j], &bytes[j * kbb..(j + 1) * kbb]);
                 }
             })

@@ -31,6 +31,11 @@ def configure(config: SDKConfig | None) -> None:
         _failed = False
 
 
+def configured() -> SDKConfig | None:
+    """The config the autopatch set (None: XConnector is off in this process)."""
+    return _config
+
+
 def get_sdk() -> XConnectorSDK | None:
     """The process's SDK, created on first use; None when unconfigured or when creating it
     failed (logged once; the worker then runs unpatched behaviour)."""

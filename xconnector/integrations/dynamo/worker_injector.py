@@ -35,6 +35,9 @@ log = logging.getLogger("xconnector.autopatch")
 WORKER_METHODS = ("recv_kv_caches", "send_kv_caches")
 V0_CONNECTOR_METHODS = ("recv_kv_caches_and_hidden_states", "send_kv_caches_and_hidden_states")
 V0_CONNECTOR_MODULE = "vllm.distributed.kv_transfer.kv_connector.base"
+V1_ENGINE_ARGS_MODULE = "vllm.engine.arg_utils"
+V1_CONNECTOR = "XConnectorV1"
+V1_CONNECTOR_MODULE = "xconnector.integrations.vllm.connector"
 
 _MISSING = object()
 _lock = threading.RLock()
@@ -267,6 +270,91 @@ def _v0_connector_hook(module: ModuleType) -> None:
         base.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]
 
 
+def v1_transfer_config(existing: Any, section: dict[str, Any]) -> dict[str, Any] | None:
+    """The `kv_transfer_config` an engine should run with: XConnector's connector when it has
+    none, vLLM's MultiConnector over its own connector (first: it serves P/D transfers) and
+    XConnector's when it has one; None when XConnector is in it already."""
+    ours = {
+        "kv_connector": V1_CONNECTOR,
+        "kv_connector_module_path": V1_CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"xconnector": section},
+    }
+    if existing is None:
+        return {**ours, "kv_load_failure_policy": "recompute"}
+    current = existing if isinstance(existing, dict) else _as_dict(existing)
+    if current.get("kv_connector") is None:
+        return {**ours, "kv_load_failure_policy": "recompute"}
+    children = current.get("kv_connector_extra_config", {}).get("connectors", [])
+    names = [current.get("kv_connector"), *(c.get("kv_connector") for c in children)]
+    if V1_CONNECTOR in names:
+        return None
+    inner = {k: v for k, v in current.items() if k in _CHILD_KEYS and v is not None}
+    return {
+        "kv_connector": "MultiConnector",
+        "kv_role": current.get("kv_role") or "kv_both",
+        "kv_load_failure_policy": current.get("kv_load_failure_policy") or "recompute",
+        "kv_connector_extra_config": {"connectors": [inner, ours]},
+    }
+
+
+_CHILD_KEYS = (
+    "kv_connector",
+    "kv_connector_module_path",
+    "kv_role",
+    "kv_rank",
+    "kv_parallel_size",
+    "kv_ip",
+    "kv_port",
+    "kv_buffer_device",
+    "kv_buffer_size",
+    "kv_connector_extra_config",
+)
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return dict(vars(config))
+
+
+def _v1_engine_args_hook(module: ModuleType) -> None:
+    """vLLM v1: give every engine XConnector's KV connector (DESIGN 3.2, item 3)."""
+    engine_args = getattr(module, "EngineArgs", None)
+    if not isinstance(engine_args, type) or not hasattr(engine_args, "create_engine_config"):
+        return
+    from xconnector.integrations.dynamo import minimal_sdk
+    from xconnector.integrations.dynamo.worker_wrapper import MARK, is_wrapper
+
+    original = engine_args.__dict__.get("create_engine_config")
+    if original is None or is_wrapper(original):
+        return
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            config = minimal_sdk.configured()
+            if config is not None:
+                wanted = v1_transfer_config(
+                    getattr(self, "kv_transfer_config", None), config.to_dict()
+                )
+                if wanted is not None:
+                    from vllm.config import KVTransferConfig
+
+                    self.kv_transfer_config = KVTransferConfig(**wanted)
+                    log.info("XConnector: engine KV connector %s", wanted["kv_connector"])
+        except Exception as e:  # the engine starts as the user configured it
+            log.error("XConnector could not add its KV connector: %s", e)
+        return original(self, *args, **kwargs)
+
+    create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(create_engine_config, MARK, True)
+    with _lock:
+        _patches.append((engine_args, "create_engine_config", original))
+        engine_args.create_engine_config = create_engine_config
+
+
 def service_name(environ: Mapping[str, str], argv: Sequence[str]) -> str | None:
     """The Dynamo service this process runs: `--service-name` in argv (how `dynamo serve`
     starts components), else `XCONNECTOR_SERVICE`."""
@@ -323,6 +411,7 @@ def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None
                 else:
                     _when_imported(*_target_hook(target))
             _when_imported(V0_CONNECTOR_MODULE, _v0_connector_hook)
+            _when_imported(V1_ENGINE_ARGS_MODULE, _v1_engine_args_hook)
             _installed = True
             targets = ", ".join(detected.config.integration.targets)
             log.info("XConnector %s; watching %s", detected.describe(), targets)

@@ -77,10 +77,21 @@ class KVCacheHandler:
         """The engine of the KV caches seen last (None before any)."""
         return self._engine
 
-    def bind(self, kv_caches: Any, model_executable: Any = None) -> tuple[KvIO, Engine]:
-        """The block mover and the engine for these KV caches (created on first use)."""
-        io = self.inference.kv_io(kv_caches, self.block_size)
-        ns = self.inference.namespace(model_executable, kv_caches, io)
+    def bind(
+        self,
+        kv_caches: Any,
+        model_executable: Any = None,
+        *,
+        namespace: dict[str, Any] | None = None,
+        block_size: int | None = None,
+    ) -> tuple[KvIO, Engine]:
+        """The block mover and the engine for these KV caches (created on first use). The
+        namespace (model, dtype, TP rank, ...) comes from `model_executable` unless given."""
+        io = self.inference.kv_io(kv_caches, block_size or self.block_size)
+        ns = dict(namespace) if namespace is not None else {}
+        ns.setdefault("kv_layout", io.layout)
+        if namespace is None:
+            ns = self.inference.namespace(model_executable, kv_caches, io)
         engine = self.cache.engine_for(
             kv_block_size=io.block_size, kv_block_bytes=io.block_bytes, **ns
         )

@@ -1,0 +1,80 @@
+"""Runs a real vLLM engine (the CPU build) on the tiny model and prints one JSON line: each
+request's greedy output tokens and how many prompt tokens vLLM reports as cached (with vLLM's own
+prefix caching off, those came from the KV connector).
+
+    python run_engine.py MODEL_DIR MODE [STORAGE_DIR]
+    MODE: plain | xconnector | autopatch | autopatch-multi (the engine already has vLLM's
+          ExampleConnector, storing under STORAGE_DIR; the autopatch composes with it)
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def main() -> None:
+    model, mode = sys.argv[1], sys.argv[2]
+    if mode == "autopatch":
+        import xconnector.integrations.dynamo.autopatch  # the one line
+
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(
+        model=model,
+        skip_tokenizer_init=True,
+        enable_prefix_caching=False,
+        block_size=32,
+        max_model_len=512,
+        dtype="float32",
+        gpu_memory_utilization=0.1,
+        enforce_eager=True,
+        seed=0,
+    )
+    if mode == "xconnector":
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "XConnectorV1",
+            "kv_connector_module_path": "xconnector.integrations.vllm.connector",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {
+                "xconnector": {"adapters": [{"name": "lmcache", "config": {"max_cache_size": 64}}]}
+            },
+        }
+    if mode == "autopatch-multi":
+        import xconnector.integrations.dynamo.autopatch  # noqa: F401
+
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "ExampleConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": sys.argv[3]},
+        }
+    llm = LLM(**kwargs)
+    import random
+
+    rng = random.Random(42)
+    system = [rng.randrange(1, 500) for _ in range(128)]
+    a = system + [rng.randrange(1, 500) for _ in range(72)]  # 200 tokens
+    b = system + [rng.randrange(1, 500) for _ in range(70)]  # shares 128 = 4 blocks of 32
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0)
+    results = []
+    for prompt in (a, a, b):  # one at a time: the repeat must find what the first stored
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        completion = out.outputs[0]
+        logprobs = [
+            lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids, strict=True)
+        ]
+        results.append(
+            {
+                "tokens": list(completion.token_ids),
+                "logprobs": logprobs,
+                "cached": out.num_cached_tokens,
+            }
+        )
+    kv = llm.llm_engine.vllm_config.kv_transfer_config
+    print(json.dumps({"results": results, "kv_connector": kv.kv_connector if kv else None}))
+
+
+if __name__ == "__main__":
+    main()
