@@ -52,7 +52,8 @@ def engine(model: str, mode: str, *extra: str, env: dict[str, str] | None = None
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("XCONNECTOR_RESULT "))
+    out: dict[str, Any] = json.loads(line.removeprefix("XCONNECTOR_RESULT "))
     out["stderr"] = proc.stderr
     return out
 
@@ -81,6 +82,17 @@ def test_the_repeat_is_served_by_xconnector_with_identical_outputs(
     # prompt sharing 4 blocks loads those 4 only.
     assert [r["cached"] for r in out["results"]] == [0, 192, 128]
     same_outputs(out, plain)
+
+
+def test_lookups_cross_processes_when_the_worker_runs_in_its_own(
+    model: str, plain: dict[str, Any], tmp_path: Path
+) -> None:
+    # With the multiprocessing executor the worker is another process than the scheduler, as
+    # every rank is with tensor parallelism: the scheduler's lookups go over the Unix socket.
+    out = engine(model, "xconnector-mp", env={"XCONNECTOR_SOCKET_DIR": str(tmp_path)})
+    assert [r["cached"] for r in out["results"]] == [0, 192, 128]
+    same_outputs(out, plain)
+    assert list(tmp_path.glob("xconnector-*.sock")) == []  # removed at shutdown
 
 
 def test_the_one_line_autopatch_gives_an_engine_the_connector(

@@ -1,9 +1,11 @@
-"""Runs a real vLLM engine (the CPU build) on the tiny model and prints one JSON line: each
+"""Runs a real vLLM engine (the CPU build) on the tiny model and prints one JSON line (after
+`XCONNECTOR_RESULT `): each
 request's greedy output tokens and how many prompt tokens vLLM reports as cached (with vLLM's own
 prefix caching off, those came from the KV connector).
 
     python run_engine.py MODEL_DIR MODE [STORAGE_DIR]
-    MODE: plain | xconnector | autopatch | autopatch-multi (the engine already has vLLM's
+    MODE: plain | xconnector | xconnector-mp (the worker in its own process) | autopatch |
+          autopatch-multi (the engine already has vLLM's
           ExampleConnector, storing under STORAGE_DIR; the autopatch composes with it)
 """
 
@@ -32,7 +34,10 @@ def main() -> None:
         enforce_eager=True,
         seed=0,
     )
-    if mode == "xconnector":
+    if mode == "xconnector-mp":
+        # The worker in a process of its own: the scheduler's lookups cross processes.
+        kwargs["distributed_executor_backend"] = "mp"
+    if mode in ("xconnector", "xconnector-mp"):
         kwargs["kv_transfer_config"] = {
             "kv_connector": "XConnectorV1",
             "kv_connector_module_path": "xconnector.integrations.vllm.connector",
@@ -73,7 +78,9 @@ def main() -> None:
             }
         )
     kv = llm.llm_engine.vllm_config.kv_transfer_config
-    print(json.dumps({"results": results, "kv_connector": kv.kv_connector if kv else None}))
+    # vLLM logs to stdout too, even after this line: mark it.
+    result = {"results": results, "kv_connector": kv.kv_connector if kv else None}
+    print("XCONNECTOR_RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
