@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def test_adapters_configured_twice_or_unknown_are_config_errors(sdk: XConnectorS
     assert sdk.get_adapter("nope") is None
 
 
-def test_cache_adapter_settings(tmp_path: object) -> None:
+def test_cache_adapter_settings(tmp_path: Path) -> None:
     def cache(settings: dict[str, object]) -> LMCacheAdapter:
         s = XConnectorSDK({"adapters": [{"name": "lmcache", "config": settings}]})
         s.initialize()
@@ -83,9 +84,12 @@ def test_cache_adapter_settings(tmp_path: object) -> None:
     assert cache({"max_cache_size": "512MB"}).capacity_bytes == 512_000_000
     assert cache({"local_cpu": True, "max_local_cpu_size": 5.0}).capacity_bytes == 5_000_000_000
     assert cache({"chunk_size": 256}).chunk_size == 256
+    disk = cache({"local_disk": f"file://{tmp_path}", "max_local_disk_size": 2.5})
+    assert (disk.disk_path, disk.disk_capacity_bytes) == (str(tmp_path), 2_500_000_000)
     for bad, message in [
-        ({"storage_backend": "disk"}, "storage_backend: 'disk' needs the disk/Redis tiers"),
-        ({"remote_url": "redis://localhost:6379"}, "remote_url: the disk/Redis tiers are not"),
+        ({"storage_backend": "disk"}, "storage_backend: disk needs local_disk"),
+        ({"remote_url": "redis://localhost:6379"}, "the Redis tier is not in this build yet"),
+        ({"max_local_disk_size": 5}, "max_local_disk_size: set local_disk too"),
         ({"local_cpu": False}, "local_cpu: false leaves no tier"),
         ({"max_cache_size": 1, "max_local_cpu_size": 1}, "both set the memory budget"),
         ({"chunk_sise": 256}, "chunk_sise: unknown lmcache setting"),

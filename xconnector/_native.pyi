@@ -54,7 +54,11 @@ class Engine:
         tp_world_size: int = 1,
         tp_rank: int = 0,
         extra: dict[str, str] | None = None,
+        disk_path: str | None = None,
+        disk_capacity_bytes: int = 0,
+        disk_queue_blocks: int = 1024,
     ) -> Self: ...
+    def flush(self, timeout: float = 10.0) -> bool: ...
     def lookup(
         self, tokens: _Tokens, *, lora_name: str | None = None, cache_salt: str | None = None
     ) -> int: ...

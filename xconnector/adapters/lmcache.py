@@ -18,10 +18,7 @@ from xconnector.sdk.config import AdapterConfig, SDKConfig
 from xconnector.sdk.exceptions import ConfigError
 
 DEFAULT_CAPACITY = 2 << 30
-
-# Settings that need the disk or remote tier. Rejected with a clear error until those tiers
-# exist, rather than accepted and silently ignored.
-_NEEDS_DISK_OR_REMOTE = ("local_disk", "max_local_disk_size", "remote_url")
+DEFAULT_DISK_CAPACITY = 20 << 30
 
 
 class LMCacheAdapter(Adapter):
@@ -33,17 +30,29 @@ class LMCacheAdapter(Adapter):
         s = self.settings
         where = f"adapters.{self.name}.config"
         backend = s.get("storage_backend", "memory")
-        if backend != "memory":
+        local_disk = s.get("local_disk")
+        if backend in ("redis", "hybrid") or s.get("remote_url"):
             raise ConfigError(
-                f"{where}.storage_backend: {backend!r} needs the disk/Redis tiers, which this "
-                "build does not have yet; use storage_backend: memory"
+                f"{where}: the Redis tier is not in this build yet; use storage_backend: memory "
+                "or disk, without remote_url"
             )
-        for key in _NEEDS_DISK_OR_REMOTE:
-            if s.get(key) not in (None, False, ""):
-                raise ConfigError(
-                    f"{where}.{key}: the disk/Redis tiers are not in this build yet; remove {key} "
-                    "(the memory tier is used)"
-                )
+        if backend == "disk" and not local_disk:
+            raise ConfigError(
+                f"{where}.storage_backend: disk needs local_disk, the directory for the disk tier "
+                '(e.g. local_disk: "/var/cache/xconnector")'
+            )
+        if s.get("max_local_disk_size") is not None and not local_disk:
+            raise ConfigError(f"{where}.max_local_disk_size: set local_disk too, or remove it")
+        #: The disk tier's directory (LMCache writes it as "file:///path"), or None.
+        self.disk_path: str | None = None
+        if local_disk:
+            self.disk_path = str(local_disk).removeprefix("file://")
+        native = load_native()
+        self.disk_capacity_bytes = (
+            native.config_setting_bytes(self.name, "max_local_disk_size", s["max_local_disk_size"])
+            if s.get("max_local_disk_size") is not None
+            else DEFAULT_DISK_CAPACITY
+        )
         if s.get("local_cpu") is False:
             raise ConfigError(
                 f"{where}.local_cpu: false leaves no tier to cache in; XConnector always keeps a "
@@ -54,7 +63,6 @@ class LMCacheAdapter(Adapter):
                 f"{where}: max_cache_size and max_local_cpu_size both set the memory budget; "
                 "keep one"
             )
-        native = load_native()
         self.capacity_bytes = DEFAULT_CAPACITY
         for key in ("max_cache_size", "max_local_cpu_size"):
             if key in s:
@@ -100,6 +108,8 @@ class LMCacheAdapter(Adapter):
                     tp_world_size=tp_world_size,
                     tp_rank=tp_rank,
                     extra=extra,
+                    disk_path=self.disk_path,
+                    disk_capacity_bytes=self.disk_capacity_bytes,
                 )
                 self._engines[key] = engine
             return engine
@@ -116,5 +126,6 @@ class LMCacheAdapter(Adapter):
     def health(self) -> dict[str, Any]:
         out = super().health()
         out["capacity_bytes"] = self.capacity_bytes
+        out["disk_path"] = self.disk_path
         out["engines"] = [e.stats() for e in self.engines()]
         return out

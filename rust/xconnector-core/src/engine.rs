@@ -1,10 +1,13 @@
 //! The engine: a namespace, a block geometry and the memory tier, driven by requests' token ids.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::arena::SlotId;
+use crate::disk_tier::DiskTier;
 use crate::error::{CoreError, Result};
 use crate::faults::{self, FaultPoint};
 use crate::hashing::{self, HashExtras};
@@ -20,6 +23,32 @@ pub struct EngineConfig {
     pub block_bytes: usize,
     pub capacity_bytes: u64,
     pub namespace: Namespace,
+    /// A local disk tier below memory, written behind stores and promoted from on loads.
+    pub disk: Option<DiskConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub dir: PathBuf,
+    pub capacity_bytes: u64,
+    /// Blocks waiting to be written; when full, further blocks are dropped (and counted) so a
+    /// slow disk never blocks the worker.
+    pub queue_blocks: usize,
+}
+
+/// A block on its way to a lower tier.
+struct Pending {
+    ns: u64,
+    hash: u64,
+    depth: u32,
+    data: Vec<u8>,
+}
+
+/// The disk tier and the thread that writes to it behind stores.
+struct Lower {
+    disk: Arc<DiskTier>,
+    queue: SyncSender<Pending>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// What a store did with each full block of the request.
@@ -34,7 +63,8 @@ pub struct Engine {
     cfg: EngineConfig,
     namespace_id: u64,
     tier: Arc<MemoryTier>,
-    counters: Counters,
+    lower: Option<Lower>,
+    counters: Arc<Counters>,
 }
 
 /// A block held in place: neither evicted nor overwritten until this is dropped.
@@ -98,7 +128,45 @@ impl Engine {
             capacity_blocks = tier.capacity_blocks(),
             "engine created"
         );
-        Ok(Self { cfg, namespace_id, tier, counters: Counters::default() })
+        let counters = Arc::new(Counters::default());
+        let lower = match &cfg.disk {
+            None => None,
+            Some(d) => Some(Self::start_disk(d, cfg.block_bytes)?),
+        };
+        Ok(Self { cfg, namespace_id, tier, lower, counters })
+    }
+
+    fn start_disk(d: &DiskConfig, block_bytes: usize) -> Result<Lower> {
+        let disk = Arc::new(DiskTier::open(&d.dir, d.capacity_bytes, block_bytes)?);
+        let (queue, rx) = sync_channel::<Pending>(d.queue_blocks.max(1));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (writer, pending) = (Arc::clone(&disk), Arc::clone(&in_flight));
+        std::thread::Builder::new()
+            .name("xconnector-disk".into())
+            .spawn(move || {
+                // Ends when the engine (the only sender) is dropped.
+                for p in rx {
+                    if let Err(e) = writer.put(p.ns, p.hash, p.depth, &p.data) {
+                        tracing::warn!(error = %e, "disk tier write failed; the block stays in memory only");
+                    }
+                    pending.fetch_sub(1, Relaxed);
+                }
+            })
+            .map_err(|e| CoreError::Io { context: "starting the disk tier writer".into(), source: e })?;
+        Ok(Lower { disk, queue, in_flight })
+    }
+
+    /// Waits (up to `timeout`) until blocks queued for lower tiers are written. True if done.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(lower) = &self.lower else { return true };
+        let deadline = Instant::now() + timeout;
+        while lower.in_flight.load(Relaxed) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -132,7 +200,12 @@ impl Engine {
         faults::check(FaultPoint::Lookup)?;
         let t0 = Instant::now();
         let hashes = self.hashes(tokens, extras);
-        let hit = self.tier.contiguous_ready(self.namespace_for(extras), &hashes) * self.cfg.block_size;
+        let ns = self.namespace_for(extras);
+        let mut blocks = self.tier.contiguous_ready(ns, &hashes);
+        if let Some(lower) = &self.lower {
+            blocks += lower.disk.contains_prefix(ns, &hashes[blocks..]);
+        }
+        let hit = blocks * self.cfg.block_size;
         let c = &self.counters;
         c.lookups.fetch_add(1, Relaxed);
         c.hit_tokens.fetch_add(hit as u64, Relaxed);
@@ -172,11 +245,29 @@ impl Engine {
         let t0 = Instant::now();
         let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
-        let res = self.tier.reserve(self.namespace_for(extras), &hashes)?;
+        let ns = self.namespace_for(extras);
+        let res = self.tier.reserve(ns, &hashes)?;
         for &(i, slot) in &res.new_blocks {
             self.tier.fill_reserved(slot, |dst| fill(i, dst));
         }
+        // Copied for the disk tier while the slots are still ours: once published they may be
+        // evicted and reused at any moment.
+        let behind: Vec<Pending> = match &self.lower {
+            None => Vec::new(),
+            Some(_) => res
+                .new_blocks
+                .iter()
+                .map(|&(i, slot)| {
+                    let mut data = Vec::new();
+                    self.tier.fill_reserved(slot, |b| data = b.to_vec());
+                    Pending { ns, hash: hashes[i], depth: i as u32, data }
+                })
+                .collect(),
+        };
         self.tier.publish(&res);
+        if let Some(lower) = &self.lower {
+            self.write_behind(lower, behind);
+        }
         let out = StoreOutcome { stored: res.new_blocks.len(), existing: res.existing, rejected: res.rejected };
         let c = &self.counters;
         c.stores.fetch_add(1, Relaxed);
@@ -211,7 +302,11 @@ impl Engine {
         let t0 = Instant::now();
         let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
-        let slots = self.tier.pin_prefix(self.namespace_for(extras), &hashes, max_blocks);
+        let ns = self.namespace_for(extras);
+        if let Some(lower) = &self.lower {
+            self.promote(lower, ns, &hashes[..hashes.len().min(max_blocks)]);
+        }
+        let slots = self.tier.pin_prefix(ns, &hashes, max_blocks);
         for (i, &slot) in slots.iter().enumerate() {
             self.tier.with_pinned(slot, |src| read(i, src));
         }
@@ -224,6 +319,46 @@ impl Engine {
         Ok(slots.len() * self.cfg.block_size)
     }
 
+    /// Queues newly stored blocks for the disk tier; a full queue drops them (counted).
+    fn write_behind(&self, lower: &Lower, blocks: Vec<Pending>) {
+        for p in blocks {
+            lower.in_flight.fetch_add(1, Relaxed);
+            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = lower.queue.try_send(p) {
+                lower.in_flight.fetch_sub(1, Relaxed);
+                self.counters.write_behind_dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Copies the blocks after the memory tier's prefix that the disk tier holds up into memory.
+    fn promote(&self, lower: &Lower, ns: u64, hashes: &[u64]) {
+        // The memory prefix stays pinned meanwhile, so the reservation below finds it all present
+        // and only ever reserves the blocks read from disk.
+        let pinned = self.tier.pin_prefix(ns, hashes, hashes.len());
+        let in_memory = pinned.len();
+        let on_disk = lower.disk.contains_prefix(ns, &hashes[in_memory..]);
+        let bb = self.cfg.block_bytes;
+        let mut buf = vec![0u8; on_disk * bb];
+        let mut got = 0;
+        for (k, chunk) in buf.chunks_exact_mut(bb).enumerate() {
+            if !lower.disk.get(ns, hashes[in_memory + k], chunk) {
+                break; // damaged or gone: the run ends here
+            }
+            got += 1;
+        }
+        if got > 0 {
+            if let Ok(res) = self.tier.reserve(ns, &hashes[..in_memory + got]) {
+                for &(i, slot) in &res.new_blocks {
+                    let k = i - in_memory; // i >= in_memory: the prefix is pinned, so present
+                    self.tier.fill_reserved(slot, |dst| dst.copy_from_slice(&buf[k * bb..(k + 1) * bb]));
+                }
+                self.tier.publish(&res);
+                self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
+            }
+        }
+        self.tier.unpin(&pinned);
+    }
+
     /// Pins the longest cached prefix (at most `max_blocks`) for zero-copy reads.
     pub fn pin_prefix(&self, tokens: &[u32], extras: HashExtras<'_>, max_blocks: usize) -> Result<Vec<PinnedBlock>> {
         faults::check(FaultPoint::Load)?;
@@ -233,7 +368,7 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.counters.snapshot(self.tier.stats())
+        self.counters.snapshot(self.tier.stats(), self.lower.as_ref().map(|l| l.disk.stats()))
     }
 
     pub fn check_invariants(&self) -> std::result::Result<(), String> {

@@ -4,6 +4,7 @@
 
 pub mod arena;
 pub mod config;
+pub mod disk_tier;
 pub mod engine;
 pub mod error;
 pub mod faults;
@@ -15,7 +16,7 @@ pub mod overlap;
 pub mod router;
 pub mod stats;
 
-pub use engine::{Engine, EngineConfig, PinnedBlock, StoreOutcome};
+pub use engine::{DiskConfig, Engine, EngineConfig, PinnedBlock, StoreOutcome};
 pub use error::{CoreError, Result};
 pub use hashing::HashExtras;
 pub use namespace::Namespace;

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::disk_tier::DiskStats;
 use crate::memory_tier::TierStats;
 
 #[derive(Default)]
@@ -21,6 +22,8 @@ pub(crate) struct Counters {
     pub loaded_blocks: AtomicU64,
     pub loaded_bytes: AtomicU64,
     pub load_ns: AtomicU64,
+    pub promoted_blocks: AtomicU64,
+    pub write_behind_dropped: AtomicU64,
 }
 
 pub(crate) fn add_elapsed(counter: &AtomicU64, d: Duration) {
@@ -49,11 +52,16 @@ pub struct EngineStats {
     pub loaded_blocks: u64,
     pub loaded_bytes: u64,
     pub load_ns: u64,
+    /// Blocks copied up from a lower tier into memory by loads.
+    pub promoted_blocks: u64,
+    /// Blocks not written to a lower tier because its write-behind queue was full.
+    pub write_behind_dropped: u64,
     pub tier: TierStats,
+    pub disk: Option<DiskStats>,
 }
 
 impl Counters {
-    pub fn snapshot(&self, tier: TierStats) -> EngineStats {
+    pub fn snapshot(&self, tier: TierStats, disk: Option<DiskStats>) -> EngineStats {
         EngineStats {
             lookups: self.lookups.load(Relaxed),
             hit_tokens: self.hit_tokens.load(Relaxed),
@@ -69,7 +77,10 @@ impl Counters {
             loaded_blocks: self.loaded_blocks.load(Relaxed),
             loaded_bytes: self.loaded_bytes.load(Relaxed),
             load_ns: self.load_ns.load(Relaxed),
+            promoted_blocks: self.promoted_blocks.load(Relaxed),
+            write_behind_dropped: self.write_behind_dropped.load(Relaxed),
             tier,
+            disk,
         }
     }
 }

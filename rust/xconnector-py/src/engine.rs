@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::raw::{c_int, c_void};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use xconnector_core::{Engine as CoreEngine, EngineConfig, HashExtras, Namespace, PinnedBlock};
+use xconnector_core::{DiskConfig, Engine as CoreEngine, EngineConfig, HashExtras, Namespace, PinnedBlock};
 
 use crate::buffers::{self, ByteRegion};
 use crate::call::{detached, guarded};
@@ -31,7 +32,8 @@ pub(crate) fn extras<'a>(lora_name: &'a Option<String>, cache_salt: &'a Option<S
 impl Engine {
     #[new]
     #[pyo3(signature = (*, block_bytes, capacity_bytes, block_size = 16, model = "",
-        dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None))]
+        dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None,
+        disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -44,7 +46,15 @@ impl Engine {
         tp_world_size: u32,
         tp_rank: u32,
         extra: Option<HashMap<String, String>>,
+        disk_path: Option<PathBuf>,
+        disk_capacity_bytes: u64,
+        disk_queue_blocks: usize,
     ) -> PyResult<Self> {
+        let disk = disk_path.map(|dir| DiskConfig {
+            dir,
+            capacity_bytes: disk_capacity_bytes,
+            queue_blocks: disk_queue_blocks,
+        });
         let namespace = Namespace {
             model: model.to_owned(),
             dtype: dtype.to_owned(),
@@ -54,7 +64,7 @@ impl Engine {
             tp_rank,
             extra: extra.unwrap_or_default().into_iter().collect(),
         };
-        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace };
+        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk };
         let inner = detached(py, || CoreEngine::new(cfg))?;
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -127,7 +137,7 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = detached(py, || Ok(self.inner.stats()))?;
         let d = PyDict::new(py);
-        let ints: [(&str, u64); 20] = [
+        let ints: [(&str, u64); 22] = [
             ("lookups", s.lookups),
             ("hit_tokens", s.hit_tokens),
             ("miss_tokens", s.miss_tokens),
@@ -148,13 +158,38 @@ impl Engine {
             ("lookup_ns", s.lookup_ns),
             ("store_ns", s.store_ns),
             ("load_ns", s.load_ns),
+            ("promoted_blocks", s.promoted_blocks),
+            ("write_behind_dropped", s.write_behind_dropped),
         ];
         for (k, v) in ints {
             d.set_item(k, v)?;
         }
+        if let Some(disk) = s.disk {
+            for (k, v) in [
+                ("disk_entries", disk.entries),
+                ("disk_used_bytes", disk.used_bytes),
+                ("disk_capacity_bytes", disk.capacity_bytes),
+                ("disk_written_blocks", disk.written_blocks),
+                ("disk_read_blocks", disk.read_blocks),
+                ("disk_evicted_blocks", disk.evicted_blocks),
+                ("disk_corrupt_blocks", disk.corrupt_blocks),
+                ("disk_write_errors", disk.write_errors),
+            ] {
+                d.set_item(k, v)?;
+            }
+        }
         let asked = s.hit_tokens + s.miss_tokens;
         d.set_item("hit_rate", if asked == 0 { 0.0 } else { s.hit_tokens as f64 / asked as f64 })?;
         Ok(d)
+    }
+
+    /// Waits up to `timeout` seconds until blocks queued for lower tiers are written; True when
+    /// all are.
+    #[pyo3(signature = (timeout = 10.0))]
+    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let t = std::time::Duration::try_from_secs_f64(timeout)
+            .map_err(|_| crate::errors::invalid_input(py, "timeout must be seconds >= 0"))?;
+        detached(py, || Ok(self.inner.flush(t)))
     }
 
     /// Raises `InternalError` if any structural invariant of the memory tier is broken (for tests).

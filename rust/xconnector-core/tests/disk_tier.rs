@@ -1,0 +1,168 @@
+//! The disk tier under the engine: restart persistence, promotion into memory, damaged and
+//! foreign files (a miss, counted, never served), the byte budget, file permissions.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use xconnector_core::{DiskConfig, Engine, EngineConfig, HashExtras, Namespace};
+
+const BS: usize = 4;
+const BB: usize = 256;
+
+fn engine(dir: &Path, memory_blocks: u64, disk_blocks: u64) -> Engine {
+    Engine::new(EngineConfig {
+        block_size: BS,
+        block_bytes: BB,
+        capacity_bytes: memory_blocks * BB as u64,
+        namespace: Namespace { model: "m".into(), ..Namespace::default() },
+        disk: Some(DiskConfig {
+            dir: dir.to_path_buf(),
+            capacity_bytes: disk_blocks * (BB as u64 + 48),
+            queue_blocks: 1024,
+        }),
+    })
+    .unwrap()
+}
+
+fn payload(tokens: &[u32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for end in (BS..=tokens.len()).step_by(BS) {
+        let seed = tokens[..end].iter().fold(17u64, |h, &t| h.wrapping_mul(31).wrapping_add(u64::from(t)));
+        out.extend((0..BB).map(|i| (seed.wrapping_add(i as u64 * 7919) % 251) as u8));
+    }
+    out
+}
+
+fn block_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir).unwrap().flatten() {
+        if sub.path().is_dir() {
+            out.extend(std::fs::read_dir(sub.path()).unwrap().flatten().map(|f| f.path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+const X: HashExtras<'static> = HashExtras { lora_name: None, cache_salt: None };
+
+#[test]
+fn blocks_survive_a_restart_and_are_promoted_on_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<u32> = (100..100 + 6 * BS as u32).collect();
+    {
+        let e = engine(dir.path(), 16, 64);
+        assert_eq!(e.store(&tokens, &payload(&tokens), X).unwrap().stored, 6);
+        assert!(e.flush(Duration::from_secs(10)));
+        assert_eq!(e.stats().disk.unwrap().written_blocks, 6);
+    }
+    let e = engine(dir.path(), 16, 64); // a new process, as far as the tiers know
+    assert_eq!(e.stats().disk.unwrap().entries, 6);
+    assert_eq!(e.lookup(&tokens, X).unwrap(), 6 * BS);
+    let mut out = vec![0u8; 6 * BB];
+    assert_eq!(e.load(&tokens, &mut out, X).unwrap(), 6 * BS);
+    assert_eq!(out, payload(&tokens));
+    let s = e.stats();
+    assert_eq!((s.promoted_blocks, s.tier.entries), (6, 6));
+    // Promoted: the next load is served from memory without touching the disk again.
+    let reads = s.disk.unwrap().read_blocks;
+    e.load(&tokens, &mut out, X).unwrap();
+    assert_eq!(e.stats().disk.unwrap().read_blocks, reads);
+}
+
+#[test]
+fn a_memory_miss_falls_through_to_disk_after_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), 4, 64); // memory holds 4 blocks, the disk 64
+    let a: Vec<u32> = (0..4 * BS as u32).collect();
+    let b: Vec<u32> = (1000..1000 + 4 * BS as u32).collect();
+    e.store(&a, &payload(&a), X).unwrap();
+    assert!(e.flush(Duration::from_secs(10)));
+    e.store(&b, &payload(&b), X).unwrap(); // evicts a from memory
+    assert!(e.flush(Duration::from_secs(10)));
+    assert!(e.stats().tier.evicted_blocks >= 4);
+    assert_eq!(e.lookup(&a, X).unwrap(), 4 * BS);
+    let mut out = vec![0u8; 4 * BB];
+    assert_eq!(e.load(&a, &mut out, X).unwrap(), 4 * BS);
+    assert_eq!(out, payload(&a));
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn damaged_truncated_and_foreign_files_are_misses_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<u32> = (7..7 + 4 * BS as u32).collect();
+    let ns = {
+        let e = engine(dir.path(), 16, 64);
+        e.store(&tokens, &payload(&tokens), X).unwrap();
+        assert!(e.flush(Duration::from_secs(10)));
+        e.namespace_id()
+    };
+    assert_eq!(block_files(dir.path()).len(), 4);
+    let hashes = xconnector_core::hashing::sequence_hashes(&tokens, BS, X);
+    let file_of = |h: u64| dir.path().join(format!("{:02x}", h >> 56)).join(format!("{ns:016x}-{h:016x}.xcb"));
+    // Flip one payload byte of the chain's third block: its checksum no longer matches.
+    let victim = file_of(hashes[2]);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[48 + 10] ^= 0xFF;
+    std::fs::write(&victim, &bytes).unwrap();
+    // Foreign files: junk names, and a well-named file of the right size full of garbage.
+    std::fs::write(dir.path().join("README.txt"), b"hello").unwrap();
+    std::fs::create_dir_all(dir.path().join("zz")).unwrap();
+    std::fs::write(dir.path().join("zz").join("not-a-block.xcb"), vec![1u8; 304]).unwrap();
+    let garbage_name = dir.path().join("00").join("0000000000000001-0000000000000002.xcb");
+    std::fs::create_dir_all(garbage_name.parent().unwrap()).unwrap();
+    std::fs::write(&garbage_name, vec![0xAB; 48 + BB]).unwrap();
+
+    let e = engine(dir.path(), 16, 64);
+    let mut out = vec![0u8; 4 * BB];
+    // Blocks are checked when read, so the damaged one ends the hit at 2 blocks.
+    assert_eq!(e.load(&tokens, &mut out, X).unwrap(), 2 * BS);
+    assert_eq!(&out[..2 * BB], &payload(&tokens)[..2 * BB]);
+    let s = e.stats().disk.unwrap();
+    assert_eq!(s.corrupt_blocks, 1);
+    assert!(!victim.exists(), "a damaged file is removed");
+    assert_eq!(e.lookup(&tokens, X).unwrap(), 2 * BS);
+
+    // Truncate the second block: not indexed at open, a miss from then on.
+    drop(e);
+    let last = file_of(hashes[1]);
+    let len = std::fs::metadata(&last).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&last).unwrap().set_len(len / 2).unwrap();
+    let fresh = engine(dir.path(), 16, 64);
+    // Blocks 0 and 3, and the well-named garbage file (not read yet).
+    assert_eq!(fresh.stats().disk.unwrap().entries, 3);
+    assert_eq!(fresh.lookup(&tokens, X).unwrap(), BS);
+}
+
+#[test]
+fn the_byte_budget_holds_and_deep_blocks_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path(), 64, 10); // the disk holds 10 blocks
+    for p in 0..5u32 {
+        let t: Vec<u32> = (p * 10_000..p * 10_000 + 4 * BS as u32).collect();
+        e.store(&t, &payload(&t), X).unwrap();
+        assert!(e.flush(Duration::from_secs(10)));
+        let s = e.stats().disk.unwrap();
+        assert!(s.used_bytes <= s.capacity_bytes, "{s:?}");
+    }
+    let s = e.stats().disk.unwrap();
+    assert_eq!((s.entries, s.evicted_blocks), (10, 10));
+    assert_eq!(block_files(dir.path()).len(), 10);
+}
+
+#[cfg(unix)]
+#[test]
+fn the_directory_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tier_dir = dir.path().join("kv");
+    let e = engine(&tier_dir, 16, 16);
+    let t: Vec<u32> = (0..BS as u32).collect();
+    e.store(&t, &payload(&t), X).unwrap();
+    assert!(e.flush(Duration::from_secs(10)));
+    assert_eq!(std::fs::metadata(&tier_dir).unwrap().permissions().mode() & 0o777, 0o700);
+    for f in block_files(&tier_dir) {
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}
