@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/services.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== cargo fmt / clippy"

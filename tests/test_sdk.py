@@ -88,7 +88,8 @@ def test_cache_adapter_settings(tmp_path: Path) -> None:
     assert (disk.disk_path, disk.disk_capacity_bytes) == (str(tmp_path), 2_500_000_000)
     for bad, message in [
         ({"storage_backend": "disk"}, "storage_backend: disk needs local_disk"),
-        ({"remote_url": "redis://localhost:6379"}, "the Redis tier is not in this build yet"),
+        ({"remote_url": "redis://localhost:6379"}, "remote_url: a shared Redis tier is hybrid"),
+        ({"storage_backend": "redis"}, "storage_backend: redis needs remote_url"),
         ({"max_local_disk_size": 5}, "max_local_disk_size: set local_disk too"),
         ({"local_cpu": False}, "local_cpu: false leaves no tier"),
         ({"max_cache_size": 1, "max_local_cpu_size": 1}, "both set the memory budget"),
@@ -96,7 +97,7 @@ def test_cache_adapter_settings(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             cache(bad)
-    with pytest.raises(ConfigError, match="mode: hybrid needs the shared Redis tier"):
+    with pytest.raises(ConfigError, match="mode: hybrid adds a shared Redis tier: set remote_url"):
         XConnectorSDK({"mode": "hybrid"}).initialize()
 
 

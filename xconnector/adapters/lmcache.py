@@ -17,6 +17,13 @@ from xconnector.adapters.base import Adapter
 from xconnector.sdk.config import AdapterConfig, SDKConfig
 from xconnector.sdk.exceptions import ConfigError
 
+
+def redact(url: str) -> str:
+    """`url` without its password, for logs and health reports."""
+    head, sep, tail = url.partition("://")
+    return f"{head}{sep}***@{tail.rsplit('@', 1)[1]}" if "@" in tail else url
+
+
 DEFAULT_CAPACITY = 2 << 30
 DEFAULT_DISK_CAPACITY = 20 << 30
 
@@ -31,15 +38,27 @@ class LMCacheAdapter(Adapter):
         where = f"adapters.{self.name}.config"
         backend = s.get("storage_backend", "memory")
         local_disk = s.get("local_disk")
-        if backend in ("redis", "hybrid") or s.get("remote_url"):
+        #: The shared Redis tier's URL (hybrid mode), or None.
+        self.redis_url: str | None = s.get("remote_url")
+        if backend in ("redis", "hybrid") and not self.redis_url:
             raise ConfigError(
-                f"{where}: the Redis tier is not in this build yet; use storage_backend: memory "
-                "or disk, without remote_url"
+                f"{where}.storage_backend: {backend} needs remote_url, the Redis server "
+                '(e.g. remote_url: "redis://:password@redis.internal:6379")'
             )
-        if backend == "disk" and not local_disk:
+        if self.redis_url and sdk_config.mode != "hybrid":
             raise ConfigError(
-                f"{where}.storage_backend: disk needs local_disk, the directory for the disk tier "
-                '(e.g. local_disk: "/var/cache/xconnector")'
+                f"{where}.remote_url: a shared Redis tier is hybrid mode; set `mode: hybrid` "
+                "in the xconnector section (or remove remote_url for embedded mode)"
+            )
+        if self.redis_url and not sdk_config.enable_distributed:
+            raise ConfigError(
+                f"{where}.remote_url: enable_distributed is false, which turns the shared tier "
+                "off; remove remote_url or set enable_distributed: true"
+            )
+        if backend in ("disk", "hybrid") and not local_disk:
+            raise ConfigError(
+                f"{where}.storage_backend: {backend} needs local_disk, the disk tier's "
+                'directory (e.g. local_disk: "/var/cache/xconnector")'
             )
         if s.get("max_local_disk_size") is not None and not local_disk:
             raise ConfigError(f"{where}.max_local_disk_size: set local_disk too, or remove it")
@@ -110,6 +129,7 @@ class LMCacheAdapter(Adapter):
                     extra=extra,
                     disk_path=self.disk_path,
                     disk_capacity_bytes=self.disk_capacity_bytes,
+                    redis_url=self.redis_url,
                 )
                 self._engines[key] = engine
             return engine
@@ -127,5 +147,6 @@ class LMCacheAdapter(Adapter):
         out = super().health()
         out["capacity_bytes"] = self.capacity_bytes
         out["disk_path"] = self.disk_path
+        out["remote"] = None if self.redis_url is None else redact(self.redis_url)
         out["engines"] = [e.stats() for e in self.engines()]
         return out

@@ -13,6 +13,7 @@ use crate::faults::{self, FaultPoint};
 use crate::hashing::{self, HashExtras};
 use crate::memory_tier::MemoryTier;
 use crate::namespace::Namespace;
+use crate::redis_tier::{RedisConfig, RedisTier, Write};
 use crate::stats::{add_elapsed, Counters, EngineStats};
 
 /// What the engine is created with. `block_bytes` is the size of one block's payload (its KV for
@@ -25,6 +26,8 @@ pub struct EngineConfig {
     pub namespace: Namespace,
     /// A local disk tier below memory, written behind stores and promoted from on loads.
     pub disk: Option<DiskConfig>,
+    /// The shared Redis tier below that (hybrid mode), same policy.
+    pub redis: Option<RedisConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +67,7 @@ pub struct Engine {
     namespace_id: u64,
     tier: Arc<MemoryTier>,
     lower: Option<Lower>,
+    redis: Option<RedisTier>,
     counters: Arc<Counters>,
 }
 
@@ -133,7 +137,11 @@ impl Engine {
             None => None,
             Some(d) => Some(Self::start_disk(d, cfg.block_bytes)?),
         };
-        Ok(Self { cfg, namespace_id, tier, lower, counters })
+        let redis = match &cfg.redis {
+            None => None,
+            Some(r) => Some(RedisTier::open(r.clone(), cfg.block_bytes, crate::runtime::runtime()?)?),
+        };
+        Ok(Self { cfg, namespace_id, tier, lower, redis, counters })
     }
 
     fn start_disk(d: &DiskConfig, block_bytes: usize) -> Result<Lower> {
@@ -158,9 +166,12 @@ impl Engine {
 
     /// Waits (up to `timeout`) until blocks queued for lower tiers are written. True if done.
     pub fn flush(&self, timeout: Duration) -> bool {
-        let Some(lower) = &self.lower else { return true };
         let deadline = Instant::now() + timeout;
-        while lower.in_flight.load(Relaxed) > 0 {
+        let pending = || {
+            self.lower.as_ref().map_or(0, |l| l.in_flight.load(Relaxed) as u64)
+                + self.redis.as_ref().map_or(0, RedisTier::in_flight)
+        };
+        while pending() > 0 {
             if Instant::now() >= deadline {
                 return false;
             }
@@ -204,6 +215,9 @@ impl Engine {
         let mut blocks = self.tier.contiguous_ready(ns, &hashes);
         if let Some(lower) = &self.lower {
             blocks += lower.disk.contains_prefix(ns, &hashes[blocks..]);
+        }
+        if let Some(redis) = &self.redis {
+            blocks += redis.contains_prefix(ns, &hashes[blocks..]);
         }
         let hit = blocks * self.cfg.block_size;
         let c = &self.counters;
@@ -252,9 +266,9 @@ impl Engine {
         }
         // Copied for the disk tier while the slots are still ours: once published they may be
         // evicted and reused at any moment.
-        let behind: Vec<Pending> = match &self.lower {
-            None => Vec::new(),
-            Some(_) => res
+        let behind: Vec<Pending> = match (&self.lower, &self.redis) {
+            (None, None) => Vec::new(),
+            _ => res
                 .new_blocks
                 .iter()
                 .map(|&(i, slot)| {
@@ -265,6 +279,11 @@ impl Engine {
                 .collect(),
         };
         self.tier.publish(&res);
+        if let Some(redis) = &self.redis {
+            for p in &behind {
+                redis.put_behind(Write { ns: p.ns, hash: p.hash, data: p.data.clone() });
+            }
+        }
         if let Some(lower) = &self.lower {
             self.write_behind(lower, behind);
         }
@@ -303,8 +322,8 @@ impl Engine {
         let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
         let ns = self.namespace_for(extras);
-        if let Some(lower) = &self.lower {
-            self.promote(lower, ns, &hashes[..hashes.len().min(max_blocks)]);
+        if self.lower.is_some() || self.redis.is_some() {
+            self.promote(ns, &hashes[..hashes.len().min(max_blocks)]);
         }
         let slots = self.tier.pin_prefix(ns, &hashes, max_blocks);
         for (i, &slot) in slots.iter().enumerate() {
@@ -330,21 +349,36 @@ impl Engine {
         }
     }
 
-    /// Copies the blocks after the memory tier's prefix that the disk tier holds up into memory.
-    fn promote(&self, lower: &Lower, ns: u64, hashes: &[u64]) {
+    /// Copies the blocks after the memory tier's prefix that lower tiers hold (disk, then
+    /// Redis) up into memory.
+    fn promote(&self, ns: u64, hashes: &[u64]) {
         // The memory prefix stays pinned meanwhile, so the reservation below finds it all present
-        // and only ever reserves the blocks read from disk.
+        // and only ever reserves blocks read from below.
         let pinned = self.tier.pin_prefix(ns, hashes, hashes.len());
         let in_memory = pinned.len();
-        let on_disk = lower.disk.contains_prefix(ns, &hashes[in_memory..]);
         let bb = self.cfg.block_bytes;
-        let mut buf = vec![0u8; on_disk * bb];
+        let mut buf: Vec<u8> = Vec::new();
         let mut got = 0;
-        for (k, chunk) in buf.chunks_exact_mut(bb).enumerate() {
-            if !lower.disk.get(ns, hashes[in_memory + k], chunk) {
-                break; // damaged or gone: the run ends here
+        if let Some(lower) = &self.lower {
+            let on_disk = lower.disk.contains_prefix(ns, &hashes[in_memory..]);
+            buf.resize(on_disk * bb, 0);
+            for (k, chunk) in buf.chunks_exact_mut(bb).enumerate() {
+                if !lower.disk.get(ns, hashes[in_memory + k], chunk) {
+                    break; // damaged or gone: the run ends here
+                }
+                got += 1;
             }
-            got += 1;
+            buf.truncate(got * bb);
+        }
+        if let Some(redis) = &self.redis {
+            let rest = &hashes[in_memory + got..];
+            if !rest.is_empty() {
+                let start = buf.len();
+                buf.resize(start + rest.len() * bb, 0);
+                let n = redis.get_prefix(ns, rest, &mut buf[start..]);
+                buf.truncate(start + n * bb);
+                got += n;
+            }
         }
         if got > 0 {
             if let Ok(res) = self.tier.reserve(ns, &hashes[..in_memory + got]) {
@@ -368,7 +402,11 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.counters.snapshot(self.tier.stats(), self.lower.as_ref().map(|l| l.disk.stats()))
+        self.counters.snapshot(
+            self.tier.stats(),
+            self.lower.as_ref().map(|l| l.disk.stats()),
+            self.redis.as_ref().map(RedisTier::stats),
+        )
     }
 
     pub fn check_invariants(&self) -> std::result::Result<(), String> {

@@ -60,7 +60,7 @@ impl KvLayout {
         let ok = match self {
             Self::FlashAttn => shape.len() == 5 && shape[0] == 2 && shape[2] == block_size,
             Self::FlashInfer => shape.len() == 5 && shape[1] == 2 && shape[2] == block_size,
-            Self::Standard => shape.len() == 4 && shape[2] == block_size && shape[3] % 2 == 0,
+            Self::Standard => shape.len() == 4 && shape[2] == block_size && shape[3].is_multiple_of(2),
             Self::Mla => shape.len() == 3 && shape[1] == block_size,
         };
         ok && num_blocks.is_none_or(|n| shape[self.block_dim()] == n)
@@ -329,7 +329,7 @@ pub fn block_ids_from_slots(slots: &[i64], block_size: usize) -> Result<Vec<u32>
     let mut ids = Vec::with_capacity(slots.len() / block_size);
     for (b, chunk) in slots.chunks_exact(block_size).enumerate() {
         let first = chunk[0];
-        if first < 0 || first as usize % block_size != 0 {
+        if first < 0 || !(first as usize).is_multiple_of(block_size) {
             return Err(CoreError::invalid(format!(
                 "slot {first} of block {b} does not start a cache block (block_size {block_size})"
             )));

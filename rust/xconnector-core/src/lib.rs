@@ -13,11 +13,14 @@ pub mod kv_layout;
 pub mod memory_tier;
 pub mod namespace;
 pub mod overlap;
+pub mod redis_tier;
 pub mod router;
+pub mod runtime;
 pub mod stats;
 
 pub use engine::{DiskConfig, Engine, EngineConfig, PinnedBlock, StoreOutcome};
 pub use error::{CoreError, Result};
 pub use hashing::HashExtras;
 pub use namespace::Namespace;
+pub use redis_tier::RedisConfig;
 pub use stats::EngineStats;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::disk_tier::DiskStats;
 use crate::memory_tier::TierStats;
+use crate::redis_tier::RedisStats;
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -58,10 +59,11 @@ pub struct EngineStats {
     pub write_behind_dropped: u64,
     pub tier: TierStats,
     pub disk: Option<DiskStats>,
+    pub redis: Option<RedisStats>,
 }
 
 impl Counters {
-    pub fn snapshot(&self, tier: TierStats, disk: Option<DiskStats>) -> EngineStats {
+    pub fn snapshot(&self, tier: TierStats, disk: Option<DiskStats>, redis: Option<RedisStats>) -> EngineStats {
         EngineStats {
             lookups: self.lookups.load(Relaxed),
             hit_tokens: self.hit_tokens.load(Relaxed),
@@ -81,6 +83,7 @@ impl Counters {
             write_behind_dropped: self.write_behind_dropped.load(Relaxed),
             tier,
             disk,
+            redis,
         }
     }
 }

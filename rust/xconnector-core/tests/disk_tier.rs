@@ -20,6 +20,7 @@ fn engine(dir: &Path, memory_blocks: u64, disk_blocks: u64) -> Engine {
             capacity_bytes: disk_blocks * (BB as u64 + 48),
             queue_blocks: 1024,
         }),
+        redis: None,
     })
     .unwrap()
 }

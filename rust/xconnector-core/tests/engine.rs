@@ -21,6 +21,7 @@ fn engine_ns(capacity_blocks: u64, namespace: Namespace) -> Engine {
         capacity_bytes: capacity_blocks * BB as u64,
         namespace,
         disk: None,
+        redis: None,
     })
     .unwrap()
 }
@@ -96,7 +97,14 @@ fn wrong_payload_size_is_a_clear_error_and_stores_nothing() {
 fn bad_configs_are_rejected() {
     let ns = Namespace::default();
     let mk = |block_size, block_bytes, capacity_bytes| {
-        Engine::new(EngineConfig { block_size, block_bytes, capacity_bytes, namespace: ns.clone(), disk: None })
+        Engine::new(EngineConfig {
+            block_size,
+            block_bytes,
+            capacity_bytes,
+            namespace: ns.clone(),
+            disk: None,
+            redis: None,
+        })
     };
     assert!(matches!(mk(0, 64, 1024), Err(CoreError::Config(_))));
     assert!(matches!(mk(16, 0, 1024), Err(CoreError::Config(_))));

@@ -208,6 +208,7 @@ fn engine_stores_from_and_loads_into_paged_kv() {
         capacity_bytes: 64 * a.block_bytes() as u64,
         namespace: Namespace::default(),
         disk: None,
+        redis: None,
     })
     .unwrap();
     let tokens: Vec<u32> = (0..14).collect(); // 3 full blocks + 2 tokens

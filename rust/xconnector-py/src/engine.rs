@@ -12,7 +12,9 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use xconnector_core::{DiskConfig, Engine as CoreEngine, EngineConfig, HashExtras, Namespace, PinnedBlock};
+use xconnector_core::{
+    DiskConfig, Engine as CoreEngine, EngineConfig, HashExtras, Namespace, PinnedBlock, RedisConfig,
+};
 
 use crate::buffers::{self, ByteRegion};
 use crate::call::{detached, guarded};
@@ -33,7 +35,9 @@ impl Engine {
     #[new]
     #[pyo3(signature = (*, block_bytes, capacity_bytes, block_size = 16, model = "",
         dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None,
-        disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024))]
+        disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024,
+        redis_url = None, redis_key_prefix = "xconnector", redis_queue_blocks = 4096,
+        redis_batch_blocks = 64, redis_timeout = 1.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -49,7 +53,21 @@ impl Engine {
         disk_path: Option<PathBuf>,
         disk_capacity_bytes: u64,
         disk_queue_blocks: usize,
+        redis_url: Option<String>,
+        redis_key_prefix: &str,
+        redis_queue_blocks: usize,
+        redis_batch_blocks: usize,
+        redis_timeout: f64,
     ) -> PyResult<Self> {
+        let timeout = std::time::Duration::try_from_secs_f64(redis_timeout)
+            .map_err(|_| crate::errors::invalid_input(py, "redis_timeout must be seconds > 0"))?;
+        let redis = redis_url.map(|url| RedisConfig {
+            url,
+            key_prefix: redis_key_prefix.to_owned(),
+            queue_blocks: redis_queue_blocks,
+            batch_blocks: redis_batch_blocks,
+            timeout,
+        });
         let disk = disk_path.map(|dir| DiskConfig {
             dir,
             capacity_bytes: disk_capacity_bytes,
@@ -64,7 +82,7 @@ impl Engine {
             tp_rank,
             extra: extra.unwrap_or_default().into_iter().collect(),
         };
-        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk };
+        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk, redis };
         let inner = detached(py, || CoreEngine::new(cfg))?;
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -163,6 +181,19 @@ impl Engine {
         ];
         for (k, v) in ints {
             d.set_item(k, v)?;
+        }
+        if let Some(r) = s.redis {
+            for (k, v) in [
+                ("redis_reads", r.reads),
+                ("redis_hit_blocks", r.hit_blocks),
+                ("redis_foreign_values", r.foreign_values),
+                ("redis_written_blocks", r.written_blocks),
+                ("redis_dropped_blocks", r.dropped_blocks),
+                ("redis_errors", r.errors),
+            ] {
+                d.set_item(k, v)?;
+            }
+            d.set_item("redis_connected", r.connected)?;
         }
         if let Some(disk) = s.disk {
             for (k, v) in [

@@ -264,7 +264,7 @@ impl PagedKv {
         let cfg = engine.inner.config();
         let (bs, bb) = (self.inner.block_size(), self.inner.block_bytes());
         let per = cfg.block_size / bs;
-        if cfg.block_size % bs != 0 || cfg.block_bytes != per * bb {
+        if !cfg.block_size.is_multiple_of(bs) || cfg.block_bytes != per * bb {
             return Err(invalid_input(
                 py,
                 format!(
