@@ -11,6 +11,7 @@ __all__ = [
     "HASH_VERSION",
     "BlockView",
     "Engine",
+    "EventSubscriber",
     "OverlapIndex",
     "PagedKv",
     "Router",
@@ -62,6 +63,10 @@ class Engine:
         redis_queue_blocks: int = 4096,
         redis_batch_blocks: int = 64,
         redis_timeout: float = 1.0,
+        events_url: str | None = None,
+        events_subject: str = "xconnector.kv_events",
+        worker_id: str = "",
+        events_queue: int = 65536,
     ) -> Self: ...
     def flush(self, timeout: float = 10.0) -> bool: ...
     def lookup(
@@ -185,6 +190,15 @@ class Router:
     def report_failure(self, name: str) -> None: ...
     def status(self) -> list[dict[str, Any]]: ...
     def advance(self, seconds_: float) -> None: ...
+
+@final
+class EventSubscriber:
+    """Stored/removed KV block events from NATS, batch by batch."""
+
+    def __new__(
+        cls, url: str, subject: str = "xconnector.kv_events", timeout: float = 5.0
+    ) -> Self: ...
+    def next(self, timeout: float = 1.0) -> dict[str, Any] | None: ...
 
 @final
 class OverlapIndex:

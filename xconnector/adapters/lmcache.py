@@ -88,6 +88,9 @@ class LMCacheAdapter(Adapter):
                 self.capacity_bytes = native.config_setting_bytes(self.name, key, s[key])
         #: Tokens per cached block; None: one KV block (vLLM's block size).
         self.chunk_size: int | None = s.get("chunk_size")
+        #: (NATS URL, subject, worker id) to publish KV events to; set by the SDK from the
+        #: distributed adapter.
+        self.events: tuple[str, str, str] | None = None
         self._engines: dict[tuple[Any, ...], Engine] = {}
         self._lock = threading.Lock()
 
@@ -130,9 +133,16 @@ class LMCacheAdapter(Adapter):
                     disk_path=self.disk_path,
                     disk_capacity_bytes=self.disk_capacity_bytes,
                     redis_url=self.redis_url,
+                    **self._events_kwargs(),
                 )
                 self._engines[key] = engine
             return engine
+
+    def _events_kwargs(self) -> dict[str, Any]:
+        if self.events is None:
+            return {}
+        url, subject, worker = self.events
+        return {"events_url": url, "events_subject": subject, "worker_id": worker}
 
     def engines(self) -> list[Engine]:
         with self._lock:

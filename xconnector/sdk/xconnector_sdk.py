@@ -196,6 +196,15 @@ class XConnectorSDK:
         current = self._distributed
         if self.config.enable_distributed and (current is None or current.worker_id != worker):
             self._distributed = DistributedHandler(worker, kv, block_size)
+        if (
+            self.config.enable_distributed
+            and isinstance(dynamo, DynamoAdapter)
+            and dynamo.nats_url
+            and self._distributed is not None
+        ):
+            # This worker's engines publish its blocks; its handler follows everyone's.
+            cache.events = (dynamo.nats_url, dynamo.kv_events_subject, worker)
+            self._distributed.follow_events(dynamo.nats_url, dynamo.kv_events_subject)
 
     def _stop_adapters(self) -> None:
         for name in reversed(list(self.adapters)):
@@ -213,6 +222,8 @@ class XConnectorSDK:
                 return
             self._stop_adapters()
             self._kv = None
+            if self._distributed is not None:
+                self._distributed.stop_following()
             self._distributed = None
             self._state = "shutdown"
 

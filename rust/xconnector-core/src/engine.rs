@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::arena::SlotId;
 use crate::disk_tier::DiskTier;
 use crate::error::{CoreError, Result};
+use crate::events::{EventData, EventPublisher, EventsConfig, StoredBlock};
 use crate::faults::{self, FaultPoint};
 use crate::hashing::{self, HashExtras};
 use crate::memory_tier::MemoryTier;
@@ -28,6 +29,8 @@ pub struct EngineConfig {
     pub disk: Option<DiskConfig>,
     /// The shared Redis tier below that (hybrid mode), same policy.
     pub redis: Option<RedisConfig>,
+    /// Stored/removed block events published to NATS.
+    pub events: Option<EventsConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -68,6 +71,7 @@ pub struct Engine {
     tier: Arc<MemoryTier>,
     lower: Option<Lower>,
     redis: Option<RedisTier>,
+    events: Option<EventPublisher>,
     counters: Arc<Counters>,
 }
 
@@ -141,7 +145,11 @@ impl Engine {
             None => None,
             Some(r) => Some(RedisTier::open(r.clone(), cfg.block_bytes, crate::runtime::runtime()?)?),
         };
-        Ok(Self { cfg, namespace_id, tier, lower, redis, counters })
+        let events = match &cfg.events {
+            None => None,
+            Some(e) => Some(EventPublisher::start(e.clone(), &*crate::runtime::runtime()?)?),
+        };
+        Ok(Self { cfg, namespace_id, tier, lower, redis, events, counters })
     }
 
     fn start_disk(d: &DiskConfig, block_bytes: usize) -> Result<Lower> {
@@ -170,6 +178,7 @@ impl Engine {
         let pending = || {
             self.lower.as_ref().map_or(0, |l| l.in_flight.load(Relaxed) as u64)
                 + self.redis.as_ref().map_or(0, RedisTier::in_flight)
+                + self.events.as_ref().map_or(0, EventPublisher::in_flight)
         };
         while pending() > 0 {
             if Instant::now() >= deadline {
@@ -287,6 +296,9 @@ impl Engine {
         if let Some(lower) = &self.lower {
             self.write_behind(lower, behind);
         }
+        if let Some(events) = &self.events {
+            self.announce(events, tokens, extras, &hashes, &res);
+        }
         let out = StoreOutcome { stored: res.new_blocks.len(), existing: res.existing, rejected: res.rejected };
         let c = &self.counters;
         c.stores.fetch_add(1, Relaxed);
@@ -336,6 +348,26 @@ impl Engine {
         c.loaded_bytes.fetch_add((slots.len() * bb) as u64, Relaxed);
         add_elapsed(&c.load_ns, t0.elapsed());
         Ok(slots.len() * self.cfg.block_size)
+    }
+
+    /// Stored events for the new blocks, removed events for what their room cost.
+    fn announce(
+        &self,
+        events: &EventPublisher,
+        tokens: &[u32],
+        extras: HashExtras<'_>,
+        hashes: &[u64],
+        res: &crate::memory_tier::Reservation,
+    ) {
+        if !res.evicted.is_empty() {
+            events.emit(EventData::Removed { block_hashes: res.evicted.iter().map(|&(_, h)| h).collect() });
+        }
+        let Some(&(first, _)) = res.new_blocks.first() else { return };
+        let local = hashing::local_hashes(tokens, self.cfg.block_size, extras);
+        let blocks =
+            res.new_blocks.iter().map(|&(i, _)| StoredBlock { block_hash: hashes[i], tokens_hash: local[i] }).collect();
+        let parent_hash = first.checked_sub(1).map(|p| hashes[p]);
+        events.emit(EventData::Stored { parent_hash, blocks });
     }
 
     /// Queues newly stored blocks for the disk tier; a full queue drops them (counted).
@@ -406,6 +438,7 @@ impl Engine {
             self.tier.stats(),
             self.lower.as_ref().map(|l| l.disk.stats()),
             self.redis.as_ref().map(RedisTier::stats),
+            self.events.as_ref().map(EventPublisher::stats),
         )
     }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod disk_tier;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod faults;
 pub mod hashing;
 pub mod kv_layout;
@@ -20,6 +21,7 @@ pub mod stats;
 
 pub use engine::{DiskConfig, Engine, EngineConfig, PinnedBlock, StoreOutcome};
 pub use error::{CoreError, Result};
+pub use events::EventsConfig;
 pub use hashing::HashExtras;
 pub use namespace::Namespace;
 pub use redis_tier::RedisConfig;

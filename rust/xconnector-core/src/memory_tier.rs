@@ -78,6 +78,8 @@ struct Inner {
     live: u64,
     pinned: u64,
     evicted_blocks: u64,
+    /// Keys evicted since the last reservation handed them out (for KV "removed" events).
+    evicted_keys: Vec<Key>,
 }
 
 /// Blocks reserved by [`MemoryTier::reserve`]: `(block index, slot)` for each new block, to be
@@ -89,6 +91,8 @@ pub struct Reservation {
     pub existing: usize,
     /// Trailing blocks not stored: no slot could be freed, or another store is writing them.
     pub rejected: usize,
+    /// `(namespace, hash)` of blocks evicted to make room.
+    pub evicted: Vec<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -171,6 +175,7 @@ impl Inner {
         self.index.remove(&e.key);
         self.live -= 1;
         self.evicted_blocks += 1;
+        self.evicted_keys.push(e.key);
         if let Some(parent) = e.parent {
             self.entry_mut(parent).children -= 1;
             self.refresh(parent);
@@ -294,6 +299,7 @@ impl MemoryTier {
             res.new_blocks.push((i, slot));
             parent = Some(slot);
         }
+        res.evicted = std::mem::take(&mut inner.evicted_keys);
         Ok(res)
     }
 

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::disk_tier::DiskStats;
+use crate::events::EventStats;
 use crate::memory_tier::TierStats;
 use crate::redis_tier::RedisStats;
 
@@ -60,10 +61,17 @@ pub struct EngineStats {
     pub tier: TierStats,
     pub disk: Option<DiskStats>,
     pub redis: Option<RedisStats>,
+    pub events: Option<EventStats>,
 }
 
 impl Counters {
-    pub fn snapshot(&self, tier: TierStats, disk: Option<DiskStats>, redis: Option<RedisStats>) -> EngineStats {
+    pub fn snapshot(
+        &self,
+        tier: TierStats,
+        disk: Option<DiskStats>,
+        redis: Option<RedisStats>,
+        events: Option<EventStats>,
+    ) -> EngineStats {
         EngineStats {
             lookups: self.lookups.load(Relaxed),
             hit_tokens: self.hit_tokens.load(Relaxed),
@@ -84,6 +92,7 @@ impl Counters {
             tier,
             disk,
             redis,
+            events,
         }
     }
 }

@@ -21,6 +21,7 @@ fn engine(dir: &Path, memory_blocks: u64, disk_blocks: u64) -> Engine {
             queue_blocks: 1024,
         }),
         redis: None,
+        events: None,
     })
     .unwrap()
 }

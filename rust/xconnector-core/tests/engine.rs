@@ -22,6 +22,7 @@ fn engine_ns(capacity_blocks: u64, namespace: Namespace) -> Engine {
         namespace,
         disk: None,
         redis: None,
+        events: None,
     })
     .unwrap()
 }
@@ -104,6 +105,7 @@ fn bad_configs_are_rejected() {
             namespace: ns.clone(),
             disk: None,
             redis: None,
+            events: None,
         })
     };
     assert!(matches!(mk(0, 64, 1024), Err(CoreError::Config(_))));

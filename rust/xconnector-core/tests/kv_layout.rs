@@ -209,6 +209,7 @@ fn engine_stores_from_and_loads_into_paged_kv() {
         namespace: Namespace::default(),
         disk: None,
         redis: None,
+        events: None,
     })
     .unwrap();
     let tokens: Vec<u32> = (0..14).collect(); // 3 full blocks + 2 tokens

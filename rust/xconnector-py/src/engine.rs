@@ -13,7 +13,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use xconnector_core::{
-    DiskConfig, Engine as CoreEngine, EngineConfig, HashExtras, Namespace, PinnedBlock, RedisConfig,
+    DiskConfig, Engine as CoreEngine, EngineConfig, EventsConfig, HashExtras, Namespace, PinnedBlock, RedisConfig,
 };
 
 use crate::buffers::{self, ByteRegion};
@@ -37,7 +37,8 @@ impl Engine {
         dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None,
         disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024,
         redis_url = None, redis_key_prefix = "xconnector", redis_queue_blocks = 4096,
-        redis_batch_blocks = 64, redis_timeout = 1.0))]
+        redis_batch_blocks = 64, redis_timeout = 1.0, events_url = None,
+        events_subject = "xconnector.kv_events", worker_id = "", events_queue = 65536))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -58,7 +59,18 @@ impl Engine {
         redis_queue_blocks: usize,
         redis_batch_blocks: usize,
         redis_timeout: f64,
+        events_url: Option<String>,
+        events_subject: &str,
+        worker_id: &str,
+        events_queue: usize,
     ) -> PyResult<Self> {
+        let events = events_url.map(|url| EventsConfig {
+            url,
+            subject: events_subject.to_owned(),
+            worker_id: if worker_id.is_empty() { format!("pid-{}", std::process::id()) } else { worker_id.to_owned() },
+            queue_events: events_queue,
+            batch_events: 256,
+        });
         let timeout = std::time::Duration::try_from_secs_f64(redis_timeout)
             .map_err(|_| crate::errors::invalid_input(py, "redis_timeout must be seconds > 0"))?;
         let redis = redis_url.map(|url| RedisConfig {
@@ -82,7 +94,7 @@ impl Engine {
             tp_rank,
             extra: extra.unwrap_or_default().into_iter().collect(),
         };
-        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk, redis };
+        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk, redis, events };
         let inner = detached(py, || CoreEngine::new(cfg))?;
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -181,6 +193,10 @@ impl Engine {
         ];
         for (k, v) in ints {
             d.set_item(k, v)?;
+        }
+        if let Some(ev) = s.events {
+            d.set_item("events_published", ev.published)?;
+            d.set_item("events_dropped", ev.dropped)?;
         }
         if let Some(r) = s.redis {
             for (k, v) in [

@@ -7,6 +7,7 @@ mod config;
 mod convert;
 mod engine;
 mod errors;
+mod events;
 mod logging;
 mod paged;
 mod router;
@@ -81,6 +82,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<paged::PagedKv>()?;
     m.add_class::<router::Router>()?;
     m.add_class::<router::OverlapIndex>()?;
+    m.add_class::<events::EventSubscriber>()?;
     m.add_function(wrap_pyfunction!(paged::block_ids_from_slots, m)?)?;
     m.add_function(wrap_pyfunction!(paged::detect_kv_layout, m)?)?;
     m.add_function(wrap_pyfunction!(sequence_hashes, m)?)?;

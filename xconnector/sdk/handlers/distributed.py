@@ -5,12 +5,16 @@ connected)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 from xconnector._loader import load_native
 from xconnector._native import Engine, OverlapIndex
 from xconnector.sdk.handlers.kv_cache import KVCacheHandler
+
+log = logging.getLogger("xconnector.distributed")
 
 
 class DistributedHandler:
@@ -19,6 +23,47 @@ class DistributedHandler:
         self._kv = kv
         self._block_size = block_size
         self._index = OverlapIndex()
+        self._follow: threading.Event | None = None
+        self.events_applied = 0
+
+    def follow_events(self, url: str, subject: str) -> bool:
+        """Feeds the overlap index from other workers' KV events on NATS, in a daemon thread.
+        False (logged) when NATS cannot be reached now."""
+        if self._follow is not None:
+            return True
+        try:
+            subscriber = load_native().EventSubscriber(url, subject)
+        except Exception as e:
+            log.warning("not following KV events at %s: %s", url, e)
+            return False
+        stop = threading.Event()
+        self._follow = stop
+
+        def run() -> None:
+            while not stop.is_set():
+                batch = subscriber.next(0.2)
+                if batch is not None:
+                    self.apply_events(batch)
+
+        threading.Thread(target=run, name="xconnector-kv-events", daemon=True).start()
+        return True
+
+    def stop_following(self) -> None:
+        if self._follow is not None:
+            self._follow.set()
+            self._follow = None
+
+    def apply_events(self, batch: dict[str, Any]) -> None:
+        """One batch as published by an engine: stored/removed blocks of its worker."""
+        worker = batch["worker_id"]
+        if worker == self.worker_id:
+            return  # this worker's own overlap comes from its engine
+        for event in batch["events"]:
+            if event["kind"] == "stored":
+                self._index.stored(worker, event["block_hashes"])
+            else:
+                self._index.removed(worker, event["block_hashes"])
+            self.events_applied += 1
 
     def _engine(self) -> Engine | None:
         return None if self._kv is None else self._kv.engine

@@ -39,8 +39,13 @@ pub const VLLM_SETTINGS: &[(&str, Setting)] = &[
     ("staging_buffer_size", Setting::SizeMib),
 ];
 
-pub const DYNAMO_SETTINGS: &[(&str, Setting)] =
-    &[("namespace", Setting::Str), ("component", Setting::Str), ("worker_id", Setting::Str)];
+pub const DYNAMO_SETTINGS: &[(&str, Setting)] = &[
+    ("namespace", Setting::Str),
+    ("component", Setting::Str),
+    ("worker_id", Setting::Str),
+    ("nats_url", Setting::Url(&["nats", "tls"])),
+    ("kv_events_subject", Setting::Str),
+];
 
 pub fn settings_of(adapter: &str) -> &'static [(&'static str, Setting)] {
     match adapter {

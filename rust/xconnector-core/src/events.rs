@@ -1,0 +1,212 @@
+//! KV events on NATS: which blocks a worker stored and which it dropped, with Dynamo-compatible
+//! hashes (sequence hash as `block_hash`, local hash as `tokens_hash`), so a KV-aware router (or
+//! XConnector's overlap index on another worker) knows where KV is.
+//!
+//! Message on `<subject>`: one JSON object per batch,
+//! `{"worker_id": "...", "events": [{"event_id": n, "data": {"stored": {"parent_hash": h|null,
+//! "blocks": [{"block_hash": h, "tokens_hash": t}, ...]}}} | {"event_id": n, "data": {"removed":
+//! {"block_hashes": [h, ...]}}}]}`, the shapes of Dynamo's `KvCacheEvent`.
+//!
+//! Publishing never blocks or fails a store: events go through a bounded queue (full = dropped,
+//! counted) to a task that batches them; with NATS down the client reconnects in the background
+//! and batches that cannot be sent are dropped and counted.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+use crate::error::{CoreError, Result};
+
+#[derive(Clone, Debug)]
+pub struct EventsConfig {
+    pub url: String,
+    pub subject: String,
+    pub worker_id: String,
+    pub queue_events: usize,
+    pub batch_events: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBlock {
+    pub block_hash: u64,
+    pub tokens_hash: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventData {
+    Stored { parent_hash: Option<u64>, blocks: Vec<StoredBlock> },
+    Removed { block_hashes: Vec<u64> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEvent {
+    pub event_id: u64,
+    pub data: EventData,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub worker_id: String,
+    pub events: Vec<KvEvent>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventStats {
+    pub published: u64,
+    pub dropped: u64,
+}
+
+struct Counters {
+    next_id: AtomicU64,
+    published: AtomicU64,
+    dropped: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+pub struct EventPublisher {
+    queue: mpsc::Sender<EventData>,
+    counters: Arc<Counters>,
+}
+
+impl EventPublisher {
+    /// Starts the publisher. A malformed URL is an error; NATS being unreachable is not (the
+    /// client keeps trying in the background).
+    pub fn start(cfg: EventsConfig, rt: &Runtime) -> Result<Self> {
+        let addr: async_nats::ServerAddr = cfg
+            .url
+            .parse()
+            .map_err(|e| CoreError::config(format!("events url {:?}: {e}; expected nats://host:port", cfg.url)))?;
+        let (queue, mut rx) = mpsc::channel::<EventData>(cfg.queue_events.max(1));
+        let counters = Arc::new(Counters {
+            next_id: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        });
+        let c = Arc::clone(&counters);
+        rt.spawn(async move {
+            let options = async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connection_timeout(Duration::from_secs(2))
+                .name("xconnector");
+            let client = match options.connect(addr).await {
+                Ok(client) => Some(client),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV events: cannot connect to NATS; events are dropped");
+                    None
+                }
+            };
+            while let Some(first) = rx.recv().await {
+                let mut data = vec![first];
+                while data.len() < cfg.batch_events.max(1) {
+                    match rx.try_recv() {
+                        Ok(d) => data.push(d),
+                        Err(_) => break,
+                    }
+                }
+                let n = data.len() as u64;
+                let events =
+                    data.into_iter().map(|data| KvEvent { event_id: c.next_id.fetch_add(1, Relaxed), data }).collect();
+                let batch = EventBatch { worker_id: cfg.worker_id.clone(), events };
+                // Only while connected: the client would otherwise buffer without bound (and
+                // "published" would mean "waiting").
+                let is_up = |c: &async_nats::Client| c.connection_state() == async_nats::connection::State::Connected;
+                let mut connected = client.as_ref().is_some_and(is_up);
+                // Connecting (at start, or after NATS came back): give it a moment.
+                for _ in 0..100 {
+                    if connected || client.is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    connected = client.as_ref().is_some_and(is_up);
+                }
+                let sent = match (&client, serde_json::to_vec(&batch)) {
+                    (Some(client), Ok(body)) if connected => {
+                        tokio::time::timeout(Duration::from_secs(1), client.publish(cfg.subject.clone(), body.into()))
+                            .await
+                            .is_ok_and(|r| r.is_ok())
+                    }
+                    _ => false,
+                };
+                if sent {
+                    c.published.fetch_add(n, Relaxed);
+                } else {
+                    c.dropped.fetch_add(n, Relaxed);
+                }
+                c.in_flight.fetch_sub(n, Relaxed);
+            }
+        });
+        Ok(Self { queue, counters })
+    }
+
+    /// Queues an event; never blocks. False (and counted) when the queue is full.
+    pub fn emit(&self, data: EventData) -> bool {
+        self.counters.in_flight.fetch_add(1, Relaxed);
+        if self.queue.try_send(data).is_err() {
+            self.counters.in_flight.fetch_sub(1, Relaxed);
+            self.counters.dropped.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.counters.in_flight.load(Relaxed)
+    }
+
+    pub fn stats(&self) -> EventStats {
+        EventStats { published: self.counters.published.load(Relaxed), dropped: self.counters.dropped.load(Relaxed) }
+    }
+}
+
+/// Receives event batches from a subject (for the overlap index of other workers).
+pub struct EventSubscriber {
+    rx: parking_lot::Mutex<std::sync::mpsc::Receiver<EventBatch>>,
+}
+
+impl EventSubscriber {
+    /// Subscribes; fails if NATS cannot be reached within `timeout`.
+    pub fn start(url: &str, subject: &str, rt: &Runtime, timeout: Duration) -> Result<Self> {
+        let addr: async_nats::ServerAddr = url
+            .parse()
+            .map_err(|e| CoreError::config(format!("events url {url:?}: {e}; expected nats://host:port")))?;
+        let subject = subject.to_owned();
+        let connect = async move {
+            let client = async_nats::ConnectOptions::new().name("xconnector-subscriber").connect(addr).await?;
+            let sub = client.subscribe(subject).await?;
+            // Make sure the server has the subscription before anyone publishes.
+            client.flush().await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((client, sub))
+        };
+        let (client, mut sub) = rt
+            .block_on(async { tokio::time::timeout(timeout, connect).await })
+            .map_err(|_| CoreError::Cache(format!("KV events: NATS at {url} did not answer in {timeout:?}")))?
+            .map_err(|e| CoreError::Cache(format!("KV events: cannot subscribe at {url}: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let _keep = client;
+            use futures_util::StreamExt;
+            while let Some(msg) = sub.next().await {
+                match serde_json::from_slice::<EventBatch>(&msg.payload) {
+                    Ok(batch) => {
+                        if tx.send(batch).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "KV events: ignoring a message that is not an event batch"),
+                }
+            }
+        });
+        Ok(Self { rx: parking_lot::Mutex::new(rx) })
+    }
+
+    /// The next batch, waiting up to `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<EventBatch> {
+        self.rx.lock().recv_timeout(timeout).ok()
+    }
+}
