@@ -61,6 +61,10 @@ def test_two_processes_share_blocks_through_redis(redis: RedisServer) -> None:
     assert bytes(out) == block_payload(toks)
     stats = e.stats()
     assert (stats["promoted_blocks"], stats["redis_hit_blocks"]) == (5, 5)
+    assert [(t["name"], t["policy"]) for t in e.tiers()] == [
+        ("memory", "write_through"),
+        ("redis", "write_behind"),
+    ]
     # Another model's engine never sees them.
     other = Engine(
         block_bytes=256, capacity_bytes=64 * 256, block_size=16, model="other", redis_url=redis.url

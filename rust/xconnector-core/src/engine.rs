@@ -15,6 +15,7 @@ use crate::hashing::{self, HashExtras};
 use crate::memory_tier::MemoryTier;
 use crate::namespace::Namespace;
 use crate::redis_tier::{RedisConfig, RedisTier, Write};
+use crate::router::{Clock, Router, TargetStatus, WritePolicy};
 use crate::stats::{add_elapsed, Counters, EngineStats};
 
 /// What the engine is created with. `block_bytes` is the size of one block's payload (its KV for
@@ -72,7 +73,15 @@ pub struct Engine {
     lower: Option<Lower>,
     redis: Option<RedisTier>,
     events: Option<EventPublisher>,
+    /// Tier order for lookups and promotion, and each tier's write policy (DESIGN section 6).
+    router: Router,
     counters: Arc<Counters>,
+}
+
+/// A tier below memory, as the router names it.
+enum Below<'a> {
+    Disk(&'a Lower),
+    Redis(&'a RedisTier),
 }
 
 /// A block held in place: neither evicted nor overwritten until this is dropped.
@@ -149,7 +158,33 @@ impl Engine {
             None => None,
             Some(e) => Some(EventPublisher::start(e.clone(), &*crate::runtime::runtime()?)?),
         };
-        Ok(Self { cfg, namespace_id, tier, lower, redis, events, counters })
+        let router = Router::new(Clock::monotonic(), Duration::from_millis(100), Duration::from_secs(30));
+        router.add("memory", "tier", 0, WritePolicy::WriteThrough)?;
+        if lower.is_some() {
+            router.add("disk", "tier", 1, WritePolicy::WriteBehind)?;
+        }
+        if redis.is_some() {
+            router.add("redis", "tier", 2, WritePolicy::WriteBehind)?;
+        }
+        Ok(Self { cfg, namespace_id, tier, lower, redis, events, router, counters })
+    }
+
+    /// The tiers below memory in the router's order (for lookups and promotion).
+    fn below(&self) -> Vec<Below<'_>> {
+        self.router
+            .order(Some("tier"))
+            .iter()
+            .filter_map(|name| match name.as_str() {
+                "disk" => self.lower.as_ref().map(Below::Disk),
+                "redis" => self.redis.as_ref().map(Below::Redis),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The tiers in order, with their write policy and health.
+    pub fn tiers(&self) -> Vec<TargetStatus> {
+        self.router.status()
     }
 
     fn start_disk(d: &DiskConfig, block_bytes: usize) -> Result<Lower> {
@@ -222,11 +257,11 @@ impl Engine {
         let hashes = self.hashes(tokens, extras);
         let ns = self.namespace_for(extras);
         let mut blocks = self.tier.contiguous_ready(ns, &hashes);
-        if let Some(lower) = &self.lower {
-            blocks += lower.disk.contains_prefix(ns, &hashes[blocks..]);
-        }
-        if let Some(redis) = &self.redis {
-            blocks += redis.contains_prefix(ns, &hashes[blocks..]);
+        for tier in self.below() {
+            blocks += match tier {
+                Below::Disk(lower) => lower.disk.contains_prefix(ns, &hashes[blocks..]),
+                Below::Redis(redis) => redis.contains_prefix(ns, &hashes[blocks..]),
+            };
         }
         let hit = blocks * self.cfg.block_size;
         let c = &self.counters;
@@ -288,13 +323,21 @@ impl Engine {
                 .collect(),
         };
         self.tier.publish(&res);
-        if let Some(redis) = &self.redis {
-            for p in &behind {
-                redis.put_behind(Write { ns: p.ns, hash: p.hash, data: p.data.clone() });
+        if !behind.is_empty() {
+            for (name, policy) in self.router.write_plan(Some("tier")) {
+                if policy != WritePolicy::WriteBehind {
+                    continue; // memory is written through above
+                }
+                match (name.as_str(), &self.redis, &self.lower) {
+                    ("redis", Some(redis), _) => {
+                        for p in &behind {
+                            redis.put_behind(Write { ns: p.ns, hash: p.hash, data: p.data.clone() });
+                        }
+                    }
+                    ("disk", _, Some(lower)) => self.write_behind(lower, &behind),
+                    _ => {}
+                }
             }
-        }
-        if let Some(lower) = &self.lower {
-            self.write_behind(lower, behind);
         }
         if let Some(events) = &self.events {
             self.announce(events, tokens, extras, &hashes, &res);
@@ -371,8 +414,9 @@ impl Engine {
     }
 
     /// Queues newly stored blocks for the disk tier; a full queue drops them (counted).
-    fn write_behind(&self, lower: &Lower, blocks: Vec<Pending>) {
+    fn write_behind(&self, lower: &Lower, blocks: &[Pending]) {
         for p in blocks {
+            let p = Pending { ns: p.ns, hash: p.hash, depth: p.depth, data: p.data.clone() };
             lower.in_flight.fetch_add(1, Relaxed);
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = lower.queue.try_send(p) {
                 lower.in_flight.fetch_sub(1, Relaxed);
@@ -381,8 +425,8 @@ impl Engine {
         }
     }
 
-    /// Copies the blocks after the memory tier's prefix that lower tiers hold (disk, then
-    /// Redis) up into memory.
+    /// Copies the blocks after the memory tier's prefix that lower tiers hold (in the router's
+    /// order: disk, then Redis) up into memory.
     fn promote(&self, ns: u64, hashes: &[u64]) {
         // The memory prefix stays pinned meanwhile, so the reservation below finds it all present
         // and only ever reserves blocks read from below.
@@ -391,26 +435,32 @@ impl Engine {
         let bb = self.cfg.block_bytes;
         let mut buf: Vec<u8> = Vec::new();
         let mut got = 0;
-        if let Some(lower) = &self.lower {
-            let on_disk = lower.disk.contains_prefix(ns, &hashes[in_memory..]);
-            buf.resize(on_disk * bb, 0);
-            for (k, chunk) in buf.chunks_exact_mut(bb).enumerate() {
-                if !lower.disk.get(ns, hashes[in_memory + k], chunk) {
-                    break; // damaged or gone: the run ends here
-                }
-                got += 1;
-            }
-            buf.truncate(got * bb);
-        }
-        if let Some(redis) = &self.redis {
+        for tier in self.below() {
             let rest = &hashes[in_memory + got..];
-            if !rest.is_empty() {
-                let start = buf.len();
-                buf.resize(start + rest.len() * bb, 0);
-                let n = redis.get_prefix(ns, rest, &mut buf[start..]);
-                buf.truncate(start + n * bb);
-                got += n;
+            if rest.is_empty() {
+                break;
             }
+            let start = buf.len();
+            let n = match tier {
+                Below::Disk(lower) => {
+                    let on_disk = lower.disk.contains_prefix(ns, rest);
+                    buf.resize(start + on_disk * bb, 0);
+                    let mut n = 0;
+                    for (k, chunk) in buf[start..].chunks_exact_mut(bb).enumerate() {
+                        if !lower.disk.get(ns, rest[k], chunk) {
+                            break; // damaged or gone: the run ends here
+                        }
+                        n += 1;
+                    }
+                    n
+                }
+                Below::Redis(redis) => {
+                    buf.resize(start + rest.len() * bb, 0);
+                    redis.get_prefix(ns, rest, &mut buf[start..])
+                }
+            };
+            buf.truncate(start + n * bb);
+            got += n;
         }
         if got > 0 {
             if let Ok(res) = self.tier.reserve(ns, &hashes[..in_memory + got]) {

@@ -230,6 +230,22 @@ impl Engine {
         Ok(d)
     }
 
+    /// The tiers in the router's order: name, write policy, priority, health.
+    fn tiers<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.inner
+            .tiers()
+            .into_iter()
+            .map(|t| {
+                let d = PyDict::new(py);
+                d.set_item("name", t.name)?;
+                d.set_item("policy", t.policy.name())?;
+                d.set_item("priority", t.priority)?;
+                d.set_item("available", t.available)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
     /// Waits up to `timeout` seconds until blocks queued for lower tiers are written; True when
     /// all are.
     #[pyo3(signature = (timeout = 10.0))]
