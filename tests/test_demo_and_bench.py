@@ -96,3 +96,16 @@ def test_kv_layout_benchmark_quick_run() -> None:
     assert r.returncode == 0, r.stderr
     for needle in ("store  native gather", "load   native scatter", "ratio", "equal the stored"):
         assert needle in r.stdout, r.stdout
+
+
+def test_redis_benchmark_quick_run() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "redis_bench.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len([ln for ln in lines if "redis-benchmark" in ln and "ratio" in ln]) == 4, r.stdout

@@ -152,7 +152,7 @@ impl Engine {
         };
         let redis = match &cfg.redis {
             None => None,
-            Some(r) => Some(RedisTier::open(r.clone(), cfg.block_bytes, crate::runtime::runtime()?)?),
+            Some(r) => Some(RedisTier::open(r.clone(), cfg.block_bytes)?),
         };
         let events = match &cfg.events {
             None => None,

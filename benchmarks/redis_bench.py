@@ -1,0 +1,157 @@
+"""Redis tier throughput over loopback, against raw SET/GET of the same sizes measured by
+`redis-benchmark` in the same run (one connection, pipelines of 64, like the tier's batches).
+
+- store: `Engine.store` of a request's blocks plus `flush()` (the write-behind batches reach
+  Redis), on an engine whose only lower tier is Redis;
+- load: `Engine.load` on a fresh engine (empty memory): the blocks come from Redis (one MGET),
+  are checked (header and XXH3) and promoted into memory.
+
+Each number is the best of 3 runs after a warm-up run (engines in a worker are warm).
+Run: `.venv/bin/python benchmarks/redis_bench.py` (`--quick` for a smoke run). Needs
+redis-server and redis-benchmark (scripts/services.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+
+from xconnector import Engine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(500):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.01)
+    raise RuntimeError("redis-server did not start")
+
+
+def raw_gbs(port: int, size: int, n: int) -> dict[str, float]:
+    """GB/s of SET and GET of `size`-byte values, as redis-benchmark measures them."""
+    out = subprocess.run(
+        [
+            "redis-benchmark",
+            "-p",
+            str(port),
+            "-t",
+            "set,get",
+            "-n",
+            str(n),
+            "-d",
+            str(size),
+            "-P",
+            "64",
+            "-c",
+            "1",
+            "--csv",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = {r[0]: float(r[1]) for r in csv.reader(io.StringIO(out)) if r and r[0] in ("SET", "GET")}
+    return {k.lower(): rps * size / 1e9 for k, rps in rows.items()}
+
+
+def tier_gbs(url: str, block_bytes: int, blocks: int, runs: int) -> dict[str, float]:
+    """Best of `runs` after one warm-up: engines in a worker are warm (arena pages touched,
+    connections open), and first-touch page faults would otherwise dominate."""
+    total = blocks * block_bytes
+    writer = Engine(
+        block_bytes=block_bytes,
+        capacity_bytes=total,
+        block_size=16,
+        redis_url=url,
+        redis_queue_blocks=blocks + 1,
+        redis_timeout=10.0,
+    )
+    reader = Engine(
+        block_bytes=block_bytes,
+        capacity_bytes=total,
+        block_size=16,
+        redis_url=url,
+        redis_timeout=10.0,
+    )
+    out = np.empty(total, np.uint8)
+    best = {"set": 0.0, "get": 0.0}
+    for run in range(runs + 1):
+        tokens = np.arange(run * 10_000_000, run * 10_000_000 + blocks * 16, dtype=np.uint32)
+        payload = np.random.default_rng(run).integers(0, 256, total, dtype=np.uint8)
+        t0 = time.perf_counter()
+        assert writer.store(tokens, payload) == blocks
+        assert writer.flush(120)
+        t_store = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assert reader.load(tokens, out) == blocks * 16
+        t_load = time.perf_counter() - t0
+        assert np.array_equal(out, payload)
+        if run > 0:  # run 0 warms up
+            best["set"] = max(best["set"], total / t_store / 1e9)
+            best["get"] = max(best["get"], total / t_load / 1e9)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
+        raise SystemExit("needs redis-server and redis-benchmark: bash scripts/services.sh")
+    total = (16 if args.quick else 256) << 20
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        proc = start_redis(port, workdir)
+        try:
+            url = f"redis://127.0.0.1:{port}"
+            for size in (1 << 20, 64 << 10):
+                blocks = total // size
+                best_tier = tier_gbs(url, size, blocks, 1 if args.quick else 3)
+                raw = raw_gbs(port, size, blocks)
+                label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+                for op, name in (("set", "store"), ("get", "load")):
+                    print(
+                        f"{label:>7} blocks, {name}: tier {best_tier[op]:5.2f} GB/s | "
+                        f"redis-benchmark {op.upper()} {raw[op]:5.2f} GB/s | "
+                        f"ratio {best_tier[op] / raw[op]:4.2f}x"
+                    )
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
