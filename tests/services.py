@@ -28,31 +28,31 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, password: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        password: str | None = None,
+        port: int | None = None,
+        tls_cert: tuple[Path, Path] | None = None,
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is missing: run scripts/services.sh")
         self.port = port or free_port()
         self.password = password
         self.workdir = workdir
+        self.tls_cert = tls_cert
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        args = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-            "--daemonize",
-            "no",
-        ]
+        args = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.workdir), "--daemonize", "no"]
+        if self.tls_cert:
+            cert, key = self.tls_cert
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+        else:
+            args += ["--port", str(self.port)]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -61,7 +61,8 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}"
+        scheme = "rediss" if self.tls_cert else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}"
 
     def cli(self, *args: str) -> str:
         cmd = ["redis-cli", "-p", str(self.port)]

@@ -145,3 +145,123 @@ def test_foreign_and_garbage_values_are_counted_misses(redis: RedisServer) -> No
     assert reader.load(toks, out) == BLOCK  # block 1's checksum fails: the hit ends there
     assert reader.stats()["redis_foreign_values"] == 1
     assert bytes(out[:BLOCK_BYTES]) == block_payload(toks)[:BLOCK_BYTES]
+
+
+def test_hybrid_mode_through_the_sdk(redis: RedisServer, tmp_path: Path) -> None:
+    from v0_worker import new_kv_caches
+
+    from xconnector.sdk import XConnectorSDK
+
+    config = {
+        "mode": "hybrid",
+        "adapters": [
+            {
+                "name": "lmcache",
+                "config": {
+                    "storage_backend": "hybrid",
+                    "remote_url": redis.url,
+                    "local_disk": str(tmp_path / "kv"),
+                    "max_local_disk_size": "64MiB",
+                },
+            }
+        ],
+    }
+    toks = prompt(9, 3)
+    with XConnectorSDK(config) as a:
+        src = new_kv_caches(16)
+        for layer in src:
+            layer[:] = 1.5
+        assert a.get_kv_handler().store(toks, src, [1, 2, 3]) == 3
+        engine = a.get_kv_handler().engine
+        assert engine is not None and engine.flush(30)
+        assert [t["name"] for t in engine.tiers()] == ["memory", "disk", "redis"]
+        assert engine.stats()["redis_written_blocks"] == 3
+    # Another worker (no shared disk) finds the blocks in Redis.
+    config["adapters"][0]["config"]["local_disk"] = str(tmp_path / "kv2")  # type: ignore[index]
+    with XConnectorSDK(config) as b:
+        dst = new_kv_caches(16)
+        kv = b.get_kv_handler()
+        kv.bind(dst)
+        assert kv.lookup(toks) == 3 * BLOCK
+        assert kv.load(toks, dst, [5, 6, 7]) == 3 * BLOCK
+        assert all((layer[:, 5:8] == 1.5).all() for layer in dst)
+
+
+def test_rediss_with_a_password_and_a_private_ca(tmp_path: Path) -> None:
+    # A private CA, and a server certificate for 127.0.0.1 signed by it.
+    ca, ca_key = tmp_path / "ca.pem", tmp_path / "ca.key"
+    cert, key, csr = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "server.csr"
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    for cmd in (
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+            "-subj",
+            "/CN=test-ca",
+        ],
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            str(cert),
+            "-extfile",
+            str(ext),
+        ],
+    ):
+        subprocess.run(["openssl", *cmd], check=True, capture_output=True)
+    server = RedisServer(tmp_path, password="tls-pass", tls_cert=(cert, key))
+    try:
+        e = engine(server.url, redis_ca_file=str(ca))
+        t = prompt(11)
+        e.store(t, block_payload(t))
+        assert e.flush(30) and e.stats()["redis_written_blocks"] == 4
+        reader = engine(server.url, redis_ca_file=str(ca))
+        out = bytearray(4 * BLOCK_BYTES)
+        assert reader.load(t, out) == 4 * BLOCK and bytes(out) == block_payload(t)
+        # Without the CA the server's certificate is not trusted: a miss, never an exception.
+        untrusting = engine(server.url, redis_timeout=0.5)
+        assert untrusting.lookup(t) == 0 and untrusting.stats()["redis_errors"] >= 1
+    finally:
+        server.stop()
+
+
+def test_a_server_that_never_answers_is_a_miss_not_a_hang(redis: RedisServer) -> None:
+    # A TLS client against a plain server: the handshake gets no answer. The configured timeout
+    # bounds every call (pytest-timeout would fail this test if one hung).
+    e = engine(redis.url.replace("redis://", "rediss://"), redis_timeout=0.3)
+    t = prompt(12)
+    assert e.store(t, block_payload(t)) == 4
+    assert e.lookup(t) == 4 * BLOCK  # memory still serves
+    other = engine(redis.url.replace("redis://", "rediss://"), redis_timeout=0.3)
+    assert other.lookup(t) == 0 and other.stats()["redis_errors"] >= 1

@@ -63,6 +63,7 @@ class Engine:
         redis_queue_blocks: int = 4096,
         redis_batch_blocks: int = 64,
         redis_timeout: float = 1.0,
+        redis_ca_file: str | None = None,
         events_url: str | None = None,
         events_subject: str = "xconnector.kv_events",
         worker_id: str = "",

@@ -40,6 +40,8 @@ class LMCacheAdapter(Adapter):
         local_disk = s.get("local_disk")
         #: The shared Redis tier's URL (hybrid mode), or None.
         self.redis_url: str | None = s.get("remote_url")
+        #: PEM of the CA behind a rediss:// server with a private certificate.
+        self.redis_ca_file: str | None = s.get("remote_ca_file")
         if backend in ("redis", "hybrid") and not self.redis_url:
             raise ConfigError(
                 f"{where}.storage_backend: {backend} needs remote_url, the Redis server "
@@ -133,6 +135,7 @@ class LMCacheAdapter(Adapter):
                     disk_path=self.disk_path,
                     disk_capacity_bytes=self.disk_capacity_bytes,
                     redis_url=self.redis_url,
+                    redis_ca_file=self.redis_ca_file,
                     **self._events_kwargs(),
                 )
                 self._engines[key] = engine

@@ -34,6 +34,9 @@ pub struct RedisConfig {
     /// Blocks per pipelined write.
     pub batch_blocks: usize,
     pub timeout: Duration,
+    /// PEM file of the CA that signed the server's certificate (`rediss://` with a private CA);
+    /// None: the public web roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -218,9 +221,19 @@ impl RedisTier {
             // rustls needs a process-wide crypto provider; installing one twice is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
+        let bad_url = |e: redis::RedisError| {
             CoreError::config(format!("remote_url {shown}: {e}; expected redis://[:password@]host:port"))
-        })?;
+        };
+        let client = match &cfg.ca_file {
+            None => redis::Client::open(cfg.url.as_str()).map_err(bad_url)?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    CoreError::config(format!("remote_ca_file {}: {e}; give the CA's PEM file", path.display()))
+                })?;
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                redis::Client::build_with_tls(cfg.url.as_str(), certs).map_err(bad_url)?
+            }
+        };
         let (queue, rx) = sync_channel::<Write>(cfg.queue_blocks.max(1));
         let shared = Arc::new(Shared {
             client,

@@ -37,7 +37,7 @@ impl Engine {
         dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None,
         disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024,
         redis_url = None, redis_key_prefix = "xconnector", redis_queue_blocks = 4096,
-        redis_batch_blocks = 64, redis_timeout = 1.0, events_url = None,
+        redis_batch_blocks = 64, redis_timeout = 1.0, redis_ca_file = None, events_url = None,
         events_subject = "xconnector.kv_events", worker_id = "", events_queue = 65536))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -59,6 +59,7 @@ impl Engine {
         redis_queue_blocks: usize,
         redis_batch_blocks: usize,
         redis_timeout: f64,
+        redis_ca_file: Option<PathBuf>,
         events_url: Option<String>,
         events_subject: &str,
         worker_id: &str,
@@ -79,6 +80,7 @@ impl Engine {
             queue_blocks: redis_queue_blocks,
             batch_blocks: redis_batch_blocks,
             timeout,
+            ca_file: redis_ca_file,
         });
         let disk = disk_path.map(|dir| DiskConfig {
             dir,

@@ -31,6 +31,7 @@ pub const LMCACHE_SETTINGS: &[(&str, Setting)] = &[
     ("local_disk", Setting::Str),
     ("max_local_disk_size", Setting::SizeGb),
     ("remote_url", Setting::Url(&["redis", "rediss"])),
+    ("remote_ca_file", Setting::Str),
 ];
 
 pub const VLLM_SETTINGS: &[(&str, Setting)] = &[
