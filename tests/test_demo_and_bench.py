@@ -11,15 +11,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_main_job_dynamo_worker_demo_hits_through_the_autopatch() -> None:
+def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs a command (a script of the repository) to completion; it must succeed."""
     r = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "demo.sh")],
+        list(cmd),
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_main_job_dynamo_worker_demo_hits_through_the_autopatch() -> None:
+    r = run("bash", str(ROOT / "scripts" / "demo.sh"))
     lines = r.stdout.splitlines()
     first = next(ln for ln in lines if ln.startswith("1."))
     again = next(ln for ln in lines if ln.startswith("2."))
@@ -33,27 +40,16 @@ def test_main_job_dynamo_worker_demo_hits_through_the_autopatch() -> None:
 
 
 def test_main_job_demo_with_the_kill_switch_computes_everything() -> None:
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "integrations" / "dynamo" / "demo.py")],
-        env={**os.environ, "XCONNECTOR_DISABLE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    r = run(
+        sys.executable,
+        str(ROOT / "integrations" / "dynamo" / "demo.py"),
+        env={"XCONNECTOR_DISABLE": "1"},
     )
-    assert r.returncode == 0, r.stderr
     assert r.stdout.count("from cache     0") == 3 and "XConnector: hit rate" not in r.stdout
 
 
 def test_engine_demo_shows_a_full_hit_and_a_prefix_hit() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "xconnector.demo", "--cache-mib", "256"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
+    r = run(sys.executable, "-m", "xconnector.demo", "--cache-mib", "256")
     lines = r.stdout.splitlines()
     first = next(ln for ln in lines if ln.startswith("1."))
     again = next(ln for ln in lines if ln.startswith("2."))
@@ -66,14 +62,7 @@ def test_engine_demo_shows_a_full_hit_and_a_prefix_hit() -> None:
 
 
 def test_benchmark_quick_run_prints_every_section() -> None:
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "engine_bench.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
+    r = run(sys.executable, str(ROOT / "benchmarks" / "engine_bench.py"), "--quick")
     for needle in (
         "blocks cached: numpy",
         "python sha256 chain",
@@ -86,26 +75,12 @@ def test_benchmark_quick_run_prints_every_section() -> None:
 
 
 def test_kv_layout_benchmark_quick_run() -> None:
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kv_layout_bench.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
+    r = run(sys.executable, str(ROOT / "benchmarks" / "kv_layout_bench.py"), "--quick")
     for needle in ("store  native gather", "load   native scatter", "ratio", "equal the stored"):
         assert needle in r.stdout, r.stdout
 
 
 def test_redis_benchmark_quick_run() -> None:
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "redis_bench.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
+    r = run(sys.executable, str(ROOT / "benchmarks" / "redis_bench.py"), "--quick")
     lines = r.stdout.splitlines()
     assert len([ln for ln in lines if "redis-benchmark" in ln and "ratio" in ln]) == 4, r.stdout
