@@ -78,7 +78,7 @@ class XConnectorSDK:
         self.config = coerce_config(config)
         self.router = router if router is not None else Router()
         self.adapters: dict[str, Adapter] = {}
-        self.monitoring = MonitoringHandler(self._monitoring_sources)
+        self.monitoring = MonitoringHandler(self._monitoring_sources, self._engines)
         self._kv: KVCacheHandler | None = None
         self._distributed: DistributedHandler | None = None
         self._state = "created"
@@ -247,6 +247,10 @@ class XConnectorSDK:
 
     def get_adapter(self, name: str) -> Adapter | None:
         return self.adapters.get(name)
+
+    def _engines(self) -> list[Any]:
+        cache = self.adapters.get("lmcache")
+        return cache.engines() if isinstance(cache, LMCacheAdapter) else []
 
     def _monitoring_sources(self) -> dict[str, Any]:
         return {

@@ -268,7 +268,9 @@ impl Engine {
         c.lookups.fetch_add(1, Relaxed);
         c.hit_tokens.fetch_add(hit as u64, Relaxed);
         c.miss_tokens.fetch_add((tokens.len() - hit) as u64, Relaxed);
-        add_elapsed(&c.lookup_ns, t0.elapsed());
+        let took = t0.elapsed();
+        add_elapsed(&c.lookup_ns, took);
+        c.lookup_hist.observe(took);
         Ok(hit)
     }
 
@@ -349,7 +351,9 @@ impl Engine {
         c.store_existing_blocks.fetch_add(out.existing as u64, Relaxed);
         c.store_rejected_blocks.fetch_add(out.rejected as u64, Relaxed);
         c.stored_bytes.fetch_add((out.stored * bb) as u64, Relaxed);
-        add_elapsed(&c.store_ns, t0.elapsed());
+        let took = t0.elapsed();
+        add_elapsed(&c.store_ns, took);
+        c.store_hist.observe(took);
         if out.rejected > 0 {
             tracing::debug!(rejected = out.rejected, stored = out.stored, "store kept only a prefix");
         }
@@ -389,7 +393,9 @@ impl Engine {
         c.loads.fetch_add(1, Relaxed);
         c.loaded_blocks.fetch_add(slots.len() as u64, Relaxed);
         c.loaded_bytes.fetch_add((slots.len() * bb) as u64, Relaxed);
-        add_elapsed(&c.load_ns, t0.elapsed());
+        let took = t0.elapsed();
+        add_elapsed(&c.load_ns, took);
+        c.load_hist.observe(took);
         Ok(slots.len() * self.cfg.block_size)
     }
 
@@ -489,6 +495,20 @@ impl Engine {
             self.lower.as_ref().map(|l| l.disk.stats()),
             self.redis.as_ref().map(RedisTier::stats),
             self.events.as_ref().map(EventPublisher::stats),
+        )
+    }
+
+    /// This engine's metrics in Prometheus' text format, with `labels` on every sample.
+    pub fn prometheus(&self, labels: &[(&str, String)]) -> String {
+        let c = &self.counters;
+        crate::metrics::render(
+            &self.stats(),
+            &[
+                ("xconnector_lookup_duration_seconds", "Time per prefix lookup.", c.lookup_hist.snapshot()),
+                ("xconnector_store_duration_seconds", "Time per store of a request's blocks.", c.store_hist.snapshot()),
+                ("xconnector_load_duration_seconds", "Time per load of a request's blocks.", c.load_hist.snapshot()),
+            ],
+            labels,
         )
     }
 

@@ -12,6 +12,7 @@ pub mod faults;
 pub mod hashing;
 pub mod kv_layout;
 pub mod memory_tier;
+pub mod metrics;
 pub mod namespace;
 pub mod overlap;
 pub mod redis_tier;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::disk_tier::DiskStats;
 use crate::events::EventStats;
 use crate::memory_tier::TierStats;
+use crate::metrics::Histogram;
 use crate::redis_tier::RedisStats;
 
 #[derive(Default)]
@@ -26,6 +27,9 @@ pub(crate) struct Counters {
     pub load_ns: AtomicU64,
     pub promoted_blocks: AtomicU64,
     pub write_behind_dropped: AtomicU64,
+    pub lookup_hist: Histogram,
+    pub store_hist: Histogram,
+    pub load_hist: Histogram,
 }
 
 pub(crate) fn add_elapsed(counter: &AtomicU64, d: Duration) {

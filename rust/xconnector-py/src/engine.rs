@@ -232,6 +232,19 @@ impl Engine {
         Ok(d)
     }
 
+    /// Metrics in Prometheus' text format; `labels` go on every sample (the engine's namespace
+    /// is always one of them).
+    #[pyo3(signature = (labels = None))]
+    fn prometheus(&self, py: Python<'_>, labels: Option<HashMap<String, String>>) -> PyResult<String> {
+        let mut base: Vec<(String, String)> = labels.unwrap_or_default().into_iter().collect();
+        base.sort();
+        base.push(("namespace".to_owned(), format!("{:016x}", self.inner.namespace_id())));
+        detached(py, || {
+            let refs: Vec<(&str, String)> = base.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            Ok(self.inner.prometheus(&refs))
+        })
+    }
+
     /// The tiers in the router's order: name, write policy, priority, health.
     fn tiers<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.inner

@@ -1,0 +1,192 @@
+//! Prometheus exposition of an engine's counters (DESIGN section 8), named in Dynamo's style
+//! (`_total`, `_seconds`, `_bytes`), and the latency histograms behind them.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::stats::EngineStats;
+
+/// Upper bounds (seconds) of the latency histograms: lookups take microseconds, loads of long
+/// prompts milliseconds.
+pub const BUCKETS: [f64; 14] = [
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25, 1.0,
+];
+
+/// A latency histogram updated with relaxed atomics (no lock on the hot path).
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound, observations <= bound)`, cumulative, `+Inf` last.
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|&b| s <= b).unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Relaxed);
+            buckets.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+        }
+        HistogramSnapshot { buckets, count: cumulative, sum_seconds: self.sum_ns.load(Relaxed) as f64 / 1e9 }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn labels(base: &[(&str, String)], extra: &[(&str, &str)]) -> String {
+    let all: Vec<String> = base
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .chain(extra.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))))
+        .collect();
+    if all.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", all.join(","))
+    }
+}
+
+/// The text exposition format (version 0.0.4) of one engine's metrics; `base` labels go on every
+/// sample (e.g. the engine's namespace).
+pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: &[(&str, String)]) -> String {
+    let mut out = String::new();
+    let l = |extra: &[(&str, &str)]| labels(base, extra);
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (suffix_labels, v) in samples {
+            let _ = writeln!(out, "{name}{suffix_labels} {v}");
+        }
+    };
+    let c = |v: u64| v as f64;
+    family("xconnector_lookup_total", "counter", "Prefix lookups.", vec![(l(&[]), c(s.lookups))]);
+    family(
+        "xconnector_hit_tokens_total",
+        "counter",
+        "Prompt tokens found cached by lookups.",
+        vec![(l(&[]), c(s.hit_tokens))],
+    );
+    family(
+        "xconnector_miss_tokens_total",
+        "counter",
+        "Prompt tokens looked up but not cached.",
+        vec![(l(&[]), c(s.miss_tokens))],
+    );
+    family(
+        "xconnector_blocks_stored_total",
+        "counter",
+        "Blocks newly stored in memory.",
+        vec![(l(&[]), c(s.stored_blocks))],
+    );
+    family(
+        "xconnector_bytes_stored_total",
+        "counter",
+        "Bytes of KV newly stored in memory.",
+        vec![(l(&[]), c(s.stored_bytes))],
+    );
+    family(
+        "xconnector_blocks_loaded_total",
+        "counter",
+        "Blocks loaded into the worker's KV cache.",
+        vec![(l(&[]), c(s.loaded_blocks))],
+    );
+    family(
+        "xconnector_bytes_loaded_total",
+        "counter",
+        "Bytes of KV loaded into the worker's KV cache.",
+        vec![(l(&[]), c(s.loaded_bytes))],
+    );
+    family(
+        "xconnector_promoted_blocks_total",
+        "counter",
+        "Blocks copied up from disk or Redis into memory.",
+        vec![(l(&[]), c(s.promoted_blocks))],
+    );
+    family(
+        "xconnector_write_behind_dropped_total",
+        "counter",
+        "Blocks not written to a lower tier because its queue was full.",
+        vec![(l(&[]), c(s.write_behind_dropped))],
+    );
+    let mut evictions = vec![(l(&[("tier", "memory")]), c(s.tier.evicted_blocks))];
+    let mut bytes = vec![(l(&[("tier", "memory")]), c(s.tier.used_bytes))];
+    let mut entries = vec![(l(&[("tier", "memory")]), c(s.tier.entries))];
+    let mut capacity = vec![(l(&[("tier", "memory")]), c(s.tier.capacity_bytes))];
+    if let Some(d) = s.disk {
+        evictions.push((l(&[("tier", "disk")]), c(d.evicted_blocks)));
+        bytes.push((l(&[("tier", "disk")]), c(d.used_bytes)));
+        entries.push((l(&[("tier", "disk")]), c(d.entries)));
+        capacity.push((l(&[("tier", "disk")]), c(d.capacity_bytes)));
+    }
+    family("xconnector_evictions_total", "counter", "Blocks evicted, by tier.", evictions);
+    family("xconnector_tier_bytes", "gauge", "Bytes of KV held, by tier.", bytes);
+    family("xconnector_tier_entries", "gauge", "Blocks held, by tier.", entries);
+    family("xconnector_tier_capacity_bytes", "gauge", "Byte budget, by tier.", capacity);
+    let mut damaged = Vec::new();
+    if let Some(d) = s.disk {
+        damaged.push((l(&[("tier", "disk")]), c(d.corrupt_blocks)));
+    }
+    if let Some(r) = s.redis {
+        damaged.push((l(&[("tier", "redis")]), c(r.foreign_values)));
+        family(
+            "xconnector_redis_written_blocks_total",
+            "counter",
+            "Blocks written to Redis.",
+            vec![(l(&[]), c(r.written_blocks))],
+        );
+        family(
+            "xconnector_redis_hit_blocks_total",
+            "counter",
+            "Blocks read from Redis.",
+            vec![(l(&[]), c(r.hit_blocks))],
+        );
+        family("xconnector_redis_errors_total", "counter", "Failed Redis operations.", vec![(l(&[]), c(r.errors))]);
+        family(
+            "xconnector_redis_up",
+            "gauge",
+            "1 while Redis answers.",
+            vec![(l(&[]), f64::from(u8::from(r.connected)))],
+        );
+    }
+    if !damaged.is_empty() {
+        family("xconnector_damaged_blocks_total", "counter", "Damaged or foreign blocks refused, by tier.", damaged);
+    }
+    if let Some(e) = s.events {
+        family(
+            "xconnector_kv_events_published_total",
+            "counter",
+            "KV events sent to NATS.",
+            vec![(l(&[]), c(e.published))],
+        );
+        family("xconnector_kv_events_dropped_total", "counter", "KV events not sent.", vec![(l(&[]), c(e.dropped))]);
+    }
+    for (name, help, h) in hists {
+        let mut samples = Vec::new();
+        for (bound, n) in &h.buckets {
+            let le = if bound.is_infinite() { "+Inf".to_owned() } else { format!("{bound}") };
+            samples.push((l(&[("le", le.as_str())]).replace("{", "_bucket{"), c(*n)));
+        }
+        samples.push((format!("_count{}", l(&[])), c(h.count)));
+        samples.push((format!("_sum{}", l(&[])), h.sum_seconds));
+        family(name, "histogram", help, samples);
+    }
+    out
+}
