@@ -43,6 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    stats = commands.add_parser(
+        "stats",
+        help="show what XConnector does in a running worker (its Prometheus endpoint)",
+        description="Reads a worker's metrics endpoint (performance.metrics_port, or the worker's "
+        "own /metrics) and prints hit rate, bytes, tiers and fallbacks.",
+    )
+    stats.add_argument(
+        "url",
+        nargs="?",
+        default="http://127.0.0.1:9400/metrics",
+        help="the metrics URL (default: %(default)s)",
+    )
+    commands.add_parser("version", help="versions of XConnector, its native module, vLLM, Dynamo")
     return parser
 
 
@@ -54,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(
                 args.file, service=args.service, as_json=args.json, strict=args.strict
             )
+        if args.command == "stats":
+            from xconnector.commands import stats
+
+            return stats.run(args.url, sys.stdout, sys.stderr)
+        if args.command == "version":
+            from xconnector.commands import version
+
+            return version.run(sys.stdout)
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -84,6 +84,7 @@ class XConnectorSDK:
         self._state = "created"
         self._lock = threading.RLock()
         self._logged: set[str] = set()
+        self._metrics_server: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class XConnectorSDK:
                 self._stop_adapters()
                 raise
             self._state = "initialized"
+            self._serve_metrics()
             log.debug("initialized with adapters %s", list(self.adapters))
             return True
 
@@ -206,6 +208,22 @@ class XConnectorSDK:
             cache.events = (dynamo.nats_url, dynamo.kv_events_subject, worker)
             self._distributed.follow_events(dynamo.nats_url, dynamo.kv_events_subject)
 
+    def _serve_metrics(self) -> None:
+        """`performance.metrics_port`: XConnector's metrics on a port of their own (besides the
+        collector a worker can register on its own /metrics). Fails open."""
+        port = self.config.performance.metrics_port
+        if not port or self._metrics_server is not None:
+            return
+        try:
+            from prometheus_client import CollectorRegistry, start_http_server
+
+            registry = CollectorRegistry()
+            registry.register(self.monitoring.collector())
+            self._metrics_server, _ = start_http_server(port, registry=registry)
+            log.info("XConnector metrics on :%d/metrics", port)
+        except Exception as e:  # no prometheus_client, port taken: metrics only, never the worker
+            log.error("XConnector metrics port %d not served: %s", port, e)
+
     def _stop_adapters(self) -> None:
         for name in reversed(list(self.adapters)):
             adapter = self.adapters.pop(name)
@@ -221,6 +239,10 @@ class XConnectorSDK:
             if self._state == "shutdown":
                 return
             self._stop_adapters()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+                self._metrics_server = None
             self._kv = None
             if self._distributed is not None:
                 self._distributed.stop_following()

@@ -1,0 +1,1 @@
+"""The `xconnector` command's subcommands, one module each."""
