@@ -91,3 +91,35 @@ def test_version_names_every_component() -> None:
     names = [ln.split()[0] for ln in r.stdout.splitlines()]
     assert names[:2] == ["xconnector", "native"] and "vllm" in names and "dynamo" in names
     assert "1.0.0" in r.stdout.splitlines()[0]
+
+
+def test_bench_reports_and_plots(tmp_path: Path) -> None:
+    png = tmp_path / "bench.png"
+    r = subprocess.run(
+        [str(CLI), "bench", "--requests", "200", "--cache-mib", "32", "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    fields = {ln.split()[0]: ln for ln in r.stdout.splitlines()}
+    for key in ("workload", "hit", "tokens", "lookup", "store", "load", "evicted", "plot"):
+        assert key in fields, r.stdout
+    rate = float(fields["hit"].split()[-1].rstrip("%"))
+    assert 0 < rate < 100  # shared prefixes hit; first sights and evictions miss
+    assert "p50" in fields["lookup"] and "p99" in fields["lookup"]
+    assert "/200" in r.stderr  # the progress bar
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1080, 720)
+    # Seeded: the same run reports the same hit rate.
+    again = subprocess.run(
+        [str(CLI), "bench", "--requests", "200", "--cache-mib", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert fields["hit"] in again.stdout

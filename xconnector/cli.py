@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
         help="the metrics URL (default: %(default)s)",
     )
     commands.add_parser("version", help="versions of XConnector, its native module, vLLM, Dynamo")
+    bench = commands.add_parser(
+        "bench",
+        help="replay a workload with shared prefixes and report hit rate, latency, bandwidth",
+        description="Replays seeded chat, RAG and agent-loop traffic through the engine.",
+    )
+    from xconnector.commands.bench import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -71,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from xconnector.commands import stats
 
             return stats.run(args.url, sys.stdout, sys.stderr)
+        if args.command == "bench":
+            from xconnector.commands import bench
+
+            return bench.run(args, sys.stdout, sys.stderr)
         if args.command == "version":
             from xconnector.commands import version
 
