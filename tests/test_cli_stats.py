@@ -58,6 +58,7 @@ def test_stats_reads_a_live_worker() -> None:
         assert lines["served"].endswith("48 prompt tokens")
         assert lines["stored"].endswith("3 blocks, 9.0 KiB"), r.stdout  # 3 layers x 3 KiB per block
         assert "tier memory" in r.stdout and "fallbacks    none" in r.stdout
+        assert "store speed" in r.stdout and "load speed" in r.stdout and "GB/s" in r.stdout
     finally:
         assert worker.stdin is not None
         worker.stdin.write("\n")

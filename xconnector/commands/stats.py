@@ -61,6 +61,11 @@ def report(s: Samples, out: TextIO) -> None:
         f"  loaded       {int(_sum(s, 'xconnector_blocks_loaded_total'))} blocks, {loaded}",
         file=out,
     )
+    for op, name in (("store", "stored"), ("load", "loaded")):
+        seconds = _sum(s, f"xconnector_{op}_duration_seconds_sum")
+        if seconds > 0:
+            gbs = _sum(s, f"xconnector_bytes_{name}_total") / seconds / 1e9
+            print(f"  {op} speed  {gbs:.2f} GB/s (bytes over time spent in {op}s)", file=out)
     tiers = sorted({labels["tier"] for labels, _ in s.get("xconnector_tier_bytes", [])})
     for tier in tiers:
         used = _sum(s, "xconnector_tier_bytes", tier=tier)
