@@ -150,8 +150,9 @@ impl DiskTier {
         for (_, key, len) in found {
             index.insert(key, len, 0);
         }
+        let victims = Self::over_budget(&mut index, self.capacity);
         drop(index);
-        self.evict_to_budget();
+        self.delete(victims);
         Ok(())
     }
 
@@ -177,7 +178,7 @@ impl DiskTier {
             // Written by another process sharing the directory?
             match fs::metadata(self.path(key)) {
                 Ok(m) if m.len() == (HEADER + self.block_bytes) as u64 => {
-                    self.index.lock().insert(key, m.len(), n as u32);
+                    self.admit(key, m.len(), n as u32);
                     n += 1;
                 }
                 _ => break,
@@ -244,9 +245,8 @@ impl DiskTier {
             self.write_errors.fetch_add(1, Relaxed);
             return Err(e);
         }
-        self.index.lock().insert(key, size, depth);
+        self.admit(key, size, depth);
         self.written.fetch_add(1, Relaxed);
-        self.evict_to_budget();
         Ok(())
     }
 
@@ -275,18 +275,31 @@ impl DiskTier {
         })
     }
 
-    fn evict_to_budget(&self) {
-        loop {
-            let victim = {
-                let mut index = self.index.lock();
-                if index.used <= self.capacity {
-                    return;
-                }
-                let Some(&(_, _, key)) = index.lru.iter().next() else { return };
-                index.remove(&key);
-                key
-            };
-            let _ = fs::remove_file(self.path(victim));
+    /// Indexes a block and, under the same lock, takes the least recently used entries out
+    /// until the budget holds again, so the index never counts more than the budget (their
+    /// files are deleted after the lock is released).
+    fn admit(&self, key: Key, bytes: u64, depth: u32) {
+        let victims = {
+            let mut index = self.index.lock();
+            index.insert(key, bytes, depth);
+            Self::over_budget(&mut index, self.capacity)
+        };
+        self.delete(victims);
+    }
+
+    fn over_budget(index: &mut Index, capacity: u64) -> Vec<Key> {
+        let mut victims = Vec::new();
+        while index.used > capacity {
+            let Some(&(_, _, key)) = index.lru.iter().next() else { break };
+            index.remove(&key);
+            victims.push(key);
+        }
+        victims
+    }
+
+    fn delete(&self, victims: Vec<Key>) {
+        for key in victims {
+            let _ = fs::remove_file(self.path(key));
             self.evicted.fetch_add(1, Relaxed);
         }
     }
