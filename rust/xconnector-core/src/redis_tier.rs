@@ -24,6 +24,8 @@ use crate::error::{CoreError, Result};
 const MAGIC: &[u8; 4] = b"XCR1";
 const FORMAT: u32 = 1;
 const HEADER: usize = 24;
+/// Writer threads (and connections) for write-behind.
+const WRITERS: usize = 2;
 
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -192,15 +194,22 @@ impl Shared {
         self.in_flight.fetch_sub(n, Relaxed);
     }
 
-    fn writer(&self, rx: Receiver<Write>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < self.cfg.batch_blocks.max(1) {
-                match rx.try_recv() {
-                    Ok(w) => batch.push(w),
-                    Err(_) => break,
+    /// One of the writer threads: takes a batch from the shared queue and writes it. Two of
+    /// them overlap one batch's encoding with the other's round trip to Redis.
+    fn writer(&self, rx: &Mutex<Receiver<Write>>) {
+        loop {
+            let batch = {
+                let rx = rx.lock();
+                let Ok(first) = rx.recv() else { return };
+                let mut batch = vec![first];
+                while batch.len() < self.cfg.batch_blocks.max(1) {
+                    match rx.try_recv() {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
                 }
-            }
+                batch
+            };
             if self.available() {
                 self.write_batch(batch);
             } else {
@@ -258,11 +267,14 @@ impl RedisTier {
             }
             Err(e) => shared.failed("connect", &e),
         }
-        let writer = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("xconnector-redis".into())
-            .spawn(move || writer.writer(rx))
-            .map_err(|e| CoreError::Io { context: "starting the Redis tier writer".into(), source: e })?;
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WRITERS {
+            let (writer, rx) = (Arc::clone(&shared), Arc::clone(&rx));
+            std::thread::Builder::new()
+                .name(format!("xconnector-redis-{i}"))
+                .spawn(move || writer.writer(&rx))
+                .map_err(|e| CoreError::Io { context: "starting the Redis tier writers".into(), source: e })?;
+        }
         Ok(Self { shared, queue })
     }
 
