@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::size::{mib_to_bytes, parse_size};
-use super::validate::{join_path, Problem};
+use super::validate::{join_path, kind, Problem};
 
 /// What a setting's value must be.
 #[derive(Clone, Copy, Debug)]
@@ -54,17 +54,6 @@ pub fn settings_of(adapter: &str) -> &'static [(&'static str, Setting)] {
         "vllm" => VLLM_SETTINGS,
         "dynamo" => DYNAMO_SETTINGS,
         _ => &[],
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
     }
 }
 

@@ -33,7 +33,8 @@ pub fn join_path(path: &str, key: &str) -> String {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// How a value reads in an error message ("a list", "a string", ...).
+pub(super) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
