@@ -37,4 +37,12 @@ run_pytest python -m pytest "$@"
 
 echo "== pytest in .venv-vllm (tests that need torch or a real vLLM engine)"
 bash scripts/vllm_env.sh
-PYTHONPATH="$PWD" run_pytest .venv-vllm/bin/python -m pytest -p no:cacheprovider -m "torch or vllm" "$@"
+VLLM_PYTHON="${XCONNECTOR_VLLM_VENV:-.venv-vllm}/bin/python"
+# This pass exists to run these tests: an environment that lost torch or vLLM fails here, and
+# the no_skips plugin (tests/no_skips.py) makes any skipped test a failure.
+if ! "$VLLM_PYTHON" -c "import torch, vllm"; then
+    echo "$VLLM_PYTHON cannot import torch and vllm: rebuild it (rm -rf the venv; scripts/vllm_env.sh)" >&2
+    exit 1
+fi
+PYTHONPATH="$PWD:$PWD/tests" run_pytest "$VLLM_PYTHON" -m pytest -p no:cacheprovider -p no_skips \
+    -m "torch or vllm" "$@"
