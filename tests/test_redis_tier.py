@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import BLOCK, block_payload
 from services import RedisServer
@@ -19,6 +20,7 @@ from xconnector import Engine, sequence_hashes
 from xconnector.sdk.exceptions import ConfigError
 
 BLOCK_BYTES = 256
+VALUE_HEADER = 56  # bytes before the payload in every value (redis_tier.rs)
 
 
 @pytest.fixture
@@ -140,10 +142,11 @@ def test_foreign_and_garbage_values_are_counted_misses(redis: RedisServer) -> No
     writer = engine(redis.url)
     writer.store(toks, block_payload(toks))
     assert writer.flush(30)
-    redis.cli("SETRANGE", f"{key}:{hashes[1]:016x}", "30", "XX")
+    redis.cli("SETRANGE", f"{key}:{hashes[1]:016x}", str(VALUE_HEADER + 30), "XX")
     reader = engine(redis.url)
     assert reader.load(toks, out) == BLOCK  # block 1's checksum fails: the hit ends there
-    assert reader.stats()["redis_foreign_values"] == 1
+    assert reader.stats()["redis_corrupt_values"] == 1
+    assert redis.cli("EXISTS", f"{key}:{hashes[1]:016x}").strip() == "0"  # deleted
     assert bytes(out[:BLOCK_BYTES]) == block_payload(toks)[:BLOCK_BYTES]
 
 
@@ -168,9 +171,12 @@ def test_hybrid_mode_through_the_sdk(redis: RedisServer, tmp_path: Path) -> None
     }
     toks = prompt(9, 3)
     with XConnectorSDK(config) as a:
+        # Different values in every block, layer and position: a swapped, reordered or
+        # misplaced block shows.
         src = new_kv_caches(16)
+        rng = np.random.default_rng(9)
         for layer in src:
-            layer[:] = 1.5
+            layer[:] = rng.standard_normal(layer.shape).astype(layer.dtype)
         assert a.get_kv_handler().store(toks, src, [1, 2, 3]) == 3
         engine = a.get_kv_handler().engine
         assert engine is not None and engine.flush(30)
@@ -184,7 +190,9 @@ def test_hybrid_mode_through_the_sdk(redis: RedisServer, tmp_path: Path) -> None
         kv.bind(dst)
         assert kv.lookup(toks) == 3 * BLOCK
         assert kv.load(toks, dst, [5, 6, 7]) == 3 * BLOCK
-        assert all((layer[:, 5:8] == 1.5).all() for layer in dst)
+        for s, d in zip(src, dst, strict=True):
+            assert np.array_equal(d[:, 5:8], s[:, 1:4])
+            assert not d[:, :5].any() and not d[:, 8:].any()  # nothing else written
 
 
 def test_rediss_with_a_password_and_a_private_ca(tmp_path: Path) -> None:
