@@ -94,3 +94,26 @@ def test_redis_benchmark_quick_run() -> None:
     r = run(sys.executable, str(ROOT / "benchmarks" / "redis_bench.py"), "--quick")
     lines = r.stdout.splitlines()
     assert len([ln for ln in lines if "redis-benchmark" in ln and "ratio" in ln]) == 4, r.stdout
+
+
+def test_bench_counts_the_block_holding_the_last_token_as_recomputed() -> None:
+    from xconnector.commands.bench import saved_tokens
+
+    # An exact repeat of 3200 tokens (200 blocks): the last block is computed again.
+    assert saved_tokens(3200, 3200) == 3184
+    # A hit short of the last token's block is saved whole.
+    assert saved_tokens(2992, 3150) == 2992
+    assert saved_tokens(16, 17) == 16
+    assert saved_tokens(16, 16) == 0
+    assert saved_tokens(0, 100) == 0
+
+
+def test_bench_reads_the_last_level_cache_size(tmp_path: Path) -> None:
+    from xconnector.commands.bench import last_level_cache_bytes
+
+    for index, level, size in (("index0", 1, "32K"), ("index2", 2, "1024K"), ("index3", 3, "16M")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "level").write_text(f"{level}\n")
+        (tmp_path / index / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 16 << 20
+    assert last_level_cache_bytes(tmp_path / "missing") == 32 << 20  # the fallback
