@@ -35,5 +35,5 @@ def make_engine() -> Callable[..., Engine]:
 def no_faults() -> Iterator[None]:
     """Clears injected faults after a test, whatever it did."""
     yield
-    for point in ("lookup", "store", "load"):
+    for point in ("lookup", "store", "load", "store_copy", "load_copy"):
         native()._inject_fault(point, "none")

@@ -55,6 +55,10 @@ class Engine:
         tp_world_size: int = 1,
         tp_rank: int = 0,
         extra: dict[str, str] | None = None,
+        revision: str = "",
+        quantization: str = "",
+        pp_world_size: int = 1,
+        pp_rank: int = 0,
         disk_path: str | None = None,
         disk_capacity_bytes: int = 0,
         disk_queue_blocks: int = 1024,
@@ -73,7 +77,12 @@ class Engine:
     def tiers(self) -> list[dict[str, Any]]: ...
     def prometheus(self, labels: dict[str, str] | None = None) -> str: ...
     def lookup(
-        self, tokens: _Tokens, *, lora_name: str | None = None, cache_salt: str | None = None
+        self,
+        tokens: _Tokens,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> int: ...
     def store(
         self,
@@ -82,6 +91,7 @@ class Engine:
         *,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> int: ...
     def load(
         self,
@@ -90,6 +100,7 @@ class Engine:
         *,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> int: ...
     def views(
         self,
@@ -98,6 +109,7 @@ class Engine:
         max_blocks: int | None = None,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> list[BlockView]: ...
     def stats(self) -> dict[str, int | float | bool]: ...
     def _check_invariants(self) -> None: ...
@@ -112,12 +124,13 @@ class Engine:
 
 @final
 class BlockView:
-    """A read-only, zero-copy view of one cached block (buffer protocol); pins it until released."""
+    """A read-only, zero-copy view of one cached block (buffer protocol). It pins the block until
+    the view and everything made from it (memoryviews, arrays, tensors) are gone; `release()`
+    stops new exports."""
 
     def __len__(self) -> int: ...
     if sys.version_info >= (3, 12):
         def __buffer__(self, flags: int, /) -> memoryview: ...
-        def __release_buffer__(self, buffer: memoryview, /) -> None: ...
 
     def release(self) -> None: ...
     @property
@@ -163,6 +176,7 @@ class PagedKv:
         *,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> int: ...
     def load(
         self,
@@ -173,6 +187,7 @@ class PagedKv:
         first_block: int = 0,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> int: ...
 
 @final

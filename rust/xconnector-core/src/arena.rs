@@ -91,6 +91,16 @@ impl Arena {
         unsafe { base.add(offset) }
     }
 
+    /// Whether `[addr, addr + len)` touches any allocated segment: a caller's output buffer that
+    /// does (a view of a cached block handed back as `out`) would overwrite cached KV.
+    pub fn overlaps(&self, addr: usize, len: usize) -> bool {
+        let end = addr.saturating_add(len.max(1));
+        (0..self.segments.len()).any(|seg| {
+            let base = self.segments[seg].load(Ordering::Acquire) as usize;
+            base != 0 && addr < base + self.segment_bytes(seg) && base < end
+        })
+    }
+
     /// Copies `src` into `slot`.
     ///
     /// # Safety

@@ -1,8 +1,10 @@
 //! The local disk tier: one file per block under a directory, with a byte budget and LRU
 //! eviction (deepest blocks of a chain first, so a kept block's prefix stays).
 //!
-//! Files are `<dir>/<ns byte>/<ns>-<hash>.xcb`: a 48-byte header (magic, format version, namespace,
-//! hash, payload length, XXH3 checksum of the payload) and the payload. A block is written to a
+//! Files are `<dir>/<hash byte>/<ns>-<hash>.xcb`: a 64-byte header (magic, format version,
+//! namespace, hash, payload length, XXH3 checksum of the payload, the block's digest of its tokens
+//! and parent) and the payload. A file is served only to the request it is the KV of: namespace,
+//! hash and digest must all be the request's. A block is written to a
 //! unique temporary file and renamed into place, so readers (this or another process sharing
 //! the directory) see a whole file or none. A file whose header or checksum does not match is a
 //! miss, counted and deleted, never served. The directory is 0700 and files 0600: KV reveals the
@@ -20,9 +22,10 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{CoreError, Result};
 
-const MAGIC: &[u8; 4] = b"XCB1";
-const FORMAT: u32 = 1;
-const HEADER: usize = 48;
+const MAGIC: &[u8; 4] = b"XCB2";
+const FORMAT: u32 = 2;
+/// Bytes before the payload in every block file.
+pub const HEADER: usize = 64;
 const EXT: &str = "xcb";
 
 type Key = (u64, u64);
@@ -37,6 +40,9 @@ pub struct DiskStats {
     pub evicted_blocks: u64,
     /// Files found damaged (bad header, checksum, truncated) and removed.
     pub corrupt_blocks: u64,
+    /// Intact files that are not the KV asked for (another key's block, another prefix with the
+    /// same hash) and removed.
+    pub mismatched_blocks: u64,
     pub write_errors: u64,
 }
 
@@ -90,7 +96,14 @@ pub struct DiskTier {
     read: AtomicU64,
     evicted: AtomicU64,
     corrupt: AtomicU64,
+    mismatched: AtomicU64,
     write_errors: AtomicU64,
+}
+
+/// Why a block file was not served.
+enum Reject {
+    Damaged,
+    Mismatch,
 }
 
 fn io_err(what: String, e: std::io::Error) -> CoreError {
@@ -119,6 +132,7 @@ impl DiskTier {
             read: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            mismatched: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
         };
         tier.scan()?;
@@ -187,9 +201,10 @@ impl DiskTier {
         n
     }
 
-    /// Reads block `hash` into `out` (`block_bytes` long). False on a miss, a file deleted
-    /// meanwhile, or a damaged file (which is removed).
-    pub fn get(&self, ns: u64, hash: u64, out: &mut [u8]) -> bool {
+    /// Reads block `hash` into `out` (`block_bytes` long) if it is the KV of the block with
+    /// `digest`. False on a miss, a file deleted meanwhile, or a damaged or mismatched file
+    /// (which is removed).
+    pub fn get(&self, ns: u64, hash: u64, digest: u128, out: &mut [u8]) -> bool {
         let key = (ns, hash);
         let path = self.path(key);
         let mut buf = Vec::with_capacity(HEADER + out.len());
@@ -200,9 +215,18 @@ impl DiskTier {
                 return false;
             }
         }
-        if !self.valid(&buf, key, out.len()) {
-            self.corrupt.fetch_add(1, Relaxed);
-            tracing::warn!(path = %path.display(), "damaged disk-tier block removed");
+        if let Err(why) = self.check(&buf, key, digest, out.len()) {
+            let what = match why {
+                Reject::Damaged => {
+                    self.corrupt.fetch_add(1, Relaxed);
+                    "damaged"
+                }
+                Reject::Mismatch => {
+                    self.mismatched.fetch_add(1, Relaxed);
+                    "not the KV of the block asked for"
+                }
+            };
+            tracing::warn!(path = %path.display(), "disk-tier block removed: {what}");
             let _ = fs::remove_file(&path);
             self.index.lock().remove(&key);
             return false;
@@ -216,21 +240,25 @@ impl DiskTier {
         true
     }
 
-    fn valid(&self, buf: &[u8], key: Key, len: usize) -> bool {
+    fn check(&self, buf: &[u8], key: Key, digest: u128, len: usize) -> std::result::Result<(), Reject> {
         if buf.len() != HEADER + len || &buf[0..4] != MAGIC {
-            return false;
+            return Err(Reject::Damaged);
         }
         let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().unwrap_or([0; 8]));
         let format = u32::from_le_bytes(buf[4..8].try_into().unwrap_or([0; 4]));
-        format == FORMAT
-            && word(8) == key.0
-            && word(16) == key.1
-            && word(24) == len as u64
-            && word(32) == xxh3_64(&buf[HEADER..])
+        if format != FORMAT || word(24) != len as u64 || word(32) != xxh3_64(&buf[HEADER..]) {
+            return Err(Reject::Damaged);
+        }
+        let stored_digest = u128::from_le_bytes(buf[40..56].try_into().unwrap_or([0; 16]));
+        if word(8) != key.0 || word(16) != key.1 || stored_digest != digest {
+            return Err(Reject::Mismatch);
+        }
+        Ok(())
     }
 
-    /// Writes one block (`depth`: its index in the chain, deeper ones are evicted first).
-    pub fn put(&self, ns: u64, hash: u64, depth: u32, data: &[u8]) -> Result<()> {
+    /// Writes one block (`depth`: its index in the chain, deeper ones are evicted first; `digest`:
+    /// of its tokens and parent).
+    pub fn put(&self, ns: u64, hash: u64, digest: u128, depth: u32, data: &[u8]) -> Result<()> {
         let key = (ns, hash);
         if self.index.lock().entries.contains_key(&key) {
             return Ok(());
@@ -240,7 +268,7 @@ impl DiskTier {
             return Ok(()); // cannot fit at all: nothing to do
         }
         let path = self.path(key);
-        let result = self.write_file(&path, key, data);
+        let result = self.write_file(&path, key, digest, data);
         if let Err(e) = result {
             self.write_errors.fetch_add(1, Relaxed);
             return Err(e);
@@ -250,7 +278,7 @@ impl DiskTier {
         Ok(())
     }
 
-    fn write_file(&self, path: &Path, key: Key, data: &[u8]) -> Result<()> {
+    fn write_file(&self, path: &Path, key: Key, digest: u128, data: &[u8]) -> Result<()> {
         let parent = path.parent().unwrap_or(&self.dir);
         create_private_dir(parent)?;
         let mut header = [0u8; HEADER];
@@ -260,6 +288,7 @@ impl DiskTier {
         header[16..24].copy_from_slice(&key.1.to_le_bytes());
         header[24..32].copy_from_slice(&(data.len() as u64).to_le_bytes());
         header[32..40].copy_from_slice(&xxh3_64(data).to_le_bytes());
+        header[40..56].copy_from_slice(&digest.to_le_bytes());
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), SEQ.fetch_add(1, Relaxed)));
         let write = || -> std::io::Result<()> {
@@ -314,6 +343,7 @@ impl DiskTier {
             read_blocks: self.read.load(Relaxed),
             evicted_blocks: self.evicted.load(Relaxed),
             corrupt_blocks: self.corrupt.load(Relaxed),
+            mismatched_blocks: self.mismatched.load(Relaxed),
             write_errors: self.write_errors.load(Relaxed),
         }
     }

@@ -47,6 +47,7 @@ pub struct DiskConfig {
 struct Pending {
     ns: u64,
     hash: u64,
+    digest: u128,
     depth: u32,
     data: Vec<u8>,
 }
@@ -113,6 +114,41 @@ impl PinnedBlock {
 impl Drop for PinnedBlock {
     fn drop(&mut self) {
         self.tier.unpin(&[self.slot]);
+    }
+}
+
+/// Slots reserved by a store or promotion. Whatever has not been published when this is dropped
+/// (a failed copy, or a panic unwinding through the copy loop) is taken back, so a panic never
+/// leaves a slot stuck in `Writing`: the key stays storable and the capacity is not lost.
+struct Reserved<'t> {
+    tier: &'t MemoryTier,
+    res: crate::memory_tier::Reservation,
+}
+
+impl Reserved<'_> {
+    /// Publishes the first `filled` new blocks and takes back the rest.
+    fn publish(mut self, filled: usize) -> crate::memory_tier::Reservation {
+        self.tier.abort(&mut self.res, filled);
+        self.tier.publish(&self.res);
+        std::mem::take(&mut self.res)
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.tier.abort(&mut self.res, 0);
+    }
+}
+
+/// Slots pinned for the duration of a copy, unpinned on drop (a panic included).
+struct Pins<'t> {
+    tier: &'t MemoryTier,
+    slots: Vec<SlotId>,
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        self.tier.unpin(&self.slots);
     }
 }
 
@@ -197,7 +233,7 @@ impl Engine {
             .spawn(move || {
                 // Ends when the engine (the only sender) is dropped.
                 for p in rx {
-                    if let Err(e) = writer.put(p.ns, p.hash, p.depth, &p.data) {
+                    if let Err(e) = writer.put(p.ns, p.hash, p.digest, p.depth, &p.data) {
                         tracing::warn!(error = %e, "disk tier write failed; the block stays in memory only");
                     }
                     pending.fetch_sub(1, Relaxed);
@@ -248,6 +284,18 @@ impl Engine {
     /// Sequence hashes of the request's full blocks.
     pub fn hashes(&self, tokens: &[u32], extras: HashExtras<'_>) -> Vec<u64> {
         hashing::sequence_hashes(tokens, self.cfg.block_size, extras)
+    }
+
+    /// Digests of the request's full blocks (of their tokens and parents): what each stored value
+    /// is checked against on load.
+    pub fn digests(&self, tokens: &[u32]) -> Vec<u128> {
+        hashing::block_digests(tokens, self.cfg.block_size)
+    }
+
+    /// Whether `[addr, addr + len)` overlaps the memory tier: such a buffer must never be a
+    /// load's destination (it would overwrite cached KV).
+    pub fn overlaps_cache(&self, addr: usize, len: usize) -> bool {
+        self.tier.overlaps(addr, len)
     }
 
     /// Number of leading tokens whose KV is cached (a multiple of the block size).
@@ -305,26 +353,31 @@ impl Engine {
         let t0 = Instant::now();
         let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
+        let digests = self.digests(tokens);
         let ns = self.namespace_for(extras);
-        let res = self.tier.reserve(ns, &hashes)?;
-        for &(i, slot) in &res.new_blocks {
+        let reserved = Reserved { tier: &self.tier, res: self.tier.reserve(ns, &hashes, &digests)? };
+        let mut filled = 0;
+        for &(i, slot) in &reserved.res.new_blocks {
+            if faults::check(FaultPoint::StoreCopy).is_err() {
+                break; // an injected error: the blocks from here on are not stored
+            }
             self.tier.fill_reserved(slot, |dst| fill(i, dst));
+            filled += 1;
         }
-        // Copied for the disk tier while the slots are still ours: once published they may be
+        // Copied for the lower tiers while the slots are still ours: once published they may be
         // evicted and reused at any moment.
         let behind: Vec<Pending> = match (&self.lower, &self.redis) {
             (None, None) => Vec::new(),
-            _ => res
-                .new_blocks
+            _ => reserved.res.new_blocks[..filled]
                 .iter()
                 .map(|&(i, slot)| {
                     let mut data = Vec::new();
                     self.tier.fill_reserved(slot, |b| data = b.to_vec());
-                    Pending { ns, hash: hashes[i], depth: i as u32, data }
+                    Pending { ns, hash: hashes[i], digest: digests[i], depth: i as u32, data }
                 })
                 .collect(),
         };
-        self.tier.publish(&res);
+        let res = reserved.publish(filled);
         if !behind.is_empty() {
             for (name, policy) in self.router.write_plan(Some("tier")) {
                 if policy != WritePolicy::WriteBehind {
@@ -333,7 +386,7 @@ impl Engine {
                 match (name.as_str(), &self.redis, &self.lower) {
                     ("redis", Some(redis), _) => {
                         for p in &behind {
-                            redis.put_behind(Write { ns: p.ns, hash: p.hash, data: p.data.clone() });
+                            redis.put_behind(Write { ns: p.ns, hash: p.hash, digest: p.digest, data: p.data.clone() });
                         }
                     }
                     ("disk", _, Some(lower)) => self.write_behind(lower, &behind),
@@ -368,7 +421,8 @@ impl Engine {
     }
 
     /// Hands the longest cached prefix (at most `max_blocks` blocks) to `read(block_index, bytes)`,
-    /// each block pinned while it is read. Returns the number of tokens loaded.
+    /// each block pinned while it is read. Returns the number of tokens loaded: a block whose
+    /// stored digest is not the request's ends the prefix.
     pub fn load_with(
         &self,
         tokens: &[u32],
@@ -380,23 +434,30 @@ impl Engine {
         let t0 = Instant::now();
         let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
+        let digests = self.digests(tokens);
         let ns = self.namespace_for(extras);
+        let max_blocks = max_blocks.min(hashes.len());
         if self.lower.is_some() || self.redis.is_some() {
-            self.promote(ns, &hashes[..hashes.len().min(max_blocks)]);
+            self.promote(ns, &hashes[..max_blocks], &digests[..max_blocks]);
         }
-        let slots = self.tier.pin_prefix(ns, &hashes, max_blocks);
-        for (i, &slot) in slots.iter().enumerate() {
+        let pins = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, &hashes, &digests, max_blocks) };
+        let mut n = 0;
+        for (i, &slot) in pins.slots.iter().enumerate() {
+            if faults::check(FaultPoint::LoadCopy).is_err() {
+                break; // an injected error: a short load, as if the rest were evicted
+            }
             self.tier.with_pinned(slot, |src| read(i, src));
+            n += 1;
         }
-        self.tier.unpin(&slots);
+        drop(pins);
         let c = &self.counters;
         c.loads.fetch_add(1, Relaxed);
-        c.loaded_blocks.fetch_add(slots.len() as u64, Relaxed);
-        c.loaded_bytes.fetch_add((slots.len() * bb) as u64, Relaxed);
+        c.loaded_blocks.fetch_add(n as u64, Relaxed);
+        c.loaded_bytes.fetch_add((n * bb) as u64, Relaxed);
         let took = t0.elapsed();
         add_elapsed(&c.load_ns, took);
         c.load_hist.observe(took);
-        Ok(slots.len() * self.cfg.block_size)
+        Ok(n * self.cfg.block_size)
     }
 
     /// Stored events for the new blocks, removed events for what their room cost.
@@ -422,7 +483,7 @@ impl Engine {
     /// Queues newly stored blocks for the disk tier; a full queue drops them (counted).
     fn write_behind(&self, lower: &Lower, blocks: &[Pending]) {
         for p in blocks {
-            let p = Pending { ns: p.ns, hash: p.hash, depth: p.depth, data: p.data.clone() };
+            let p = Pending { ns: p.ns, hash: p.hash, digest: p.digest, depth: p.depth, data: p.data.clone() };
             lower.in_flight.fetch_add(1, Relaxed);
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = lower.queue.try_send(p) {
                 lower.in_flight.fetch_sub(1, Relaxed);
@@ -432,17 +493,19 @@ impl Engine {
     }
 
     /// Copies the blocks after the memory tier's prefix that lower tiers hold (in the router's
-    /// order: disk, then Redis) up into memory.
-    fn promote(&self, ns: u64, hashes: &[u64]) {
+    /// order: disk, then Redis) up into memory. Each tier checks that what it returns is the KV of
+    /// the block with that digest.
+    fn promote(&self, ns: u64, hashes: &[u64], digests: &[u128]) {
         // The memory prefix stays pinned meanwhile, so the reservation below finds it all present
         // and only ever reserves blocks read from below.
-        let pinned = self.tier.pin_prefix(ns, hashes, hashes.len());
-        let in_memory = pinned.len();
+        let pinned = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, hashes, digests, hashes.len()) };
+        let in_memory = pinned.slots.len();
         let bb = self.cfg.block_bytes;
         let mut buf: Vec<u8> = Vec::new();
         let mut got = 0;
         for tier in self.below() {
-            let rest = &hashes[in_memory + got..];
+            let from = in_memory + got;
+            let (rest, rest_digests) = (&hashes[from..], &digests[from..]);
             if rest.is_empty() {
                 break;
             }
@@ -453,8 +516,8 @@ impl Engine {
                     buf.resize(start + on_disk * bb, 0);
                     let mut n = 0;
                     for (k, chunk) in buf[start..].chunks_exact_mut(bb).enumerate() {
-                        if !lower.disk.get(ns, rest[k], chunk) {
-                            break; // damaged or gone: the run ends here
+                        if !lower.disk.get(ns, rest[k], rest_digests[k], chunk) {
+                            break; // damaged, mismatched or gone: the run ends here
                         }
                         n += 1;
                     }
@@ -462,30 +525,38 @@ impl Engine {
                 }
                 Below::Redis(redis) => {
                     buf.resize(start + rest.len() * bb, 0);
-                    redis.get_prefix(ns, rest, &mut buf[start..])
+                    redis.get_prefix(ns, rest, rest_digests, &mut buf[start..])
                 }
             };
             buf.truncate(start + n * bb);
             got += n;
         }
         if got > 0 {
-            if let Ok(res) = self.tier.reserve(ns, &hashes[..in_memory + got]) {
-                for &(i, slot) in &res.new_blocks {
+            let upto = in_memory + got;
+            if let Ok(res) = self.tier.reserve(ns, &hashes[..upto], &digests[..upto]) {
+                let reserved = Reserved { tier: &self.tier, res };
+                let mut filled = 0;
+                for &(i, slot) in &reserved.res.new_blocks {
+                    if faults::check(FaultPoint::StoreCopy).is_err() {
+                        break;
+                    }
                     let k = i - in_memory; // i >= in_memory: the prefix is pinned, so present
                     self.tier.fill_reserved(slot, |dst| dst.copy_from_slice(&buf[k * bb..(k + 1) * bb]));
+                    filled += 1;
                 }
-                self.tier.publish(&res);
+                let res = reserved.publish(filled);
                 self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
             }
         }
-        self.tier.unpin(&pinned);
+        drop(pinned);
     }
 
     /// Pins the longest cached prefix (at most `max_blocks`) for zero-copy reads.
     pub fn pin_prefix(&self, tokens: &[u32], extras: HashExtras<'_>, max_blocks: usize) -> Result<Vec<PinnedBlock>> {
         faults::check(FaultPoint::Load)?;
         let hashes = self.hashes(tokens, extras);
-        let slots = self.tier.pin_prefix(self.namespace_for(extras), &hashes, max_blocks);
+        let digests = self.digests(tokens);
+        let slots = self.tier.pin_prefix(self.namespace_for(extras), &hashes, &digests, max_blocks);
         Ok(slots.into_iter().map(|slot| PinnedBlock { tier: Arc::clone(&self.tier), slot }).collect())
     }
 

@@ -1,5 +1,6 @@
-//! Fault injection at the engine's entry points, so tests can prove that a native error or panic
-//! never reaches the host worker. Off by default; the check is one relaxed atomic load.
+//! Fault injection at the engine's entry points and inside its copy loops, so tests can prove
+//! that a native error or panic never reaches the host worker and never leaves a slot reserved or
+//! a block pinned. Off by default; the check is one relaxed atomic load.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -10,6 +11,10 @@ pub enum FaultPoint {
     Lookup,
     Store,
     Load,
+    /// Before each block a store copies into its reserved slot.
+    StoreCopy,
+    /// Before each block a load copies out of its pinned slot.
+    LoadCopy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,7 +24,7 @@ pub enum Fault {
     Panic = 2,
 }
 
-static FAULTS: [AtomicU8; 3] = [AtomicU8::new(0), AtomicU8::new(0), AtomicU8::new(0)];
+static FAULTS: [AtomicU8; 5] = [const { AtomicU8::new(0) }; 5];
 
 impl FaultPoint {
     pub fn parse(name: &str) -> Option<Self> {
@@ -27,6 +32,8 @@ impl FaultPoint {
             "lookup" => Some(Self::Lookup),
             "store" => Some(Self::Store),
             "load" => Some(Self::Load),
+            "store_copy" => Some(Self::StoreCopy),
+            "load_copy" => Some(Self::LoadCopy),
             _ => None,
         }
     }
@@ -48,7 +55,7 @@ pub fn inject(point: FaultPoint, fault: Fault) {
     FAULTS[point as usize].store(fault as u8, Ordering::Relaxed);
 }
 
-/// Called at the top of each entry point.
+/// Called at each fault point.
 pub fn check(point: FaultPoint) -> Result<()> {
     match FAULTS[point as usize].load(Ordering::Relaxed) {
         0 => Ok(()),

@@ -8,8 +8,12 @@
 //!   evictable, oldest first, longer prefixes first on ties;
 //! - the number of live slots never exceeds the budget's slot count, whatever the concurrency.
 //!
-//! Bytes are copied outside the lock: a store reserves `Writing` slots, copies, then publishes them;
-//! a load pins `Ready` slots, copies, then unpins.
+//! Bytes are copied outside the lock: a store reserves `Writing` slots, copies, then publishes them
+//! (or aborts them: a store that fails or panics midway leaves no slot behind); a load pins `Ready`
+//! slots, copies, then unpins.
+//!
+//! Each block remembers the digest of its tokens and parent (`hashing::block_digests`); a load
+//! whose digest differs (a 64-bit sequence-hash collision between two prefixes) stops there.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -31,6 +35,7 @@ enum State {
 
 struct Entry {
     key: Key,
+    digest: u128,
     parent: Option<SlotId>,
     children: u32,
     pins: u32,
@@ -78,6 +83,8 @@ struct Inner {
     live: u64,
     pinned: u64,
     evicted_blocks: u64,
+    /// Loads stopped at a block whose digest is not the request's.
+    mismatched_blocks: u64,
     /// Keys evicted since the last reservation handed them out (for KV "removed" events).
     evicted_keys: Vec<Key>,
 }
@@ -103,6 +110,7 @@ pub struct TierStats {
     pub capacity_bytes: u64,
     pub allocated_bytes: u64,
     pub evicted_blocks: u64,
+    pub mismatched_blocks: u64,
 }
 
 pub struct MemoryTier {
@@ -237,9 +245,11 @@ impl MemoryTier {
         lo
     }
 
-    /// Reserves slots for the blocks of `hashes` not yet present, evicting as needed. Stops at the
-    /// first block another store is still writing, or when nothing more can be evicted.
-    pub fn reserve(&self, ns: u64, hashes: &[u64]) -> Result<Reservation> {
+    /// Reserves slots for the blocks of `hashes` (with their `digests`) not yet present, evicting
+    /// as needed. Stops at the first block another store is still writing, at a block present
+    /// under another digest, or when nothing more can be evicted.
+    pub fn reserve(&self, ns: u64, hashes: &[u64], digests: &[u128]) -> Result<Reservation> {
+        assert_eq!(hashes.len(), digests.len(), "one digest per hash");
         let capacity = self.arena.slots();
         let mut inner = self.inner.write();
         inner.tick += 1;
@@ -249,9 +259,11 @@ impl MemoryTier {
         for (i, &h) in hashes.iter().enumerate() {
             let key = (ns, h);
             if let Some(&slot) = inner.index.get(&key) {
-                if inner.entry(slot).state != State::Ready || !res.new_blocks.is_empty() {
-                    // Another store owns it (or a hash collision inside one sequence): stop here
-                    // rather than publish children before their parent.
+                let e = inner.entry(slot);
+                if e.state != State::Ready || e.digest != digests[i] || !res.new_blocks.is_empty() {
+                    // Another store owns it, another prefix's block holds this hash, or a hash
+                    // collision inside one sequence: stop here rather than chain onto KV that is
+                    // not this prefix's, or publish children before their parent.
                     res.rejected = hashes.len() - i;
                     break;
                 }
@@ -282,6 +294,7 @@ impl MemoryTier {
             }
             inner.entries[slot as usize] = Some(Entry {
                 key,
+                digest: digests[i],
                 parent,
                 children: 0,
                 pins: 0,
@@ -311,6 +324,28 @@ impl MemoryTier {
         fill(dst);
     }
 
+    /// Takes back the reserved blocks from the `keep`-th on (they were not written: the store
+    /// failed or panicked), newest first so no freed block is still some block's parent.
+    pub fn abort(&self, res: &mut Reservation, keep: usize) {
+        if keep >= res.new_blocks.len() {
+            return;
+        }
+        let mut inner = self.inner.write();
+        for &(_, slot) in res.new_blocks[keep..].iter().rev() {
+            let e = inner.entries[slot as usize].take().expect("reserved slot is live");
+            debug_assert!(e.state == State::Writing && e.children == 0 && e.pins == 0);
+            inner.index.remove(&e.key);
+            inner.live -= 1;
+            inner.free.push(slot);
+            if let Some(p) = e.parent {
+                inner.entry_mut(p).children -= 1;
+                inner.refresh(p);
+            }
+        }
+        res.rejected += res.new_blocks.len() - keep;
+        res.new_blocks.truncate(keep);
+    }
+
     /// Makes reserved blocks visible, all at once, so a child is never visible before its parent.
     pub fn publish(&self, res: &Reservation) {
         let mut inner = self.inner.write();
@@ -320,15 +355,22 @@ impl MemoryTier {
         }
     }
 
-    /// Pins the leading ready blocks of `hashes` (at most `max_blocks`) and marks them used.
-    pub fn pin_prefix(&self, ns: u64, hashes: &[u64], max_blocks: usize) -> Vec<SlotId> {
+    /// Pins the leading ready blocks of `hashes` (at most `max_blocks`) whose digests are the
+    /// request's, and marks them used.
+    pub fn pin_prefix(&self, ns: u64, hashes: &[u64], digests: &[u128], max_blocks: usize) -> Vec<SlotId> {
+        assert_eq!(hashes.len(), digests.len(), "one digest per hash");
         let mut inner = self.inner.write();
         inner.tick += 1;
         let tick = inner.tick;
         let mut slots = Vec::new();
-        for &h in hashes.iter().take(max_blocks) {
+        for (&h, &d) in hashes.iter().zip(digests).take(max_blocks) {
             let Some(&slot) = inner.index.get(&(ns, h)) else { break };
-            if inner.entry(slot).state != State::Ready {
+            let e = inner.entry(slot);
+            if e.state != State::Ready {
+                break;
+            }
+            if e.digest != d {
+                inner.mismatched_blocks += 1;
                 break;
             }
             inner.touch(slot, tick);
@@ -345,7 +387,6 @@ impl MemoryTier {
         }
     }
 
-    /// Copies a pinned block into `dst`.
     /// Hands a pinned slot's bytes to `read`.
     pub fn with_pinned<R>(&self, slot: SlotId, read: impl FnOnce(&[u8]) -> R) -> R {
         // SAFETY: the caller pinned the slot, so it is neither evicted nor rewritten meanwhile.
@@ -360,6 +401,11 @@ impl MemoryTier {
         self.arena.slot_ptr(slot)
     }
 
+    /// Whether `[addr, addr + len)` overlaps the tier's memory.
+    pub fn overlaps(&self, addr: usize, len: usize) -> bool {
+        self.arena.overlaps(addr, len)
+    }
+
     pub fn stats(&self) -> TierStats {
         let inner = self.inner.read();
         let bb = self.arena.slot_bytes() as u64;
@@ -370,6 +416,7 @@ impl MemoryTier {
             capacity_bytes: self.capacity_bytes(),
             allocated_bytes: self.arena.allocated_bytes(),
             evicted_blocks: inner.evicted_blocks,
+            mismatched_blocks: inner.mismatched_blocks,
         }
     }
 

@@ -141,11 +141,14 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
     family("xconnector_tier_entries", "gauge", "Blocks held, by tier.", entries);
     family("xconnector_tier_capacity_bytes", "gauge", "Byte budget, by tier.", capacity);
     let mut damaged = Vec::new();
+    let mut mismatched = vec![(l(&[("tier", "memory")]), c(s.tier.mismatched_blocks))];
     if let Some(d) = s.disk {
         damaged.push((l(&[("tier", "disk")]), c(d.corrupt_blocks)));
+        mismatched.push((l(&[("tier", "disk")]), c(d.mismatched_blocks)));
     }
     if let Some(r) = s.redis {
-        damaged.push((l(&[("tier", "redis")]), c(r.foreign_values)));
+        damaged.push((l(&[("tier", "redis")]), c(r.foreign_values + r.corrupt_values)));
+        mismatched.push((l(&[("tier", "redis")]), c(r.mismatched_values)));
         family(
             "xconnector_redis_written_blocks_total",
             "counter",
@@ -169,6 +172,12 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
     if !damaged.is_empty() {
         family("xconnector_damaged_blocks_total", "counter", "Damaged or foreign blocks refused, by tier.", damaged);
     }
+    family(
+        "xconnector_mismatched_blocks_total",
+        "counter",
+        "Intact blocks refused because they are not the KV asked for (wrong key, hash collision), by tier.",
+        mismatched,
+    );
     if let Some(e) = s.events {
         family(
             "xconnector_kv_events_published_total",

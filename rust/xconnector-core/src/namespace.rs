@@ -1,5 +1,7 @@
-//! The namespace half of a store key: everything that makes KV bytes of the same tokens
-//! incompatible. Two models (or dtypes, layouts, ranks) sharing a store never serve each other's KV.
+//! The namespace half of a store key: exactly what determines the bytes of a block besides its
+//! tokens. Two models (or dtypes, layouts, ranks) sharing a store never serve each other's KV, and
+//! nothing else is in it: the number of blocks a worker's KV cache has, for one, is not, so workers
+//! with different memory settings (and a restart with another setting) share disk and Redis.
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -8,12 +10,22 @@ use crate::hashing::{HashExtras, HASH_VERSION};
 /// What the KV bytes of a block depend on besides the tokens.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Namespace {
+    /// The model as given (a path or hub name), or the operator's override for a model mounted at
+    /// different paths.
     pub model: String,
+    /// The model's revision (commit, tag), empty when not known.
+    pub revision: String,
+    /// The KV cache dtype, with fp8 variants told apart (`fp8_e4m3`, `fp8_e5m2`).
     pub dtype: String,
+    /// The weights' quantization method (empty: none); it changes the KV the model computes.
+    pub quantization: String,
+    /// Per-block layout: the layout name and a block's shape per layer, without the block count.
     pub kv_layout: String,
     pub block_size: u32,
     pub tp_world_size: u32,
     pub tp_rank: u32,
+    pub pp_world_size: u32,
+    pub pp_rank: u32,
     /// Deployment-specific keys that must also separate entries, sorted on use.
     pub extra: Vec<(String, String)>,
 }
@@ -35,11 +47,16 @@ impl Namespace {
         field(b"xconnector-namespace");
         field(&HASH_VERSION.to_le_bytes());
         field(self.model.as_bytes());
+        field(self.revision.as_bytes());
         field(self.dtype.as_bytes());
+        field(self.quantization.as_bytes());
         field(self.kv_layout.as_bytes());
         field(&self.block_size.to_le_bytes());
         field(&self.tp_world_size.to_le_bytes());
         field(&self.tp_rank.to_le_bytes());
+        // 0 and 1 both mean "no pipeline parallelism".
+        field(&self.pp_world_size.max(1).to_le_bytes());
+        field(&self.pp_rank.to_le_bytes());
         let mut extra: Vec<_> = self.extra.iter().collect();
         extra.sort();
         for (k, v) in extra {
@@ -49,6 +66,7 @@ impl Namespace {
         // Empty strings count as absent, matching the block seed.
         field(extras.lora_name.unwrap_or("").as_bytes());
         field(extras.cache_salt.unwrap_or("").as_bytes());
+        field(extras.lora_id.unwrap_or("").as_bytes());
         h.digest()
     }
 }
@@ -65,7 +83,8 @@ mod tests {
             block_size: 16,
             tp_world_size: 2,
             tp_rank: 0,
-            extra: vec![],
+            pp_world_size: 1,
+            ..Namespace::default()
         }
     }
 
@@ -79,16 +98,26 @@ mod tests {
             Namespace { block_size: 32, ..base() },
             Namespace { tp_world_size: 4, ..base() },
             Namespace { tp_rank: 1, ..base() },
+            Namespace { revision: "main".into(), ..base() },
+            Namespace { quantization: "awq".into(), ..base() },
+            Namespace { pp_world_size: 2, ..base() },
+            Namespace { pp_rank: 1, ..base() },
+            Namespace { dtype: "fp8_e5m2".into(), ..Namespace { dtype: "fp8_e4m3".into(), ..base() } },
             Namespace { extra: vec![("k".into(), "v".into())], ..base() },
         ];
         for v in &variants {
             assert_ne!(v.id(), b.id(), "{v:?}");
         }
-        let lora = HashExtras { lora_name: Some("a"), cache_salt: None };
-        let salt = HashExtras { lora_name: None, cache_salt: Some("a") };
+        let lora = HashExtras { lora_name: Some("a"), ..Default::default() };
+        let salt = HashExtras { cache_salt: Some("a"), ..Default::default() };
+        let other_weights = HashExtras { lora_id: Some("/adapters/a-v2"), ..lora };
         assert_ne!(b.id_with(lora), b.id());
         assert_ne!(b.id_with(lora), b.id_with(salt));
-        assert_eq!(b.id_with(HashExtras { lora_name: Some(""), cache_salt: Some("") }), b.id());
+        assert_ne!(b.id_with(lora), b.id_with(other_weights));
+        let empty = HashExtras { lora_name: Some(""), cache_salt: Some(""), lora_id: Some("") };
+        assert_eq!(b.id_with(empty), b.id());
+        // No pipeline parallelism reads the same whichever way it is said.
+        assert_eq!(Namespace { pp_world_size: 0, ..base() }.id(), base().id());
     }
 
     #[test]
@@ -105,7 +134,7 @@ mod tests {
     fn id_is_a_fixed_function_of_its_fields() {
         // Golden values: processes and machines sharing a store must agree on them. A change here
         // silently turns every shared cache into misses, so make it deliberately (bump HASH_VERSION).
-        assert_eq!(base().id(), 0xfc9bd42df616f7e8);
-        assert_eq!(Namespace::default().id(), 0x1b82caf62e63f118);
+        assert_eq!(base().id(), 0xca7c7941b0d1a363);
+        assert_eq!(Namespace::default().id(), 0x19e4d16658da96c8);
     }
 }

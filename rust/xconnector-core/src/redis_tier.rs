@@ -4,8 +4,10 @@
 //!
 //! Keys are `<prefix>:<namespace>:<sequence hash>` (hex), so engines of different models never
 //! meet and two engines of the same model, in any processes, share blocks. Values carry a header
-//! (magic, format version, payload length, XXH3 of the payload): a truncated, foreign or garbage
-//! value is a miss and is counted, never served. Writes go behind stores through a bounded queue,
+//! (magic, format version, namespace, sequence hash, the block's digest of its tokens and parent,
+//! payload length, XXH3 of the payload), so a value is bound to its key: a truncated, damaged or
+//! foreign value, or one copied under another key, is a miss, counted by reason and deleted,
+//! never served. Writes go behind stores through a bounded queue,
 //! in pipelined batches; a full queue drops blocks (counted) rather than block the worker. When
 //! Redis is down or slow, operations fail fast for a backoff period that doubles per consecutive
 //! failure (capped); the connection manager reconnects; callers only ever see misses.
@@ -21,9 +23,10 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{CoreError, Result};
 
-const MAGIC: &[u8; 4] = b"XCR1";
-const FORMAT: u32 = 1;
-const HEADER: usize = 24;
+const MAGIC: &[u8; 4] = b"XCR2";
+const FORMAT: u32 = 2;
+/// magic 4, format 4, namespace 8, hash 8, digest 16, length 8, checksum 8.
+const HEADER: usize = 56;
 /// Writer threads (and connections) for write-behind.
 const WRITERS: usize = 2;
 
@@ -45,8 +48,13 @@ pub struct RedisConfig {
 pub struct RedisStats {
     pub reads: u64,
     pub hit_blocks: u64,
-    /// Values under our keys that are not XConnector blocks of this size (or are damaged).
+    /// Values under our keys that are not XConnector blocks of this format and size.
     pub foreign_values: u64,
+    /// XConnector values whose payload fails its checksum.
+    pub corrupt_values: u64,
+    /// Intact XConnector values that are not the KV asked for (written or copied under another
+    /// key, or another prefix with the same hash).
+    pub mismatched_values: u64,
     pub written_blocks: u64,
     /// Blocks not written: the queue was full, or Redis failed the batch.
     pub dropped_blocks: u64,
@@ -62,7 +70,15 @@ struct Health {
 pub struct Write {
     pub ns: u64,
     pub hash: u64,
+    pub digest: u128,
     pub data: Vec<u8>,
+}
+
+/// Why a value was not served.
+enum Reject {
+    Foreign,
+    Damaged,
+    Mismatch,
 }
 
 struct Shared {
@@ -75,6 +91,8 @@ struct Shared {
     reads: AtomicU64,
     hits: AtomicU64,
     foreign: AtomicU64,
+    corrupt: AtomicU64,
+    mismatched: AtomicU64,
     written: AtomicU64,
     dropped: AtomicU64,
     errors: AtomicU64,
@@ -155,15 +173,38 @@ impl Shared {
         Ok(out)
     }
 
-    fn valid<'v>(&self, value: &'v [u8]) -> Option<&'v [u8]> {
+    /// The payload of `value` if it is the KV of block `(ns, hash)` with `digest`.
+    fn check<'v>(&self, value: &'v [u8], ns: u64, hash: u64, digest: u128) -> std::result::Result<&'v [u8], Reject> {
         if value.len() != HEADER + self.block_bytes || &value[..4] != MAGIC {
-            return None;
+            return Err(Reject::Foreign);
         }
-        let format = u32::from_le_bytes(value[4..8].try_into().ok()?);
-        let len = u64::from_le_bytes(value[8..16].try_into().ok()?);
-        let sum = u64::from_le_bytes(value[16..24].try_into().ok()?);
+        let word = |i: usize| u64::from_le_bytes(value[i..i + 8].try_into().unwrap_or([0; 8]));
+        let format = u32::from_le_bytes(value[4..8].try_into().unwrap_or([0; 4]));
+        if format != FORMAT || word(40) != self.block_bytes as u64 {
+            return Err(Reject::Foreign);
+        }
         let payload = &value[HEADER..];
-        (format == FORMAT && len == self.block_bytes as u64 && sum == xxh3_64(payload)).then_some(payload)
+        if word(48) != xxh3_64(payload) {
+            return Err(Reject::Damaged);
+        }
+        let stored_digest = u128::from_le_bytes(value[24..40].try_into().unwrap_or([0; 16]));
+        if word(8) != ns || word(16) != hash || stored_digest != digest {
+            return Err(Reject::Mismatch);
+        }
+        Ok(payload)
+    }
+
+    fn encode(w: &Write) -> Vec<u8> {
+        let mut value = Vec::with_capacity(HEADER + w.data.len());
+        value.extend_from_slice(MAGIC);
+        value.extend_from_slice(&FORMAT.to_le_bytes());
+        value.extend_from_slice(&w.ns.to_le_bytes());
+        value.extend_from_slice(&w.hash.to_le_bytes());
+        value.extend_from_slice(&w.digest.to_le_bytes());
+        value.extend_from_slice(&(w.data.len() as u64).to_le_bytes());
+        value.extend_from_slice(&xxh3_64(&w.data).to_le_bytes());
+        value.extend_from_slice(&w.data);
+        value
     }
 
     fn write_batch(&self, batch: Vec<Write>) {
@@ -171,13 +212,7 @@ impl Shared {
         let result = self.with_connection(|con| {
             let mut pipe = redis::pipe();
             for w in &batch {
-                let mut value = Vec::with_capacity(HEADER + w.data.len());
-                value.extend_from_slice(MAGIC);
-                value.extend_from_slice(&FORMAT.to_le_bytes());
-                value.extend_from_slice(&(w.data.len() as u64).to_le_bytes());
-                value.extend_from_slice(&xxh3_64(&w.data).to_le_bytes());
-                value.extend_from_slice(&w.data);
-                pipe.set(self.key(w.ns, w.hash), value).ignore();
+                pipe.set(self.key(w.ns, w.hash), Self::encode(w)).ignore();
             }
             pipe.query::<()>(con)
         });
@@ -252,6 +287,8 @@ impl RedisTier {
             reads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             foreign: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            mismatched: AtomicU64::new(0),
             written: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -304,9 +341,10 @@ impl RedisTier {
         }
     }
 
-    /// Reads the leading blocks of `hashes` into `out` (blocks back to back) until the first
-    /// missing or invalid one; returns how many were read.
-    pub fn get_prefix(&self, ns: u64, hashes: &[u64], out: &mut [u8]) -> usize {
+    /// Reads the leading blocks of `hashes` (whose digests are `digests`) into `out` (blocks back
+    /// to back) until the first missing or invalid one; returns how many were read. An invalid
+    /// value is deleted, so the next store of that block can write a good one.
+    pub fn get_prefix(&self, ns: u64, hashes: &[u64], digests: &[u128], out: &mut [u8]) -> usize {
         let s = &self.shared;
         if hashes.is_empty() || !s.available() {
             return 0;
@@ -325,13 +363,23 @@ impl RedisTier {
         s.reads.fetch_add(1, Relaxed);
         let bb = s.block_bytes;
         let mut n = 0;
-        for (value, chunk) in values.iter().zip(out.chunks_exact_mut(bb)) {
+        for (i, (value, chunk)) in values.iter().zip(out.chunks_exact_mut(bb)).enumerate() {
             let Some(value) = value else { break };
-            let Some(payload) = s.valid(value) else {
-                s.foreign.fetch_add(1, Relaxed);
-                break;
-            };
-            chunk.copy_from_slice(payload);
+            match s.check(value, ns, hashes[i], digests[i]) {
+                Ok(payload) => chunk.copy_from_slice(payload),
+                Err(why) => {
+                    let (counter, what) = match why {
+                        Reject::Foreign => (&s.foreign, "not an XConnector block of this size"),
+                        Reject::Damaged => (&s.corrupt, "damaged"),
+                        Reject::Mismatch => (&s.mismatched, "not the KV of the block asked for"),
+                    };
+                    if counter.fetch_add(1, Relaxed) == 0 {
+                        tracing::warn!(key = %keys[i], "Redis value deleted: {what} (logged once per kind)");
+                    }
+                    let _ = s.with_connection(|con| redis::cmd("DEL").arg(&keys[i]).query::<()>(con));
+                    break;
+                }
+            }
             n += 1;
         }
         s.hits.fetch_add(n as u64, Relaxed);
@@ -360,6 +408,8 @@ impl RedisTier {
             reads: s.reads.load(Relaxed),
             hit_blocks: s.hits.load(Relaxed),
             foreign_values: s.foreign.load(Relaxed),
+            corrupt_values: s.corrupt.load(Relaxed),
+            mismatched_values: s.mismatched.load(Relaxed),
             written_blocks: s.written.load(Relaxed),
             dropped_blocks: s.dropped.load(Relaxed),
             errors: s.errors.load(Relaxed),

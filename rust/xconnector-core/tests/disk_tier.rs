@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use xconnector_core::disk_tier::HEADER;
 use xconnector_core::{DiskConfig, Engine, EngineConfig, HashExtras, Namespace};
 
 const BS: usize = 4;
@@ -17,7 +18,7 @@ fn engine(dir: &Path, memory_blocks: u64, disk_blocks: u64) -> Engine {
         namespace: Namespace { model: "m".into(), ..Namespace::default() },
         disk: Some(DiskConfig {
             dir: dir.to_path_buf(),
-            capacity_bytes: disk_blocks * (BB as u64 + 48),
+            capacity_bytes: disk_blocks * ((BB + HEADER) as u64),
             queue_blocks: 1024,
         }),
         redis: None,
@@ -46,7 +47,7 @@ fn block_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-const X: HashExtras<'static> = HashExtras { lora_name: None, cache_salt: None };
+const X: HashExtras<'static> = HashExtras { lora_name: None, cache_salt: None, lora_id: None };
 
 #[test]
 fn blocks_survive_a_restart_and_are_promoted_on_load() {
@@ -106,15 +107,15 @@ fn damaged_truncated_and_foreign_files_are_misses_never_served() {
     // Flip one payload byte of the chain's third block: its checksum no longer matches.
     let victim = file_of(hashes[2]);
     let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[48 + 10] ^= 0xFF;
+    bytes[HEADER + 10] ^= 0xFF;
     std::fs::write(&victim, &bytes).unwrap();
     // Foreign files: junk names, and a well-named file of the right size full of garbage.
     std::fs::write(dir.path().join("README.txt"), b"hello").unwrap();
     std::fs::create_dir_all(dir.path().join("zz")).unwrap();
-    std::fs::write(dir.path().join("zz").join("not-a-block.xcb"), vec![1u8; 304]).unwrap();
+    std::fs::write(dir.path().join("zz").join("not-a-block.xcb"), vec![1u8; HEADER + BB]).unwrap();
     let garbage_name = dir.path().join("00").join("0000000000000001-0000000000000002.xcb");
     std::fs::create_dir_all(garbage_name.parent().unwrap()).unwrap();
-    std::fs::write(&garbage_name, vec![0xAB; 48 + BB]).unwrap();
+    std::fs::write(&garbage_name, vec![0xAB; HEADER + BB]).unwrap();
 
     let e = engine(dir.path(), 16, 64);
     let mut out = vec![0u8; 4 * BB];

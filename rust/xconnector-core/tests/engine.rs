@@ -42,7 +42,7 @@ fn seq(start: u32, n: usize) -> Vec<u32> {
     (start..start + n as u32).collect()
 }
 
-const NONE: HashExtras<'static> = HashExtras { lora_name: None, cache_salt: None };
+const NONE: HashExtras<'static> = HashExtras { lora_name: None, cache_salt: None, lora_id: None };
 
 #[test]
 fn round_trip_and_prefix_lookup() {
@@ -61,7 +61,7 @@ fn round_trip_and_prefix_lookup() {
     other.extend([999, 998, 997, 996]);
     assert_eq!(e.lookup(&other, NONE).unwrap(), 2 * BS);
     // The same tokens in another namespace, or with a LoRA, miss.
-    assert_eq!(e.lookup(&t, HashExtras { lora_name: Some("x"), cache_salt: None }).unwrap(), 0);
+    assert_eq!(e.lookup(&t, HashExtras { lora_name: Some("x"), cache_salt: None, lora_id: None }).unwrap(), 0);
     let e2 = engine_ns(100, Namespace { model: "other".into(), ..Default::default() });
     assert_eq!(e2.lookup(&t, NONE).unwrap(), 0);
     // Storing again finds everything present.

@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::os::raw::{c_int, c_void};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -26,8 +25,12 @@ pub struct Engine {
     pub(crate) inner: Arc<CoreEngine>,
 }
 
-pub(crate) fn extras<'a>(lora_name: &'a Option<String>, cache_salt: &'a Option<String>) -> HashExtras<'a> {
-    HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref() }
+pub(crate) fn extras<'a>(
+    lora_name: &'a Option<String>,
+    cache_salt: &'a Option<String>,
+    lora_id: &'a Option<String>,
+) -> HashExtras<'a> {
+    HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref(), lora_id: lora_id.as_deref() }
 }
 
 #[pymethods]
@@ -35,6 +38,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (*, block_bytes, capacity_bytes, block_size = 16, model = "",
         dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None,
+        revision = "", quantization = "", pp_world_size = 1, pp_rank = 0,
         disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024,
         redis_url = None, redis_key_prefix = "xconnector", redis_queue_blocks = 4096,
         redis_batch_blocks = 64, redis_timeout = 1.0, redis_ca_file = None, events_url = None,
@@ -51,6 +55,10 @@ impl Engine {
         tp_world_size: u32,
         tp_rank: u32,
         extra: Option<HashMap<String, String>>,
+        revision: &str,
+        quantization: &str,
+        pp_world_size: u32,
+        pp_rank: u32,
         disk_path: Option<PathBuf>,
         disk_capacity_bytes: u64,
         disk_queue_blocks: usize,
@@ -89,11 +97,15 @@ impl Engine {
         });
         let namespace = Namespace {
             model: model.to_owned(),
+            revision: revision.to_owned(),
             dtype: dtype.to_owned(),
+            quantization: quantization.to_owned(),
             kv_layout: kv_layout.to_owned(),
             block_size: 0, // set from block_size by the core
             tp_world_size,
             tp_rank,
+            pp_world_size,
+            pp_rank,
             extra: extra.unwrap_or_default().into_iter().collect(),
         };
         let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk, redis, events };
@@ -102,20 +114,21 @@ impl Engine {
     }
 
     /// Number of leading tokens whose KV is cached (block-aligned). Does not touch the LRU order.
-    #[pyo3(signature = (tokens, *, lora_name = None, cache_salt = None))]
+    #[pyo3(signature = (tokens, *, lora_name = None, cache_salt = None, lora_id = None))]
     fn lookup(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         lora_name: Option<String>,
         cache_salt: Option<String>,
+        lora_id: Option<String>,
     ) -> PyResult<usize> {
         let toks = guarded(py, || buffers::tokens(tokens))?;
-        detached(py, || self.inner.lookup(&toks, extras(&lora_name, &cache_salt)))
+        detached(py, || self.inner.lookup(&toks, extras(&lora_name, &cache_salt, &lora_id)))
     }
 
     /// Stores the KV of the full blocks of `tokens`; returns how many blocks were newly stored.
-    #[pyo3(signature = (tokens, payload, *, lora_name = None, cache_salt = None))]
+    #[pyo3(signature = (tokens, payload, *, lora_name = None, cache_salt = None, lora_id = None))]
     fn store(
         &self,
         py: Python<'_>,
@@ -123,17 +136,18 @@ impl Engine {
         payload: &Bound<'_, PyAny>,
         lora_name: Option<String>,
         cache_salt: Option<String>,
+        lora_id: Option<String>,
     ) -> PyResult<usize> {
         let toks = guarded(py, || buffers::tokens(tokens))?;
         let region = guarded(py, || ByteRegion::get(payload, "payload"))?;
         let bytes = region.as_slice();
-        let out = detached(py, || self.inner.store(&toks, bytes, extras(&lora_name, &cache_salt)))?;
+        let out = detached(py, || self.inner.store(&toks, bytes, extras(&lora_name, &cache_salt, &lora_id)))?;
         Ok(out.stored)
     }
 
     /// Copies the longest cached prefix into `out` (blocks back to back, at most as many blocks
     /// as fit); returns the number of tokens loaded.
-    #[pyo3(signature = (tokens, out, *, lora_name = None, cache_salt = None))]
+    #[pyo3(signature = (tokens, out, *, lora_name = None, cache_salt = None, lora_id = None))]
     fn load(
         &self,
         py: Python<'_>,
@@ -141,16 +155,24 @@ impl Engine {
         out: &Bound<'_, PyAny>,
         lora_name: Option<String>,
         cache_salt: Option<String>,
+        lora_id: Option<String>,
     ) -> PyResult<usize> {
         let toks = guarded(py, || buffers::tokens(tokens))?;
         let mut region = guarded(py, || ByteRegion::get(out, "out"))?;
         let dst = region.as_mut_slice(py, "out")?;
-        detached(py, || self.inner.load(&toks, dst, extras(&lora_name, &cache_salt)))
+        if self.inner.overlaps_cache(dst.as_ptr() as usize, dst.len()) {
+            return Err(crate::errors::invalid_input(
+                py,
+                "out overlaps the engine's cache (is it a view of a cached block?); loading into it would \
+                 overwrite cached KV: pass a buffer of your own",
+            ));
+        }
+        detached(py, || self.inner.load(&toks, dst, extras(&lora_name, &cache_salt, &lora_id)))
     }
 
     /// Zero-copy, read-only views of the longest cached prefix's blocks. Each view keeps its block
     /// from being evicted until it is released (or garbage-collected).
-    #[pyo3(signature = (tokens, *, max_blocks = None, lora_name = None, cache_salt = None))]
+    #[pyo3(signature = (tokens, *, max_blocks = None, lora_name = None, cache_salt = None, lora_id = None))]
     fn views(
         &self,
         py: Python<'_>,
@@ -158,10 +180,11 @@ impl Engine {
         max_blocks: Option<usize>,
         lora_name: Option<String>,
         cache_salt: Option<String>,
+        lora_id: Option<String>,
     ) -> PyResult<Vec<BlockView>> {
         let toks = guarded(py, || buffers::tokens(tokens))?;
         let max = max_blocks.unwrap_or(usize::MAX);
-        let pinned = detached(py, || self.inner.pin_prefix(&toks, extras(&lora_name, &cache_salt), max))?;
+        let pinned = detached(py, || self.inner.pin_prefix(&toks, extras(&lora_name, &cache_salt, &lora_id), max))?;
         Ok(pinned.into_iter().map(BlockView::new).collect())
     }
 
@@ -169,7 +192,7 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = detached(py, || Ok(self.inner.stats()))?;
         let d = PyDict::new(py);
-        let ints: [(&str, u64); 22] = [
+        let ints: [(&str, u64); 23] = [
             ("lookups", s.lookups),
             ("hit_tokens", s.hit_tokens),
             ("miss_tokens", s.miss_tokens),
@@ -182,6 +205,7 @@ impl Engine {
             ("loaded_blocks", s.loaded_blocks),
             ("loaded_bytes", s.loaded_bytes),
             ("evicted_blocks", s.tier.evicted_blocks),
+            ("mismatched_blocks", s.tier.mismatched_blocks),
             ("entries", s.tier.entries),
             ("pinned_blocks", s.tier.pinned),
             ("used_bytes", s.tier.used_bytes),
@@ -205,6 +229,8 @@ impl Engine {
                 ("redis_reads", r.reads),
                 ("redis_hit_blocks", r.hit_blocks),
                 ("redis_foreign_values", r.foreign_values),
+                ("redis_corrupt_values", r.corrupt_values),
+                ("redis_mismatched_values", r.mismatched_values),
                 ("redis_written_blocks", r.written_blocks),
                 ("redis_dropped_blocks", r.dropped_blocks),
                 ("redis_errors", r.errors),
@@ -222,6 +248,7 @@ impl Engine {
                 ("disk_read_blocks", disk.read_blocks),
                 ("disk_evicted_blocks", disk.evicted_blocks),
                 ("disk_corrupt_blocks", disk.corrupt_blocks),
+                ("disk_mismatched_blocks", disk.mismatched_blocks),
                 ("disk_write_errors", disk.write_errors),
             ] {
                 d.set_item(k, v)?;
@@ -312,17 +339,23 @@ impl Engine {
 
 /// A read-only view of one cached block, exported through the buffer protocol
 /// (`memoryview(v)`, `numpy.frombuffer(v, ...)`, `torch.frombuffer(v, ...)`).
+///
+/// The block stays pinned (never evicted, never rewritten) until this object is freed, that is
+/// until nothing references it any more: `numpy.frombuffer` and `torch.frombuffer` give the
+/// buffer back at once and keep only a reference to this object, so no count of live buffers
+/// can tell when the memory is unreachable, and only the object's own lifetime can.
+/// `release()` stops new exports; the pin goes with the last reference.
 #[pyclass(module = "xconnector._native", frozen)]
 pub struct BlockView {
-    block: Mutex<Option<PinnedBlock>>,
-    exports: AtomicUsize,
+    block: PinnedBlock,
+    released: AtomicBool,
     len: usize,
 }
 
 impl BlockView {
     fn new(block: PinnedBlock) -> Self {
         let len = block.len();
-        Self { block: Mutex::new(Some(block)), exports: AtomicUsize::new(0), len }
+        Self { block, released: AtomicBool::new(false), len }
     }
 }
 
@@ -332,27 +365,24 @@ impl BlockView {
         self.len
     }
 
-    /// Unpins the block so it may be evicted. Fails while a memoryview of it is still alive.
-    fn release(&self) -> PyResult<()> {
-        if self.exports.load(Ordering::Acquire) > 0 {
-            return Err(PyBufferError::new_err("release the memoryviews of this block first"));
-        }
-        self.block.lock().take();
-        Ok(())
+    /// No new buffers from this view. The block is unpinned once this view and everything made
+    /// from it (memoryviews, arrays, tensors) are gone.
+    fn release(&self) {
+        self.released.store(true, Ordering::Release);
     }
 
     #[getter]
     fn released(&self) -> bool {
-        self.block.lock().is_none()
+        self.released.load(Ordering::Acquire)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
-    fn __exit__(&self, _exc_type: Py<PyAny>, _exc: Py<PyAny>, _tb: Py<PyAny>) -> PyResult<bool> {
-        self.release()?;
-        Ok(false)
+    fn __exit__(&self, _exc_type: Py<PyAny>, _exc: Py<PyAny>, _tb: Py<PyAny>) -> bool {
+        self.release();
+        false
     }
 
     /// # Safety
@@ -365,16 +395,13 @@ impl BlockView {
             return Err(PyBufferError::new_err("cached blocks are read-only; copy them to modify"));
         }
         let this = slf.get();
-        let guard = this.block.lock();
-        let Some(block) = guard.as_ref() else {
+        if this.released() {
             return Err(PyBufferError::new_err("this block view was released"));
-        };
-        let ptr = block.as_ptr();
+        }
+        let ptr = this.block.as_ptr();
         let len = this.len as isize;
-        this.exports.fetch_add(1, Ordering::AcqRel);
-        drop(guard);
-        // SAFETY: `view` is valid per CPython's contract; the block stays pinned while exported
-        // because `release` refuses while `exports > 0` and `view.obj` keeps `self` alive.
+        // SAFETY: `view` is valid per CPython's contract; `view.obj` is a new reference to this
+        // view, whose pin lasts as long as the object does.
         unsafe {
             (*view).obj = slf.into_any().into_ptr();
             (*view).buf = ptr as *mut c_void;
@@ -398,12 +425,6 @@ impl BlockView {
             (*view).internal = std::ptr::null_mut();
         }
         Ok(())
-    }
-
-    /// # Safety
-    /// Called by CPython once per successful `__getbuffer__`.
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
-        self.exports.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn __repr__(&self) -> String {

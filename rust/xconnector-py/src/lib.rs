@@ -57,15 +57,18 @@ fn hash_blocks(
     if block_size == 0 {
         return Err(errors::invalid_input(py, "block_size must be a positive number of tokens (vLLM uses 16 or 32)"));
     }
-    detached(py, || Ok(hash(&toks, block_size, engine::extras(&lora_name, &cache_salt))))
+    detached(py, || Ok(hash(&toks, block_size, engine::extras(&lora_name, &cache_salt, &None))))
 }
 
 /// Test hook: make every later `point` call ("lookup", "store", "load") fail with `fault`
 /// ("error", "panic", or "none" to stop). Process-wide.
 #[pyfunction]
 fn _inject_fault(point: &str, fault: &str) -> PyResult<()> {
-    let p = FaultPoint::parse(point)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown fault point {point:?}; use lookup, store or load")))?;
+    let p = FaultPoint::parse(point).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown fault point {point:?}; use lookup, store, load, store_copy or load_copy"
+        ))
+    })?;
     let f = Fault::parse(fault)
         .ok_or_else(|| PyValueError::new_err(format!("unknown fault {fault:?}; use none, error or panic")))?;
     faults::inject(p, f);

@@ -172,7 +172,8 @@ impl PagedKv {
     /// Stores the request's full blocks straight from the KV tensors: the i-th KV block of
     /// `tokens` is cache block `block_ids[i]`. An engine block may span several KV blocks (LMCache's
     /// `chunk_size`). Only blocks not cached yet are copied. Returns engine blocks stored.
-    #[pyo3(signature = (engine, tokens, block_ids, *, lora_name = None, cache_salt = None))]
+    #[pyo3(signature = (engine, tokens, block_ids, *, lora_name = None, cache_salt = None, lora_id = None))]
+    #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
         py: Python<'_>,
@@ -181,6 +182,7 @@ impl PagedKv {
         block_ids: Vec<i64>,
         lora_name: Option<String>,
         cache_salt: Option<String>,
+        lora_id: Option<String>,
     ) -> PyResult<usize> {
         let toks = guarded(py, || crate::buffers::tokens(tokens))?;
         let ids = block_ids_checked(py, &self.inner, block_ids)?;
@@ -201,7 +203,7 @@ impl PagedKv {
         let kv = &self.inner;
         let kbb = kv.block_bytes();
         let out = detached(py, || {
-            engine.inner.store_with(&toks[..full * engine_bs], extras(&lora_name, &cache_salt), |i, slot| {
+            engine.inner.store_with(&toks[..full * engine_bs], extras(&lora_name, &cache_salt, &lora_id), |i, slot| {
                 for j in 0..per {
                     kv.pack_block(ids[i * per + j], &mut slot[j * kbb..(j + 1) * kbb]);
                 }
@@ -213,7 +215,7 @@ impl PagedKv {
     /// Loads the longest cached prefix of `tokens` (as many engine blocks as `block_ids` covers)
     /// straight into cache blocks `block_ids`. KV blocks before `first_block` are not written
     /// (the engine already holds them on the device). Returns the number of tokens loaded.
-    #[pyo3(signature = (engine, tokens, block_ids, *, first_block = 0, lora_name = None, cache_salt = None))]
+    #[pyo3(signature = (engine, tokens, block_ids, *, first_block = 0, lora_name = None, cache_salt = None, lora_id = None))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
@@ -224,6 +226,7 @@ impl PagedKv {
         first_block: usize,
         lora_name: Option<String>,
         cache_salt: Option<String>,
+        lora_id: Option<String>,
     ) -> PyResult<usize> {
         let toks = guarded(py, || crate::buffers::tokens(tokens))?;
         let ids = block_ids_checked(py, &self.inner, block_ids)?;
@@ -231,7 +234,7 @@ impl PagedKv {
         let kv = &self.inner;
         let kbb = kv.block_bytes();
         detached(py, || {
-            engine.inner.load_with(&toks, extras(&lora_name, &cache_salt), ids.len() / per, |i, bytes| {
+            engine.inner.load_with(&toks, extras(&lora_name, &cache_salt, &lora_id), ids.len() / per, |i, bytes| {
                 for j in (0..per).filter(|j| i * per + j >= first_block) {
                     kv.unpack_block(ids[i * per + j], &bytes[j * kbb..(j + 1) * kbb]);
                 }
