@@ -25,7 +25,8 @@ engine_id, rank = sys.argv[1], int(sys.argv[2])
 prompt = list(range(1000, 1000 + 128))
 engine = Engine(block_bytes=64, capacity_bytes=4096, block_size=32, tp_world_size=2, tp_rank=rank)
 server = LookupServer(socket_path(engine_id, rank),
-                      lambda t, lora, salt: engine.lookup(t, lora_name=lora, cache_salt=salt))
+                      lambda t, lora, salt, lora_id: engine.lookup(
+                          t, lora_name=lora, cache_salt=salt, lora_id=lora_id))
 print("ready", flush=True)
 for line in sys.stdin:
     n = int(line)

@@ -107,6 +107,10 @@ class LMCacheAdapter(Adapter):
         tp_world_size: int = 1,
         tp_rank: int = 0,
         extra: dict[str, str] | None = None,
+        revision: str = "",
+        quantization: str = "",
+        pp_world_size: int = 1,
+        pp_rank: int = 0,
     ) -> Engine:
         """The engine for one KV geometry and namespace, created on first use."""
         chunk = self.chunk_size or kv_block_size
@@ -116,7 +120,19 @@ class LMCacheAdapter(Adapter):
                 f"block size {kv_block_size}; use {kv_block_size * max(1, chunk // kv_block_size)}"
             )
         per = chunk // kv_block_size
-        key = (chunk, kv_block_bytes, model, dtype, kv_layout, tp_world_size, tp_rank, str(extra))
+        ns = {
+            "model": model,
+            "revision": revision,
+            "dtype": dtype,
+            "quantization": quantization,
+            "kv_layout": kv_layout,
+            "tp_world_size": tp_world_size,
+            "tp_rank": tp_rank,
+            "pp_world_size": pp_world_size,
+            "pp_rank": pp_rank,
+            "extra": extra,
+        }
+        key = (chunk, kv_block_bytes, *(str(v) for v in ns.values()))
         with self._lock:
             engine = self._engines.get(key)
             if engine is None:
@@ -126,12 +142,7 @@ class LMCacheAdapter(Adapter):
                     block_bytes=per * kv_block_bytes,
                     capacity_bytes=self.capacity_bytes,
                     block_size=chunk,
-                    model=model,
-                    dtype=dtype,
-                    kv_layout=kv_layout,
-                    tp_world_size=tp_world_size,
-                    tp_rank=tp_rank,
-                    extra=extra,
+                    **ns,  # type: ignore[arg-type]
                     disk_path=self.disk_path,
                     disk_capacity_bytes=self.disk_capacity_bytes,
                     redis_url=self.redis_url,

@@ -8,6 +8,7 @@ gathered on the device and copied through a pinned host staging buffer.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
@@ -198,6 +199,78 @@ class StagedKv:
             return loaded
 
 
+def block_shape(tensors: list[Any], block_size: int, layout: str | None = None) -> str:
+    """Layers x one block's shape per layer, without the number of blocks: what a block's bytes
+    depend on. Workers whose KV caches have different numbers of blocks (other memory settings,
+    a restart) share entries."""
+    first = tensors[0]
+    shape = [int(d) for d in first.shape]
+    name = layout or load_native().detect_kv_layout(shape, block_size)
+    dim = 1 if name == "flash_attn" else 0
+    per_layer = {tuple(int(d) for i, d in enumerate(t.shape) if i != dim) for t in tensors}
+    shapes = ",".join("x".join(map(str, s)) for s in sorted(per_layer))
+    return f"{len(tensors)}x[{shapes}]"
+
+
+def kv_dtype(cache_dtype: str | None, tensor: Any) -> str:
+    """The KV cache dtype, fp8 variants told apart (both are uint8 tensors; vLLM's "fp8" is
+    e4m3)."""
+    if cache_dtype and cache_dtype != "auto":
+        return "fp8_e4m3" if cache_dtype == "fp8" else cache_dtype
+    return dtype_name(tensor)
+
+
+def vllm_namespace(
+    vllm_config: Any,
+    tensors: list[Any],
+    *,
+    tp_rank: int,
+    pp_rank: int,
+    model_id: str | None = None,
+) -> dict[str, Any]:
+    """The namespace of a vLLM v1 worker's blocks: model (or the configured `model_id`) and
+    revision, KV dtype, quantization, per-block layout, tensor- and pipeline-parallel size and
+    rank. Nothing that varies with memory settings."""
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    block_size = int(vllm_config.cache_config.block_size)
+    return {
+        "model": model_id or str(model.model),
+        "revision": str(getattr(model, "revision", None) or ""),
+        "dtype": kv_dtype(getattr(vllm_config.cache_config, "cache_dtype", None), tensors[0]),
+        "quantization": str(getattr(model, "quantization", None) or ""),
+        "tp_world_size": int(parallel.tensor_parallel_size),
+        "tp_rank": tp_rank,
+        "pp_world_size": int(parallel.pipeline_parallel_size),
+        "pp_rank": pp_rank,
+        "extra": {"block_shape": block_shape(tensors, block_size)},
+    }
+
+
+#: Token ids standing for a multimodal item's placeholder positions have this bit set: real
+#: vocabularies are far smaller, so they never equal a text token.
+_MM_TOKEN_BIT = 1 << 31
+
+
+def key_tokens(tokens: Sequence[int], mm_features: Sequence[Any] | None) -> list[int]:
+    """The token ids a request's blocks are keyed by. Multimodal placeholder tokens are the same
+    for every image, so each placeholder position is replaced by ids derived from the item's hash
+    and the position within it (vLLM's prefix cache mixes the same hash into the blocks the item
+    covers): the same text with another image never shares a block past the first placeholder."""
+    out = list(tokens)
+    for feature in mm_features or ():
+        identifier = getattr(feature, "identifier", None) or getattr(feature, "mm_hash", None)
+        pos = getattr(feature, "mm_position", None)
+        if identifier is None or pos is None:
+            raise InvalidInputError("a multimodal item without a hash or position cannot be keyed")
+        offset, length = int(pos.offset), int(pos.length)
+        stream = hashlib.shake_256(str(identifier).encode()).digest(4 * length)
+        for j in range(min(length, len(out) - offset)):
+            word = int.from_bytes(stream[4 * j : 4 * j + 4], "little")
+            out[offset + j] = _MM_TOKEN_BIT | (word & (_MM_TOKEN_BIT - 1))
+    return out
+
+
 class VLLMAdapter(Adapter):
     name: ClassVar[str] = "vllm"
     type: ClassVar[str] = "inference"
@@ -232,9 +305,10 @@ class VLLMAdapter(Adapter):
             return io
 
     def namespace(self, model_executable: Any, kv_caches: Any, io: KvIO) -> dict[str, Any]:
-        """What makes KV bytes incompatible: the model, dtype, layout and tensor shapes, and
+        """What makes KV bytes incompatible: the model, dtype, layout and per-block shape, and
         the tensor-parallel rank."""
-        first = layer_tensors(kv_caches)[0]
+        tensors = layer_tensors(kv_caches)
+        first = tensors[0]
         config = getattr(model_executable, "config", None)
         model = (
             getattr(config, "_name_or_path", None)
@@ -242,14 +316,13 @@ class VLLMAdapter(Adapter):
             or type(model_executable).__qualname__
         )
         world, rank = _tp_world_and_rank()
-        shape = "x".join(str(int(d)) for d in first.shape)
         return {
-            "model": str(model),
+            "model": self.settings.get("model_id") or str(model),
             "dtype": dtype_name(first),
             "kv_layout": io.layout,
             "tp_world_size": world,
             "tp_rank": rank,
-            "extra": {"kv_shape": f"{len(layer_tensors(kv_caches))}x{shape}"},
+            "extra": {"block_shape": block_shape(tensors, io.block_size, io.layout)},
         }
 
     def stop(self) -> None:

@@ -13,11 +13,22 @@ runs with defaults: naming it is opting in.
 Scheduler side: `get_num_new_matched_tokens` looks the prompt up (no side effects on the cache,
 cheap, at most the last whole block before the final prompt token); `update_state_after_alloc`
 plans the load into the blocks vLLM allocated; `build_connector_meta` hands the worker the
-step's loads and the saves of prompts whose prefill completes in this step. Worker side: loads
-run in `start_load_kv` (synchronously, before the forward pass), saves in `wait_for_save` (after
-it), straight between vLLM's paged KV tensors and the engine. A load that fails or comes up short
-is reported through `get_block_ids_with_load_errors`, so vLLM recomputes those blocks (set
-`kv_load_failure_policy: recompute`). Stores are best effort (`requires_kv_delivery` is False).
+step's loads and the saves of prompts whose prefill is complete. Worker side: loads run in
+`start_load_kv` (synchronously, before the forward pass), saves in `wait_for_save` (after it),
+straight between vLLM's paged KV tensors and the engine. Stores are best effort
+(`requires_kv_delivery` is False).
+
+Never keeping wrong KV: a load that fails or comes up short is reported through
+`get_block_ids_with_load_errors`, so vLLM recomputes those blocks (set
+`kv_load_failure_policy: recompute`). Everything computed in that step on top of them is wrong
+too, on every tensor-parallel rank, so a request that loaded is saved only once the workers have
+confirmed the step of its load (`build_connector_worker_meta` -> `update_connector_output`); if
+the load failed, only after vLLM has recomputed the prompt.
+
+Keys: a block's key is its tokens, LoRA (name, and the adapter's path and id in the namespace)
+and cache salt. Multimodal placeholders are keyed by the item's hash (the placeholder token ids
+are the same for every image); requests with prompt embeddings, and encoder-decoder models, are
+not cached (counted as skipped).
 
 With tensor parallelism > 1 the scheduler runs in another process than the workers: it asks
 every rank over a Unix socket (`lookup_service`) and uses the smallest answer.
@@ -25,6 +36,7 @@ every rank over a Unix socket (`lookup_service`) and uses the smallest answer.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -34,9 +46,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from xconnector.adapters.vllm import key_tokens, vllm_namespace
 from xconnector.integrations.vllm.lookup_service import LookupClient, LookupServer, socket_path
 from xconnector.sdk.config import SDKConfig
 from xconnector.sdk.exceptions import ConfigError
@@ -71,24 +85,50 @@ class Transfer:
     first_block: int = 0
     lora_name: str | None = None
     cache_salt: str | None = None
+    lora_id: str | None = None
 
     def extras(self) -> dict[str, str | None]:
-        return {"lora_name": self.lora_name, "cache_salt": self.cache_salt}
+        return {"lora_name": self.lora_name, "cache_salt": self.cache_salt, "lora_id": self.lora_id}
 
 
 @dataclass
 class XConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    step: int = 0
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
 
 
 @dataclass
-class _Tracked:
+class XConnectorWorkerMetadata(KVConnectorWorkerMetadata):  # type: ignore[misc]
+    """What the workers report after a step with loads: that the step ran, and which requests'
+    loads failed on any rank."""
+
+    steps: set[int] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, XConnectorWorkerMetadata):
+            return XConnectorWorkerMetadata(self.steps | other.steps, self.failed | other.failed)
+        return self
+
+
+@dataclass
+class _Key:
+    """What a request's blocks are keyed by, fixed at its lookup."""
+
     tokens: list[int]
-    block_ids: list[int]
     lora_name: str | None
     cache_salt: str | None
+    lora_id: str | None
+
+
+@dataclass
+class _Tracked:
+    key: _Key
+    block_ids: list[int]
     saved: bool = False
+    #: The step whose load this request waits to see confirmed before anything is saved.
+    load_step: int | None = None
 
 
 def load_config(extra: dict[str, Any]) -> SDKConfig:
@@ -126,6 +166,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._block_size: int = vllm_config.cache_config.block_size
         self._engine_id: str = str(self._kv_transfer_config.engine_id)
         self._tp: int = int(vllm_config.parallel_config.tensor_parallel_size)
+        self._pp: int = int(vllm_config.parallel_config.pipeline_parallel_size)
         self._config: SDKConfig | None = None
         try:
             if _kill_switch():
@@ -144,13 +185,16 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             cache = self._config.adapter("lmcache")
             chunk = cache.config.get("chunk_size") if cache is not None else None
         self._engine_block = int(chunk or self._block_size)
+        self._encoder_decoder = bool(getattr(vllm_config.model_config, "is_encoder_decoder", False))
         # Scheduler side.
         self._tracked: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, Transfer] = {}
         self._local_hits: dict[str, int] = {}
-        # (lora name, cache salt) per request, recorded at lookup: NewRequestData has no salt,
-        # and a block stored under the wrong salt would be served across tenants.
-        self._req_extras: dict[str, tuple[str | None, str | None]] = {}
+        # Keys per request, recorded at lookup: NewRequestData has no salt, and a block stored
+        # under the wrong salt would be served across tenants.
+        self._keys: dict[str, _Key] = {}
+        self._step = 0
+        self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
         # Worker side.
         self._sdk: XConnectorSDK | None = None
@@ -158,6 +202,9 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._engine: Engine | None = None
         self._server: LookupServer | None = None
         self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()
+        self._loaded_steps: set[int] = set()
+        self._totals = {"loads": 0, "loaded_tokens": 0, "load_failures": 0, "saved_blocks": 0}
         self._logged: set[str] = set()
 
     # -- common ---------------------------------------------------------------------------------
@@ -175,13 +222,44 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
 
     # -- scheduler side -------------------------------------------------------------------------
 
-    def _lookup(self, tokens: list[int], lora: str | None, salt: str | None) -> int:
+    def _lookup(self, key: _Key) -> int:
         engine = _engines.get(self._engine_id)
         if engine is not None:
-            return int(engine.lookup(tokens, lora_name=lora, cache_salt=salt))
+            return int(
+                engine.lookup(
+                    key.tokens,
+                    lora_name=key.lora_name,
+                    cache_salt=key.cache_salt,
+                    lora_id=key.lora_id,
+                )
+            )
         if self._client is None:
-            self._client = LookupClient([socket_path(self._engine_id, r) for r in range(self._tp)])
-        return self._client.lookup(tokens, lora, salt)
+            # Every (tensor, pipeline) rank holds its own part of each block: ask them all.
+            ranks = range(self._tp * self._pp)
+            self._client = LookupClient([socket_path(self._engine_id, r) for r in ranks])
+        return self._client.lookup(key.tokens, key.lora_name, key.cache_salt, key.lora_id)
+
+    def _key(self, request: Request) -> _Key | None:
+        """The request's key, or None (counted) when its KV cannot be keyed safely."""
+        reason = None
+        if self._encoder_decoder:
+            reason = "encoder_decoder"
+        elif getattr(request, "prompt_embeds", None) is not None:
+            reason = "prompt_embeds"
+        if reason is not None:
+            self._skipped[reason] = self._skipped.get(reason, 0) + 1
+            if reason not in self._logged:
+                self._logged.add(reason)
+                log.info("XConnector does not cache requests with %s", reason.replace("_", " "))
+            return None
+        tokens = key_tokens(request.prompt_token_ids or [], getattr(request, "mm_features", None))
+        lora = getattr(request, "lora_request", None)
+        return _Key(
+            tokens=tokens,
+            lora_name=lora.lora_name if lora is not None else None,
+            cache_salt=getattr(request, "cache_salt", None),
+            lora_id=f"{lora.lora_int_id}:{lora.lora_path}" if lora is not None else None,
+        )
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -189,16 +267,16 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         if self._config is None:
             return 0, False
         try:
-            tokens = list(request.prompt_token_ids or [])
-            if len(tokens) < 2:
+            rid = request.request_id
+            key = self._keys.get(rid) or self._key(request)
+            if key is None or len(key.tokens) < 2:
                 return 0, False
-            lora, salt = _extras(request)
-            self._req_extras[request.request_id] = (lora, salt)
-            hit = self._lookup(tokens, lora, salt)
+            self._keys[rid] = key
+            hit = self._lookup(key)
             ebs = self._engine_block
-            usable = min(hit, (len(tokens) - 1) // ebs * ebs)
+            usable = min(hit, (len(key.tokens) - 1) // ebs * ebs)
             # Remember the local hit this answer was relative to, for update_state_after_alloc.
-            self._local_hits[request.request_id] = num_computed_tokens
+            self._local_hits[rid] = num_computed_tokens
             return max(0, usable - num_computed_tokens), False
         except Exception as e:
             self._fail("lookup", e)
@@ -207,37 +285,36 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        if num_external_tokens <= 0:
+        key = self._keys.get(request.request_id)
+        if num_external_tokens <= 0 or key is None:
             self._pending_loads.pop(request.request_id, None)
             return
         bs = self._block_size
         local = self._local_hits.get(request.request_id, 0)
         total = local + num_external_tokens
-        lora, salt = _extras(request)
         block_ids = list(blocks.get_block_ids()[0])
         self._pending_loads[request.request_id] = Transfer(
             req_id=request.request_id,
-            tokens=list(request.prompt_token_ids or [])[:total],
+            tokens=key.tokens[:total],
             block_ids=block_ids[: total // bs],
             first_block=local // bs,
-            lora_name=lora,
-            cache_salt=salt,
+            lora_name=key.lora_name,
+            cache_salt=key.cache_salt,
+            lora_id=key.lora_id,
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = XConnectorMetadata()
+        self._step += 1
+        meta = XConnectorMetadata(step=self._step)
         if self._config is None:
             return meta
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            if new.req_id not in self._req_extras:
-                continue  # never looked up (nothing to load); its salt is unknown: not saved
-            lora, salt = self._req_extras[new.req_id]
+            key = self._keys.get(new.req_id)
+            if key is None:
+                continue  # never looked up, or not cacheable: its key is unknown, not saved
             self._tracked[new.req_id] = _Tracked(
-                tokens=list(new.prompt_token_ids or []),
-                block_ids=list(new.block_ids[0]) if new.block_ids else [],
-                lora_name=lora,
-                cache_salt=salt,
+                key=key, block_ids=list(new.block_ids[0]) if new.block_ids else []
             )
             self._plan(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
         cached = scheduler_output.scheduled_cached_reqs
@@ -254,25 +331,44 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         return meta
 
     def _plan(self, req_id: str, computed_after_step: int, meta: XConnectorMetadata) -> None:
+        tracked = self._tracked[req_id]
         load = self._pending_loads.pop(req_id, None)
         if load is not None:
             meta.loads.append(load)
-        tracked = self._tracked[req_id]
-        if tracked.saved or computed_after_step < len(tracked.tokens):
+            tracked.load_step = meta.step
+        tokens = tracked.key.tokens
+        if tracked.saved or tracked.load_step is not None or computed_after_step < len(tokens):
             return
-        # The prefill completes in this step: save its whole engine blocks after the forward pass.
+        # The prefill is complete (and any load it had is confirmed good): save its whole engine
+        # blocks after this step's forward pass.
         tracked.saved = True
-        full = len(tracked.tokens) // self._engine_block * self._engine_block
+        full = len(tokens) // self._engine_block * self._engine_block
         if full and len(tracked.block_ids) >= full // self._block_size:
+            key = tracked.key
             meta.saves.append(
                 Transfer(
                     req_id=req_id,
-                    tokens=tracked.tokens[:full],
+                    tokens=tokens[:full],
                     block_ids=tracked.block_ids[: full // self._block_size],
-                    lora_name=tracked.lora_name,
-                    cache_salt=tracked.cache_salt,
+                    lora_name=key.lora_name,
+                    cache_salt=key.cache_salt,
+                    lora_id=key.lora_id,
                 )
             )
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, XConnectorWorkerMetadata):
+            return
+        for tracked in self._tracked.values():
+            if tracked.load_step in meta.steps:
+                tracked.load_step = None
+        for req_id in meta.failed:
+            failed = self._tracked.get(req_id)
+            if failed is not None:
+                # vLLM recomputes from the first failed block; the prompt is saved once that is
+                # done (the save condition sees the recomputed count), never before.
+                failed.saved = False
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -281,7 +377,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._tracked.pop(rid, None)
         self._pending_loads.pop(rid, None)
         self._local_hits.pop(rid, None)
-        self._req_extras.pop(rid, None)
+        self._keys.pop(rid, None)
         return False, None
 
     # -- worker side ----------------------------------------------------------------------------
@@ -295,16 +391,15 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             sdk = XConnectorSDK(self._config)
             sdk.initialize()
             self._sdk = sdk
-            rank = _tp_rank()
-            model = self._vllm_config.model_config
-            first = next(iter(kv_caches.values()))
-            namespace = {
-                "model": str(model.model),
-                "dtype": str(first.dtype).removeprefix("torch."),
-                "tp_world_size": self._tp,
-                "tp_rank": rank,
-                "extra": {"kv_shape": f"{len(kv_caches)}x{'x'.join(map(str, first.shape))}"},
-            }
+            rank, pp_rank = _parallel_ranks()
+            vllm_adapter = self._config.adapter("vllm")
+            namespace = vllm_namespace(
+                self._vllm_config,
+                list(kv_caches.values()),
+                tp_rank=rank,
+                pp_rank=pp_rank,
+                model_id=vllm_adapter.config.get("model_id") if vllm_adapter else None,
+            )
             io, engine = sdk.get_kv_handler().bind(
                 kv_caches, namespace=namespace, block_size=self._block_size
             )
@@ -312,8 +407,10 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             with _engines_lock:
                 _engines[self._engine_id] = engine
             self._server = LookupServer(
-                socket_path(self._engine_id, rank),
-                lambda toks, lora, salt: engine.lookup(toks, lora_name=lora, cache_salt=salt),
+                socket_path(self._engine_id, pp_rank * self._tp + rank),
+                lambda toks, lora, salt, lora_id: engine.lookup(
+                    toks, lora_name=lora, cache_salt=salt, lora_id=lora_id
+                ),
             )
             log.info(
                 "XConnector: %d layers of %s KV, %d bytes per block, rank %d",
@@ -339,12 +436,20 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                     )
             except Exception as e:
                 self._fail("load", e)
+            self._loaded_steps.add(meta.step)
+            self._totals["loads"] += 1
             if loaded < len(t.tokens):
-                # Evicted since the lookup, or failed: vLLM recomputes these blocks.
+                # Evicted since the lookup, refused (not this block's KV) or failed: vLLM
+                # recomputes these blocks, and the scheduler saves nothing of this request
+                # until it has.
                 start = max(loaded // self._block_size, t.first_block)
                 self._load_errors.update(t.block_ids[start:])
+                self._failed_reqs.add(t.req_id)
+                self._totals["load_failures"] += 1
+            loaded_here = max(0, loaded - t.first_block * self._block_size)
+            self._totals["loaded_tokens"] += loaded_here
             if self._sdk is not None:
-                self._sdk.get_monitoring_handler().count("v1_loaded_tokens", loaded)
+                self._sdk.get_monitoring_handler().count("v1_loaded_tokens", loaded_here)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -361,6 +466,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         for t in meta.saves:
             try:
                 stored = self._io.store(self._engine, t.tokens, t.block_ids, **t.extras())
+                self._totals["saved_blocks"] += stored
                 if self._sdk is not None:
                     self._sdk.get_monitoring_handler().count("v1_stored_blocks", stored)
             except Exception as e:
@@ -370,7 +476,23 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._loaded_steps:
+            return None
+        meta = XConnectorWorkerMetadata(self._loaded_steps, self._failed_reqs)
+        self._loaded_steps, self._failed_reqs = set(), set()
+        return meta
+
     def shutdown(self) -> None:
+        if self._sdk is not None:
+            # One line an operator (and the end-to-end tests) can read: what this worker did.
+            fallbacks = self._sdk.get_monitoring_handler().snapshot().get("fallbacks", {})
+            log.info(
+                "XConnector worker summary: %s",
+                json.dumps({**self._totals, "fallbacks": fallbacks}, sort_keys=True),
+            )
+        elif self._skipped:
+            log.info("XConnector scheduler summary: %s", json.dumps({"skipped": self._skipped}))
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -385,7 +507,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     # -- for tests and tools ---------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return {} if self._sdk is None else self._sdk.get_monitoring_handler().snapshot()
+        out = {} if self._sdk is None else self._sdk.get_monitoring_handler().snapshot()
+        return {**out, **self._totals, "skipped": dict(self._skipped)}
 
 
 class _Disabled(Exception):
@@ -400,18 +523,14 @@ def _kill_switch() -> bool:
     return disable or not enabled
 
 
-def _extras(request: Any) -> tuple[str | None, str | None]:
-    lora = getattr(request, "lora_request", None)
-    return (lora.lora_name if lora is not None else None), getattr(request, "cache_salt", None)
-
-
-def _tp_rank() -> int:
+def _parallel_ranks() -> tuple[int, int]:
+    """This worker's tensor- and pipeline-parallel ranks ((0, 0) in a single process)."""
     try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
-        return int(get_tensor_model_parallel_rank())
+        return int(get_tensor_model_parallel_rank()), int(get_pp_group().rank_in_group)
     except Exception:  # not initialized: a single process
-        return 0
+        return 0, 0
 
 
 def _strict(extra: dict[str, Any]) -> bool:

@@ -9,7 +9,7 @@ not answer counts as a miss. What still gets evicted between the lookup and the 
 reported as a load error, and vLLM recomputes it.
 
 Wire format (little-endian): request `u32 n, n x u32 tokens, u16 len + lora name, u16 len +
-cache salt`; reply `u64` tokens hit.
+cache salt, u16 len + lora id`; reply `u64` tokens hit.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 log = logging.getLogger("xconnector.vllm")
 
-Lookup = Callable[["array[int]", "str | None", "str | None"], int]
+Lookup = Callable[["array[int]", "str | None", "str | None", "str | None"], int]
 
 _MAX_TOKENS = 1 << 24
 
@@ -55,10 +55,12 @@ def _text(conn: socket.socket) -> str | None:
     return _recv_exact(conn, n).decode() if n else None
 
 
-def _encode(tokens: Sequence[int], lora_name: str | None, cache_salt: str | None) -> bytes:
+def _encode(
+    tokens: Sequence[int], lora_name: str | None, cache_salt: str | None, lora_id: str | None
+) -> bytes:
     toks = array("I", tokens)
     parts = [struct.pack("<I", len(toks)), toks.tobytes()]
-    for s in (lora_name, cache_salt):
+    for s in (lora_name, cache_salt, lora_id):
         raw = (s or "").encode()
         parts += [struct.pack("<H", len(raw)), raw]
     return b"".join(parts)
@@ -96,11 +98,11 @@ class LookupServer:
                         return
                     tokens = array("I")
                     tokens.frombytes(_recv_exact(conn, 4 * n))
-                    lora, salt = _text(conn), _text(conn)
+                    lora, salt, lora_id = _text(conn), _text(conn), _text(conn)
                 except (ConnectionError, OSError, struct.error, UnicodeDecodeError):
                     return
                 try:
-                    hit = int(self._lookup(tokens, lora, salt))
+                    hit = int(self._lookup(tokens, lora, salt, lora_id))
                 except Exception as e:  # a failing lookup is a miss, never a dead server
                     log.debug("lookup failed: %s", e)
                     hit = 0
@@ -147,9 +149,13 @@ class LookupClient:
             raise
 
     def lookup(
-        self, tokens: Sequence[int], lora_name: str | None = None, cache_salt: str | None = None
+        self,
+        tokens: Sequence[int],
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
     ) -> int:
-        request = _encode(tokens, lora_name, cache_salt)
+        request = _encode(tokens, lora_name, cache_salt, lora_id)
         hits = []
         with self._lock:
             for path in self.paths:

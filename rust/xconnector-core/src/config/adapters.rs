@@ -38,6 +38,8 @@ pub const VLLM_SETTINGS: &[(&str, Setting)] = &[
     ("enable_prefix_caching", Setting::Bool),
     ("kv_layout", Setting::OneOf(&["auto", "flash_attn", "flashinfer", "standard", "mla"])),
     ("staging_buffer_size", Setting::SizeMib),
+    // The model's identity in the namespace, for one model mounted at different paths.
+    ("model_id", Setting::Str),
 ];
 
 pub const DYNAMO_SETTINGS: &[(&str, Setting)] = &[

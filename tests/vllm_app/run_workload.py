@@ -1,0 +1,116 @@
+"""Runs a real vLLM engine (the CPU build) through a workload in phases, with faults applied
+between phases, and prints one JSON line (after `XCONNECTOR_RESULT `): per phase, each request's
+greedy tokens, logprobs and the prompt tokens vLLM reports as cached; and, with XConnector in
+this process, the worker connector's own counts (loaded tokens, load failures, fallbacks).
+
+    python run_workload.py MODEL_DIR SPEC.json
+
+SPEC: {"xconnector": section | null, "engine": {extra LLM kwargs}, "in_process": bool,
+       "phases": [{"requests": [{"prompt": [ids], "cache_salt": str?}], "fault": {...}?}]}
+A fault is applied before its phase: {"inject": [point, fault]} (process-wide, so only with
+"in_process"), {"corrupt_disk": dir} (flips a payload byte in every block file),
+{"redis": [url, "FLUSHALL"]}, {"redis_swap": url} (every value moved under another key).
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def apply(fault: dict[str, Any]) -> None:
+    if "inject" in fault:
+        from xconnector import native
+
+        point, kind = fault["inject"]
+        native()._inject_fault(point, kind)
+    if "corrupt_disk" in fault:
+        for f in Path(fault["corrupt_disk"]).rglob("*.xcb"):
+            data = bytearray(f.read_bytes())
+            data[-1] ^= 0xFF
+            f.write_bytes(bytes(data))
+    if "redis" in fault:
+        url, *cmd = fault["redis"]
+        subprocess.run(["redis-cli", "-u", url, *cmd], check=True, capture_output=True)
+    if "redis_swap" in fault:
+        url = fault["redis_swap"]
+        cli = ["redis-cli", "-u", url]
+        keys = sorted(
+            subprocess.run(
+                [*cli, "KEYS", "*"], check=True, capture_output=True, text=True
+            ).stdout.split()
+        )
+        for a, b in zip(keys, keys[1:] + keys[:1], strict=True):
+            subprocess.run([*cli, "RENAME", a, b + ".tmp"], check=True, capture_output=True)
+        for k in keys:
+            subprocess.run([*cli, "RENAME", k + ".tmp", k], check=True, capture_output=True)
+
+
+def main() -> None:
+    model, spec_path = sys.argv[1], sys.argv[2]
+    spec = json.loads(Path(spec_path).read_text())
+    in_process = spec.get("in_process", True)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    # The connector's one-line summary at shutdown (worker processes inherit this by fork).
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger("xconnector").addHandler(handler)
+    logging.getLogger("xconnector").setLevel(logging.INFO)
+
+    from vllm import LLM, SamplingParams
+
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        skip_tokenizer_init=True,
+        enable_prefix_caching=False,
+        block_size=32,
+        max_model_len=1024,
+        dtype="float32",
+        gpu_memory_utilization=0.1,
+        enforce_eager=True,
+        seed=0,
+    )
+    kwargs.update(spec.get("engine", {}))
+    if spec.get("xconnector") is not None:
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "XConnectorV1",
+            "kv_connector_module_path": "xconnector.integrations.vllm.connector",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"xconnector": spec["xconnector"]},
+        }
+    llm = LLM(**kwargs)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0)
+    phases = []
+    for phase in spec["phases"]:
+        apply(phase.get("fault", {}))
+        prompts = []
+        for r in phase["requests"]:
+            p: dict[str, Any] = {"prompt_token_ids": r["prompt"]}
+            if r.get("cache_salt"):
+                p["cache_salt"] = r["cache_salt"]
+            prompts.append(p)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outs:
+            c = out.outputs[0]
+            lps = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+            results.append(
+                {"tokens": list(c.token_ids), "logprobs": lps, "cached": out.num_cached_tokens}
+            )
+        phases.append(results)
+    apply({"inject": ["load_copy", "none"]} if in_process else {})
+    worker: dict[str, Any] | None = None
+    if in_process and spec.get("xconnector") is not None:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        worker = get_kv_transfer_group().stats()
+    kv = llm.llm_engine.vllm_config.kv_transfer_config
+    result = {"phases": phases, "worker": worker, "kv_connector": kv.kv_connector if kv else None}
+    print("XCONNECTOR_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
