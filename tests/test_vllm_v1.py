@@ -66,6 +66,36 @@ def plain(model: str) -> dict[str, Any]:
     return out
 
 
+def served(out: dict[str, Any]) -> dict[str, Any]:
+    """The worker connector's own counts: from the engine's process when the worker is there,
+    else from the summary line each worker process logs at shutdown. vLLM's num_cached_tokens
+    is what the connector promised, and stays so when a load fails."""
+    if out.get("worker") is not None:
+        return dict(out["worker"])
+    marker = "XConnector worker summary: "
+    lines = [ln.split(marker, 1)[1] for ln in out["stderr"].splitlines() if marker in ln]
+    assert lines, "no worker summary in stderr: " + out["stderr"][-3000:]
+    total: dict[str, Any] = {"fallbacks": {}}
+    for summary in map(json.loads, lines):
+        for k, v in summary.items():
+            if k == "fallbacks":
+                total["fallbacks"].update(v)
+            else:
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def served_what_vllm_reports(out: dict[str, Any]) -> None:
+    """Every token vLLM counts as cached was loaded by XConnector, no load failed, nothing fell
+    back, and stderr has no XConnector error."""
+    counts = served(out)
+    assert counts["loaded_tokens"] == sum(r["cached"] for r in out["results"]), counts
+    assert counts["load_failures"] == 0, counts
+    assert counts["fallbacks"] == {}, counts
+    bad = [ln for ln in out["stderr"].splitlines() if "XConnector" in ln and "failed" in ln]
+    assert bad == [], bad
+
+
 def same_outputs(a: dict[str, Any], b: dict[str, Any]) -> None:
     for x, y in zip(a["results"], b["results"], strict=True):
         assert x["tokens"] == y["tokens"]
@@ -82,6 +112,17 @@ def test_the_repeat_is_served_by_xconnector_with_identical_outputs(
     # prompt sharing 4 blocks loads those 4 only.
     assert [r["cached"] for r in out["results"]] == [0, 192, 128]
     same_outputs(out, plain)
+    served_what_vllm_reports(out)
+
+
+def test_vllms_default_layout_engine_core_in_its_own_process(
+    model: str, plain: dict[str, Any]
+) -> None:
+    # vLLM's default: the engine core (scheduler and worker) in a process of its own.
+    out = engine(model, "xconnector", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert [r["cached"] for r in out["results"]] == [0, 192, 128]
+    same_outputs(out, plain)
+    served_what_vllm_reports(out)
 
 
 def test_lookups_cross_processes_when_the_worker_runs_in_its_own(
@@ -92,6 +133,7 @@ def test_lookups_cross_processes_when_the_worker_runs_in_its_own(
     out = engine(model, "xconnector-mp", env={"XCONNECTOR_SOCKET_DIR": str(tmp_path)})
     assert [r["cached"] for r in out["results"]] == [0, 192, 128]
     same_outputs(out, plain)
+    served_what_vllm_reports(out)
     assert list(tmp_path.glob("xconnector-*.sock")) == []  # removed at shutdown
 
 
@@ -102,6 +144,7 @@ def test_the_one_line_autopatch_gives_an_engine_the_connector(
     assert out["kv_connector"] == "XConnectorV1"
     assert [r["cached"] for r in out["results"]] == [0, 192, 128]
     same_outputs(out, plain)
+    served_what_vllm_reports(out)
 
 
 @pytest.mark.parametrize("switch", ["XCONNECTOR_DISABLE=1", "XCONNECTOR_ENABLED=0"])
@@ -132,3 +175,6 @@ def test_an_engine_with_its_own_connector_gets_a_multiconnector(
     # whole prompts), so B's 128 tokens show XConnector serving inside the MultiConnector.
     assert cached == [0, 192, 128]
     same_outputs(out, plain)
+    # The shared prefix's 128 tokens are XConnector's loads (the repeat may be either's).
+    assert served(out)["loaded_tokens"] >= 128
+    assert served(out)["fallbacks"] == {}

@@ -10,10 +10,14 @@ prefix caching off, those came from the KV connector).
 """
 
 import json
+import logging
 import os
 import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# The connector's one-line summary at shutdown, in every process (workers inherit it by fork).
+logging.getLogger("xconnector").addHandler(logging.StreamHandler(sys.stderr))
+logging.getLogger("xconnector").setLevel(logging.INFO)
 
 
 def main() -> None:
@@ -78,8 +82,20 @@ def main() -> None:
             }
         )
     kv = llm.llm_engine.vllm_config.kv_transfer_config
+    worker = None
+    if (
+        kv is not None
+        and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        and mode != "xconnector-mp"
+    ):
+        # The worker-side connector lives in this process: its own counts, not vLLM's promise.
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        group = get_kv_transfer_group()
+        connectors = [group, *getattr(group, "_connectors", [])]  # inside a MultiConnector too
+        worker = next((c.stats() for c in connectors if type(c).__name__ == "XConnectorV1"), None)
     # vLLM logs to stdout too, even after this line: mark it.
-    result = {"results": results, "kv_connector": kv.kv_connector if kv else None}
+    result = {"results": results, "kv_connector": kv.kv_connector if kv else None, "worker": worker}
     print("XCONNECTOR_RESULT " + json.dumps(result), flush=True)
 
 
