@@ -9,17 +9,13 @@ cache served (loaded tokens) and that the faults happened (load failures), since
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import random
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from services import RedisServer
+from vllm_harness import assert_same_outputs, make_model, no_xconnector_errors, run, workload
 
 pytestmark = [
     pytest.mark.vllm,
@@ -29,74 +25,20 @@ pytestmark = [
     ),
 ]
 
-APP = Path(__file__).resolve().parent / "vllm_app"
-ROOT = APP.parents[1]
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run(
-        [sys.executable, str(APP / "make_model.py"), str(path)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return str(path)
-
-
-def workload(seed: int) -> list[list[int]]:
-    """Prompts over two shared system prompts and a shared document, of varied lengths."""
-    rng = random.Random(seed)
-    systems = [[rng.randrange(1, 500) for _ in range(96)] for _ in range(2)]
-    doc = [rng.randrange(1, 500) for _ in range(64)]
-    prompts = []
-    for i in range(6):
-        tail = [rng.randrange(1, 500) for _ in range(rng.randrange(20, 90))]
-        prompts.append(systems[i % 2] + (doc if i % 3 == 0 else []) + tail)
-    return prompts
-
-
-def run(model: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    spec_file = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
-    spec_file.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XCONNECTOR_", "DYNAMO_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [sys.executable, str(APP / "run_workload.py"), model, str(spec_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("XCONNECTOR_RESULT "))
-    out: dict[str, Any] = json.loads(line.removeprefix("XCONNECTOR_RESULT "))
-    out["stderr"] = proc.stderr
-    return out
+    return make_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def phases(prompts: list[list[int]], faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A warm-up phase that stores everything, one phase per fault (the same prompts again),
     and a final phase without faults."""
     requests = [{"prompt": p} for p in prompts]
-    out = [{"requests": requests}]
+    out: list[dict[str, Any]] = [{"requests": requests}]
     out += [{"requests": requests, "fault": f} for f in faults]
     out.append({"requests": requests, "fault": {"inject": ["load_copy", "none"]}})
     return out
-
-
-def assert_same_outputs(a: dict[str, Any], b: dict[str, Any]) -> None:
-    for pa, pb in zip(a["phases"], b["phases"], strict=True):
-        for x, y in zip(pa, pb, strict=True):
-            assert x["tokens"] == y["tokens"]
-            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-4)
-
-
-def no_xconnector_errors(stderr: str) -> None:
-    bad = [ln for ln in stderr.splitlines() if "XConnector" in ln and "failed" in ln]
-    assert bad == [], bad
 
 
 @pytest.fixture
@@ -147,7 +89,7 @@ def test_faults_never_change_outputs_and_nothing_stored_during_them_is_served_wr
     assert worker.get("fallbacks", {}) == {}, worker
     # The last phase (no faults) is served from the cache again, with the plain outputs.
     assert sum(r["cached"] for r in xc["phases"][-1]) > 0
-    no_xconnector_errors(xc["stderr"])
+    no_xconnector_errors(xc["logs"])
 
 
 def test_engines_with_different_kv_cache_sizes_share_the_disk_tier(

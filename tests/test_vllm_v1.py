@@ -55,6 +55,7 @@ def engine(model: str, mode: str, *extra: str, env: dict[str, str] | None = None
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("XCONNECTOR_RESULT "))
     out: dict[str, Any] = json.loads(line.removeprefix("XCONNECTOR_RESULT "))
     out["stderr"] = proc.stderr
+    out["logs"] = proc.stdout + proc.stderr  # vLLM's worker processes log to stdout
     return out
 
 
@@ -73,8 +74,8 @@ def served(out: dict[str, Any]) -> dict[str, Any]:
     if out.get("worker") is not None:
         return dict(out["worker"])
     marker = "XConnector worker summary: "
-    lines = [ln.split(marker, 1)[1] for ln in out["stderr"].splitlines() if marker in ln]
-    assert lines, "no worker summary in stderr: " + out["stderr"][-3000:]
+    lines = [ln.split(marker, 1)[1] for ln in out["logs"].splitlines() if marker in ln]
+    assert lines, "no worker summary in the logs: " + out["logs"][-3000:]
     total: dict[str, Any] = {"fallbacks": {}}
     for summary in map(json.loads, lines):
         for k, v in summary.items():
@@ -92,7 +93,7 @@ def served_what_vllm_reports(out: dict[str, Any]) -> None:
     assert counts["loaded_tokens"] == sum(r["cached"] for r in out["results"]), counts
     assert counts["load_failures"] == 0, counts
     assert counts["fallbacks"] == {}, counts
-    bad = [ln for ln in out["stderr"].splitlines() if "XConnector" in ln and "failed" in ln]
+    bad = [ln for ln in out["logs"].splitlines() if "XConnector" in ln and "failed" in ln]
     assert bad == [], bad
 
 

@@ -6,8 +6,14 @@ this process, the worker connector's own counts (loaded tokens, load failures, f
     python run_workload.py MODEL_DIR SPEC.json
 
 SPEC: {"xconnector": section | null, "engine": {extra LLM kwargs}, "in_process": bool,
-       "phases": [{"requests": [{"prompt": [ids], "cache_salt": str?}], "fault": {...}?}]}
-A fault is applied before its phase: {"inject": [point, fault]} (process-wide, so only with
+       "phases": [{"requests": [{"prompt": [ids], "cache_salt": str?,
+                                  "lora": [name, int_id, path]?}], "fault": {...}?}]}
+In process, the result also has the connector's counts after each phase ("worker_phases"; not
+with "workers_elsewhere": tensor-parallel workers are processes of their own and log their
+counts at shutdown) and how many times vLLM's scheduler preempted a request ("preemptions").
+A phase with "abort": {"after_steps": k, "requests": [indices]} drives the engine step by step
+and aborts those requests after k steps (their outputs are left out). A fault is applied before
+its phase: {"inject": [point, fault]} (process-wide, so only with
 "in_process"), {"corrupt_disk": dir} (flips a payload byte in every block file),
 {"redis": [url, "FLUSHALL"]}, {"redis_swap": url} (every value moved under another key).
 """
@@ -49,6 +55,38 @@ def apply(fault: dict[str, Any]) -> None:
             subprocess.run([*cli, "RENAME", k + ".tmp", k], check=True, capture_output=True)
 
 
+def lora_request(spec: list[Any] | None) -> Any:
+    if spec is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    name, int_id, path = spec
+    return LoRARequest(name, int_id, path)
+
+
+def stepped(llm: Any, prompts: list[Any], params: Any, after: int, aborted: set[int]) -> list[Any]:
+    """The prompts through the engine's step loop, aborting some after `after` steps; the
+    finished outputs of the others in prompt order."""
+    engine = llm.llm_engine
+    ids = [f"w{i}" for i in range(len(prompts))]
+    internal = [engine.add_request(rid, p, params) for rid, p in zip(ids, prompts, strict=True)]
+    done: dict[str, Any] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        if steps == after:
+            engine.abort_request([ids[i] for i in sorted(aborted)])
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        steps += 1
+    # Outputs carry the caller's id (or, depending on the version, the engine's own).
+    return [
+        done.get(rid) or done[inner]
+        for i, (rid, inner) in enumerate(zip(ids, internal, strict=True))
+        if i not in aborted
+    ]
+
+
 def main() -> None:
     model, spec_path = sys.argv[1], sys.argv[2]
     spec = json.loads(Path(spec_path).read_text())
@@ -82,8 +120,24 @@ def main() -> None:
             "kv_connector_extra_config": {"xconnector": spec["xconnector"]},
         }
     llm = LLM(**kwargs)
-    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0)
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0.0, logprobs=0)
+    connector = None
+    preemptions = [0]
+    if in_process:
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        preempt = scheduler._preempt_request
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            preemptions[0] += 1
+            return preempt(*args, **kw)
+
+        scheduler._preempt_request = counted
+        if spec.get("xconnector") is not None and not spec.get("workers_elsewhere"):
+            from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+            connector = get_kv_transfer_group()
     phases = []
+    worker_phases = []
     for phase in spec["phases"]:
         apply(phase.get("fault", {}))
         prompts = []
@@ -92,7 +146,12 @@ def main() -> None:
             if r.get("cache_salt"):
                 p["cache_salt"] = r["cache_salt"]
             prompts.append(p)
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        abort = phase.get("abort")
+        loras = [lora_request(r.get("lora")) for r in phase["requests"]]
+        if abort is None:
+            outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        else:
+            outs = stepped(llm, prompts, params, abort["after_steps"], set(abort["requests"]))
         results = []
         for out in outs:
             c = out.outputs[0]
@@ -101,14 +160,17 @@ def main() -> None:
                 {"tokens": list(c.token_ids), "logprobs": lps, "cached": out.num_cached_tokens}
             )
         phases.append(results)
+        if connector is not None:
+            worker_phases.append(connector.stats())
     apply({"inject": ["load_copy", "none"]} if in_process else {})
-    worker: dict[str, Any] | None = None
-    if in_process and spec.get("xconnector") is not None:
-        from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-        worker = get_kv_transfer_group().stats()
     kv = llm.llm_engine.vllm_config.kv_transfer_config
-    result = {"phases": phases, "worker": worker, "kv_connector": kv.kv_connector if kv else None}
+    result = {
+        "phases": phases,
+        "worker": worker_phases[-1] if worker_phases else None,
+        "worker_phases": worker_phases,
+        "preemptions": preemptions[0],
+        "kv_connector": kv.kv_connector if kv else None,
+    }
     print("XCONNECTOR_RESULT " + json.dumps(result), flush=True)
 
 
