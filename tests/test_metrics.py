@@ -261,6 +261,7 @@ def test_a_full_redis_queue_drops_blocks_and_counts_every_one(redis: RedisServer
     dropped, written = stats["redis_dropped_blocks"], stats["redis_written_blocks"]
     assert dropped >= 20 - 3 and dropped + written == 20
     assert metric(e, "xconnector_redis_written_blocks_total") == written
+    assert metric(e, "xconnector_redis_dropped_blocks_total") == dropped
     assert int(redis.cli("DBSIZE")) == written
     assert metric(e, "xconnector_redis_errors_total") == 0
 

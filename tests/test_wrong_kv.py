@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import importlib.util
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,33 @@ def test_a_redis_value_copied_under_another_key_is_a_miss_counted_and_deleted(
     fresh = redis_engine(redis.url)
     assert fresh.load(a, out) == 3 * BLOCK
     assert bytes(out) == block_payload(a)
+
+
+def test_a_redis_value_with_the_right_key_and_another_digest_is_a_miss(redis: RedisServer) -> None:
+    # A value whose header names this key but another prefix's digest (what a 64-bit hash
+    # collision would store): intact, correctly keyed, and still not this block's KV.
+    a = list(range(3000, 3000 + 2 * BLOCK))
+    writer = redis_engine(redis.url)
+    writer.store(a, block_payload(a))
+    assert writer.flush(30)
+    key = f"xconnector:{writer.namespace:016x}:{sequence_hashes(a, BLOCK)[1]:016x}"
+    raw = subprocess.run(
+        ["redis-cli", "-p", str(redis.port), "--raw", "GET", key], capture_output=True, check=True
+    ).stdout[:-1]  # --raw prints the bytes and a newline
+    value = bytearray(raw)
+    value[24:40] = bytes(b ^ 0xFF for b in value[24:40])  # the digest field, nothing else
+    subprocess.run(
+        ["redis-cli", "-p", str(redis.port), "-x", "SET", key],
+        input=bytes(value),
+        check=True,
+        capture_output=True,
+    )
+    reader = redis_engine(redis.url)
+    out = bytearray(2 * BLOCK_BYTES)
+    assert reader.load(a, out) == BLOCK
+    stats = reader.stats()
+    assert stats["redis_mismatched_values"] == 1
+    assert stats["redis_corrupt_values"] == stats["redis_foreign_values"] == 0
 
 
 def test_a_load_into_memory_that_aliases_the_cache_is_refused(make_engine) -> None:  # type: ignore[no-untyped-def]

@@ -8,9 +8,12 @@ gathered on the device and copied through a pinned host staging buffer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from xconnector._loader import load_native
@@ -234,6 +237,10 @@ def vllm_namespace(
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     block_size = int(vllm_config.cache_config.block_size)
+    extra = {"block_shape": block_shape(tensors, block_size)}
+    fingerprint = model_fingerprint(model)
+    if fingerprint:
+        extra["model_config"] = fingerprint
     return {
         "model": model_id or str(model.model),
         "revision": str(getattr(model, "revision", None) or ""),
@@ -243,8 +250,49 @@ def vllm_namespace(
         "tp_rank": tp_rank,
         "pp_world_size": int(parallel.pipeline_parallel_size),
         "pp_rank": pp_rank,
-        "extra": {"block_shape": block_shape(tensors, block_size)},
+        "extra": extra,
     }
+
+
+def model_fingerprint(model_config: Any) -> str:
+    """A digest of the model's effective configuration (after `--hf-overrides`: RoPE scaling,
+    sliding windows, ...), plus the context length when RoPE is scaled (LongRoPE picks its factors
+    from it). Its path and the transformers version are left out, so one model mounted at two
+    paths still shares (with `model_id`)."""
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    if hf is None or not hasattr(hf, "to_dict"):
+        return ""
+    config = {
+        k: v for k, v in hf.to_dict().items() if k not in ("_name_or_path", "transformers_version")
+    }
+    if config.get("rope_scaling"):
+        config["max_model_len"] = getattr(model_config, "max_model_len", None)
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _files_digest(stamp: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for path, _, _ in stamp:
+        h.update(path.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def lora_identity(lora_request: Any) -> str:
+    """What a LoRA adapter's KV depends on beyond its name: the content of its files (hashed
+    once per file size and modification time), so an adapter reloaded in place, or another
+    adapter registered under an old name, is never served the old KV, while the same adapter on
+    two servers shares. An adapter that is not a local directory is identified by its path."""
+    path = Path(str(getattr(lora_request, "lora_path", "") or ""))
+    if not path.is_dir():
+        return f"path:{path}"
+    files = sorted(f for f in path.iterdir() if f.is_file())
+    stamp = tuple((str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+    return "content:" + _files_digest(stamp)
 
 
 #: Token ids standing for a multimodal item's placeholder positions have this bit set: real
@@ -258,6 +306,7 @@ def key_tokens(tokens: Sequence[int], mm_features: Sequence[Any] | None) -> list
     and the position within it (vLLM's prefix cache mixes the same hash into the blocks the item
     covers): the same text with another image never shares a block past the first placeholder."""
     out = list(tokens)
+    mixed: set[int] = set()  # positions an earlier item already covers (audio inside a video)
     for feature in mm_features or ():
         identifier = getattr(feature, "identifier", None) or getattr(feature, "mm_hash", None)
         pos = getattr(feature, "mm_position", None)
@@ -267,7 +316,11 @@ def key_tokens(tokens: Sequence[int], mm_features: Sequence[Any] | None) -> list
         stream = hashlib.shake_256(str(identifier).encode()).digest(4 * length)
         for j in range(min(length, len(out) - offset)):
             word = int.from_bytes(stream[4 * j : 4 * j + 4], "little")
-            out[offset + j] = _MM_TOKEN_BIT | (word & (_MM_TOKEN_BIT - 1))
+            pos = offset + j
+            if pos in mixed:  # every item over a position keys it, not only the last
+                word = (word ^ (out[pos] * 0x9E3779B1)) & 0xFFFFFFFF
+            mixed.add(pos)
+            out[pos] = _MM_TOKEN_BIT | (word & (_MM_TOKEN_BIT - 1))
     return out
 
 

@@ -123,7 +123,7 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
     family(
         "xconnector_write_behind_dropped_total",
         "counter",
-        "Blocks not written to a lower tier because its queue was full.",
+        "Blocks not written to the disk tier because its queue was full.",
         vec![(l(&[]), c(s.write_behind_dropped))],
     );
     let mut evictions = vec![(l(&[("tier", "memory")]), c(s.tier.evicted_blocks))];
@@ -160,6 +160,12 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
             "counter",
             "Blocks read from Redis.",
             vec![(l(&[]), c(r.hit_blocks))],
+        );
+        family(
+            "xconnector_redis_dropped_blocks_total",
+            "counter",
+            "Blocks not written to Redis: its queue was full, or Redis failed the batch.",
+            vec![(l(&[]), c(r.dropped_blocks))],
         );
         family("xconnector_redis_errors_total", "counter", "Failed Redis operations.", vec![(l(&[]), c(r.errors))]);
         family(

@@ -104,3 +104,22 @@ fn the_digest_is_what_a_block_is_checked_against_so_the_hash_alone_cannot_serve_
     assert!(da.iter().zip(&db).all(|(x, y)| x != y));
     assert_eq!(block_digests(&a[..8], BS), da[..2]);
 }
+
+#[test]
+fn a_disk_block_with_the_right_key_and_another_digest_is_a_miss() {
+    // The key (namespace, hash) alone is not enough: only the digest tells a colliding prefix.
+    use xconnector_core::disk_tier::DiskTier;
+    let dir = tempfile::tempdir().unwrap();
+    let tier = DiskTier::open(dir.path(), 64 * (BB + HEADER) as u64, BB).unwrap();
+    let (a, other): (Vec<u32>, Vec<u32>) = ((1..=BS as u32).collect(), (900..900 + BS as u32).collect());
+    let hash = sequence_hashes(&a, BS, X)[0];
+    let (da, d_other) = (block_digests(&a, BS)[0], block_digests(&other, BS)[0]);
+    tier.put(7, hash, d_other, 0, &payload(&other)).unwrap();
+    let mut out = vec![0u8; BB];
+    assert!(!tier.get(7, hash, da, &mut out), "another prefix's block under the same key");
+    let s = tier.stats();
+    assert_eq!((s.mismatched_blocks, s.corrupt_blocks, s.entries), (1, 0, 0));
+    tier.put(7, hash, da, 0, &payload(&a)).unwrap();
+    assert!(tier.get(7, hash, da, &mut out));
+    assert_eq!(out, payload(&a));
+}

