@@ -1,7 +1,8 @@
 """Never serve wrong KV, through the Python API: a Redis value copied under another key is a
 miss, counted and deleted; an `out` buffer that aliases the cache is refused; a view's block
 stays pinned while anything made from it lives, released or not (numpy and torch keep the view
-object and give its buffer back at once)."""
+object and give its buffer back at once); a block written through a torch tensor made from a
+view is never served again."""
 
 from __future__ import annotations
 
@@ -163,6 +164,13 @@ def test_a_tensor_from_a_released_view_keeps_its_block(make_engine) -> None:  # 
     assert bytes(t.numpy()) == block_payload(a)[:BLOCK_BYTES]
     with pytest.raises(InvalidInputError, match="overlaps the engine's cache"):
         e.load(other, t)
+    # torch ignores the read-only flag, so a write lands in the cache: the block is then never
+    # served again (it was checksummed when it was first exported).
+    t.add_(1)
+    out = bytearray(2 * BLOCK_BYTES)
+    assert e.load(a, out) == 0
+    assert e.stats()["spoiled_blocks"] == 1
+    assert e.views(a) == []
     del t
     gc.collect()
     assert e.stats()["pinned_blocks"] == 0

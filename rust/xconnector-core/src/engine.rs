@@ -440,7 +440,8 @@ impl Engine {
         if self.lower.is_some() || self.redis.is_some() {
             self.promote(ns, &hashes[..max_blocks], &digests[..max_blocks]);
         }
-        let pins = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, &hashes, &digests, max_blocks) };
+        let mut pins = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, &hashes, &digests, max_blocks) };
+        self.tier.verify_exported(&mut pins.slots, false);
         let mut n = 0;
         for (i, &slot) in pins.slots.iter().enumerate() {
             if faults::check(FaultPoint::LoadCopy).is_err() {
@@ -551,12 +552,14 @@ impl Engine {
         drop(pinned);
     }
 
-    /// Pins the longest cached prefix (at most `max_blocks`) for zero-copy reads.
+    /// Pins the longest cached prefix (at most `max_blocks`) for zero-copy reads (views). Each
+    /// block gets a checksum at its first export, checked before every later load or export.
     pub fn pin_prefix(&self, tokens: &[u32], extras: HashExtras<'_>, max_blocks: usize) -> Result<Vec<PinnedBlock>> {
         faults::check(FaultPoint::Load)?;
         let hashes = self.hashes(tokens, extras);
         let digests = self.digests(tokens);
-        let slots = self.tier.pin_prefix(self.namespace_for(extras), &hashes, &digests, max_blocks);
+        let mut slots = self.tier.pin_prefix(self.namespace_for(extras), &hashes, &digests, max_blocks);
+        self.tier.verify_exported(&mut slots, true);
         Ok(slots.into_iter().map(|slot| PinnedBlock { tier: Arc::clone(&self.tier), slot }).collect())
     }
 

@@ -14,6 +14,11 @@
 //!
 //! Each block remembers the digest of its tokens and parent (`hashing::block_digests`); a load
 //! whose digest differs (a 64-bit sequence-hash collision between two prefixes) stops there.
+//!
+//! A block handed out as a zero-copy view gets a checksum of its bytes at its first export: the
+//! buffer is read-only, but `torch.frombuffer` ignores that, so a consumer can write through it.
+//! Every later load or export of such a block checks it first; a block found changed is
+//! "spoiled": never served again (loads and views stop before it), and left to eviction.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -43,6 +48,10 @@ struct Entry {
     depth: u32,
     state: State,
     in_lru: bool,
+    /// XXH3 of the bytes, taken when the block was first exported as a view.
+    exported_sum: Option<u64>,
+    /// Found changed since it was exported: never served again.
+    spoiled: bool,
 }
 
 impl Entry {
@@ -85,6 +94,8 @@ struct Inner {
     evicted_blocks: u64,
     /// Loads stopped at a block whose digest is not the request's.
     mismatched_blocks: u64,
+    /// Exported blocks found changed (written through a view).
+    spoiled_blocks: u64,
     /// Keys evicted since the last reservation handed them out (for KV "removed" events).
     evicted_keys: Vec<Key>,
 }
@@ -111,6 +122,7 @@ pub struct TierStats {
     pub allocated_bytes: u64,
     pub evicted_blocks: u64,
     pub mismatched_blocks: u64,
+    pub spoiled_blocks: u64,
 }
 
 pub struct MemoryTier {
@@ -302,6 +314,8 @@ impl MemoryTier {
                 depth: i as u32,
                 state: State::Writing,
                 in_lru: false,
+                exported_sum: None,
+                spoiled: false,
             });
             if let Some(p) = parent {
                 inner.entry_mut(p).children += 1;
@@ -373,6 +387,9 @@ impl MemoryTier {
                 inner.mismatched_blocks += 1;
                 break;
             }
+            if e.spoiled {
+                break;
+            }
             inner.touch(slot, tick);
             inner.pin(slot);
             slots.push(slot);
@@ -384,6 +401,51 @@ impl MemoryTier {
         let mut inner = self.inner.write();
         for &slot in slots {
             inner.unpin(slot);
+        }
+    }
+
+    /// Keeps, among the leading `slots` (pinned), those that are unchanged since they were
+    /// exported, and unpins the rest from the first changed one on (which is spoiled). With
+    /// `export`, the blocks are about to be exported: the ones never exported get their checksum.
+    pub fn verify_exported(&self, slots: &mut Vec<SlotId>, export: bool) {
+        let sums: Vec<Option<u64>> = {
+            let inner = self.inner.read();
+            slots.iter().map(|&s| inner.entry(s).exported_sum).collect()
+        };
+        if !export && sums.iter().all(Option::is_none) {
+            return; // the common case: nothing ever exported, nothing to hash
+        }
+        let mut keep = slots.len();
+        let mut taken = Vec::new();
+        for (k, (&slot, sum)) in slots.iter().zip(&sums).enumerate() {
+            let now = self.with_pinned(slot, xxhash_rust::xxh3::xxh3_64);
+            match sum {
+                Some(expected) if *expected != now => {
+                    keep = k;
+                    break;
+                }
+                Some(_) => {}
+                None => taken.push((slot, now)),
+            }
+        }
+        let mut inner = self.inner.write();
+        if export {
+            for (slot, sum) in taken.into_iter().filter(|(s, _)| slots[..keep].contains(s)) {
+                let e = inner.entry_mut(slot);
+                e.exported_sum.get_or_insert(sum);
+            }
+        }
+        if keep < slots.len() {
+            let e = inner.entry_mut(slots[keep]);
+            if !e.spoiled {
+                e.spoiled = true;
+                inner.spoiled_blocks += 1;
+                tracing::warn!("a cached block was changed through a view of it; it is not served again");
+            }
+            for &slot in &slots[keep..] {
+                inner.unpin(slot);
+            }
+            slots.truncate(keep);
         }
     }
 
@@ -417,6 +479,7 @@ impl MemoryTier {
             allocated_bytes: self.arena.allocated_bytes(),
             evicted_blocks: inner.evicted_blocks,
             mismatched_blocks: inner.mismatched_blocks,
+            spoiled_blocks: inner.spoiled_blocks,
         }
     }
 

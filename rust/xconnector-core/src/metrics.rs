@@ -140,7 +140,8 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
     family("xconnector_tier_bytes", "gauge", "Bytes of KV held, by tier.", bytes);
     family("xconnector_tier_entries", "gauge", "Blocks held, by tier.", entries);
     family("xconnector_tier_capacity_bytes", "gauge", "Byte budget, by tier.", capacity);
-    let mut damaged = Vec::new();
+    // In memory: blocks changed through a view of them.
+    let mut damaged = vec![(l(&[("tier", "memory")]), c(s.tier.spoiled_blocks))];
     let mut mismatched = vec![(l(&[("tier", "memory")]), c(s.tier.mismatched_blocks))];
     if let Some(d) = s.disk {
         damaged.push((l(&[("tier", "disk")]), c(d.corrupt_blocks)));
@@ -175,9 +176,7 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
             vec![(l(&[]), f64::from(u8::from(r.connected)))],
         );
     }
-    if !damaged.is_empty() {
-        family("xconnector_damaged_blocks_total", "counter", "Damaged or foreign blocks refused, by tier.", damaged);
-    }
+    family("xconnector_damaged_blocks_total", "counter", "Damaged or foreign blocks refused, by tier.", damaged);
     family(
         "xconnector_mismatched_blocks_total",
         "counter",

@@ -123,3 +123,35 @@ fn a_disk_block_with_the_right_key_and_another_digest_is_a_miss() {
     assert!(tier.get(7, hash, da, &mut out));
     assert_eq!(out, payload(&a));
 }
+
+#[test]
+fn a_block_changed_through_a_view_is_never_served_again() {
+    // What `torch.frombuffer(view)` allows despite the read-only buffer: a write into the cache.
+    let e = Engine::new(EngineConfig {
+        block_size: BS,
+        block_bytes: BB,
+        capacity_bytes: 16 * BB as u64,
+        namespace: Namespace { model: "m".into(), ..Namespace::default() },
+        disk: None,
+        redis: None,
+        events: None,
+    })
+    .unwrap();
+    let a: Vec<u32> = (1..=3 * BS as u32).collect();
+    e.store(&a, &payload(&a), X).unwrap();
+    let mut out = vec![0u8; 3 * BB];
+    assert_eq!(e.load(&a, &mut out, X).unwrap(), 3 * BS, "nothing exported yet: served");
+    {
+        let views = e.pin_prefix(&a, X, usize::MAX).unwrap();
+        assert_eq!(views.len(), 3);
+        // What a consumer writing through the view does: one byte of the second block.
+        // SAFETY: the block is pinned (the view lives) and BB bytes long; nothing else reads it now.
+        unsafe { *(views[1].as_ptr() as *mut u8) ^= 0xFF };
+    }
+    assert_eq!(e.load(&a, &mut out, X).unwrap(), BS, "the changed block ends the prefix");
+    assert_eq!(&out[..BB], &payload(&a)[..BB]);
+    assert_eq!(e.stats().tier.spoiled_blocks, 1);
+    assert_eq!(e.pin_prefix(&a, X, usize::MAX).unwrap().len(), 1, "nor is it exported again");
+    assert_eq!(e.stats().tier.pinned, 0);
+    e.check_invariants().unwrap();
+}

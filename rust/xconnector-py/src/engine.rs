@@ -192,7 +192,7 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = detached(py, || Ok(self.inner.stats()))?;
         let d = PyDict::new(py);
-        let ints: [(&str, u64); 23] = [
+        let ints: [(&str, u64); 24] = [
             ("lookups", s.lookups),
             ("hit_tokens", s.hit_tokens),
             ("miss_tokens", s.miss_tokens),
@@ -206,6 +206,7 @@ impl Engine {
             ("loaded_bytes", s.loaded_bytes),
             ("evicted_blocks", s.tier.evicted_blocks),
             ("mismatched_blocks", s.tier.mismatched_blocks),
+            ("spoiled_blocks", s.tier.spoiled_blocks),
             ("entries", s.tier.entries),
             ("pinned_blocks", s.tier.pinned),
             ("used_bytes", s.tier.used_bytes),
