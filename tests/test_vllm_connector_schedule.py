@@ -137,3 +137,27 @@ def test_a_skipped_conditional_save_is_planned_again_after_the_recompute() -> No
     assert decode(sched, {"E": 0}).saves == []  # vLLM recomputes from block 0
     again = decode(sched, {"E": 135})
     assert [(t.req_id, t.if_loads_ok) for t in again.saves] == [("E", False)]
+
+
+def test_requests_are_keyed_by_their_images_and_prompt_embeds_are_not_cached() -> None:
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    sched = connector("keys")
+    tokens = [*PREFIX, *range(100, 140)]
+    assert sched.get_num_new_matched_tokens(request("plain", tokens), 0) == (96, False)
+    # The same token ids with an image over positions 40-103: only the block before it is the
+    # stored KV's (nothing, here: the stored prefix has no image), so no hit past position 32.
+    with_image = request("img", tokens)
+    with_image.mm_features = [
+        MultiModalFeatureSpec(
+            data=None,
+            modality="image",
+            identifier="img-a",
+            mm_position=PlaceholderRange(offset=40, length=64),
+        )
+    ]
+    assert sched.get_num_new_matched_tokens(with_image, 0) == (32, False)
+    embeds = request("emb", tokens)
+    embeds.prompt_embeds = object()
+    assert sched.get_num_new_matched_tokens(embeds, 0) == (0, False)
+    assert sched.stats()["skipped"] == {"prompt_embeds": 1}
