@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_harness import make_model, run_app
 
 pytestmark = [
     pytest.mark.vllm,
@@ -22,41 +20,16 @@ pytestmark = [
     ),
 ]
 
-APP = Path(__file__).resolve().parent / "vllm_app"
-ROOT = APP.parents[1]
 PROMPT_TOKENS = [200, 200, 198]  # A, A again, B (shares A's first 128 tokens = 4 blocks of 32)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run(
-        [sys.executable, str(APP / "make_model.py"), str(path)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return str(path)
+    return make_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def engine(model: str, mode: str, *extra: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("XCONNECTOR_", "DYNAMO_"))}
-    full["PYTHONPATH"] = str(ROOT)
-    full.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, str(APP / "run_engine.py"), model, mode, *extra],
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("XCONNECTOR_RESULT "))
-    out: dict[str, Any] = json.loads(line.removeprefix("XCONNECTOR_RESULT "))
-    out["stderr"] = proc.stderr
-    out["logs"] = proc.stdout + proc.stderr  # vLLM's worker processes log to stdout
-    return out
+    return run_app("run_engine.py", model, mode, *extra, env=env)
 
 
 @pytest.fixture(scope="module")

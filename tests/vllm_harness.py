@@ -40,15 +40,15 @@ def workload(seed: int, n: int = 6, tail: tuple[int, int] = (20, 90)) -> list[li
     return prompts
 
 
-def run(model: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    spec_file = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
-    spec_file.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XCONNECTOR_", "DYNAMO_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(spec.get("env", {}))
+def run_app(script: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs a `vllm_app` script in a fresh process (without the caller's XCONNECTOR_/DYNAMO_
+    variables) and returns its `XCONNECTOR_RESULT` line, with its stderr and all its logs."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("XCONNECTOR_", "DYNAMO_"))}
+    full["PYTHONPATH"] = str(ROOT)
+    full.update(env or {})
     proc = subprocess.run(
-        [sys.executable, str(APP / "run_workload.py"), model, str(spec_file)],
-        env=env,
+        [sys.executable, str(APP / script), *args],
+        env=full,
         capture_output=True,
         text=True,
         timeout=900,
@@ -61,6 +61,13 @@ def run(model: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     out["stderr"] = proc.stderr
     out["logs"] = proc.stdout + proc.stderr
     return out
+
+
+def run(model: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """`run_workload.py` on a spec (see there)."""
+    spec_file = tmp / f"spec-{len(list(tmp.glob('spec-*')))}.json"
+    spec_file.write_text(json.dumps(spec))
+    return run_app("run_workload.py", model, str(spec_file), env=spec.get("env"))
 
 
 def assert_same_outputs(a: dict[str, Any], b: dict[str, Any]) -> None:
