@@ -1,8 +1,9 @@
 """The longer version of tests/test_vllm_trust.py: on the real vLLM engine (CPU build, fp32 tiny
 Llama, greedy, logprobs), several seeded shared-prefix workloads each run with XConnector under
-faults (loads failing for a phase, disk block files corrupted, Redis values swapped, Redis
-flushed: each between a lookup's promise and the load), then without faults, and are compared
-token for token and logprob for logprob with the same workload without XConnector.
+faults (loads failing for a phase with junk in the block they tore, disk block files corrupted,
+Redis values swapped, Redis flushed: each between a lookup's promise and the load), then without
+faults, and are compared token for token and logprob for logprob with the same workload without
+XConnector.
 
 Run in the vLLM environment: `PYTHONPATH=. .venv-vllm/bin/python benchmarks/vllm_trust_soak.py
 [--seeds 5] [--prompts 12]` (needs redis-server; scripts/services.sh). Prints one row per seed
@@ -56,7 +57,7 @@ def main() -> int:
                 {"prompt": p} for p in workload(1000 + seed, n=args.prompts, tail=(20, 200))
             ]
             faults = [
-                {"inject": ["load_copy", "error"]},
+                {"inject": ["load_copy", "garbage"]},
                 {"inject": ["load_copy", "none"], "corrupt_disk": str(work / "disk")},
                 {"redis_swap": redis.url},
                 {"redis": [redis.url, "FLUSHALL"]},

@@ -161,3 +161,17 @@ def test_requests_are_keyed_by_their_images_and_prompt_embeds_are_not_cached() -
     embeds.prompt_embeds = object()
     assert sched.get_num_new_matched_tokens(embeds, 0) == (0, False)
     assert sched.stats()["skipped"] == {"prompt_embeds": 1}
+
+
+def test_workers_that_never_confirm_turn_loads_off() -> None:
+    # A vLLM that never calls build_connector_worker_meta: nothing computed over a load could
+    # ever be saved, so the connector stops promising loads rather than hold them forever.
+    from xconnector.integrations.vllm.connector import _UNCONFIRMED_STEPS
+
+    sched = connector("silent", tp=2)
+    f = request("F", [*PREFIX, *range(600, 640)])
+    meta = schedule(sched, [(f, [0, 1, 2, 3, 4], 0, 40)])
+    assert [t.req_id for t in meta.loads] == ["F"]
+    for _ in range(_UNCONFIRMED_STEPS + 1):
+        decode(sched, {"F": 136})
+    assert sched.get_num_new_matched_tokens(request("G", [*PREFIX, 1, 2]), 0) == (0, False)

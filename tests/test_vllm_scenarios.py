@@ -73,15 +73,21 @@ def test_chunked_prefill_of_batched_long_prompts_saves_whole_prompts(
 
 
 def test_preemption_and_resume_under_a_small_kv_cache(model: str, tmp_path: Path) -> None:
+    # Phase 2 extends every prompt, so what it saves (block ids gathered across preemptions and
+    # resumes) is new, and phase 3 is served from it: a wrong block id there is a wrong answer.
     prompts = workload(22, n=6, tail=(60, 120))
+    extended = [p + list(range(400, 440)) for p in prompts]
     spec = {
         "engine": {"num_gpu_blocks_override": 20, "max_num_seqs": 6, "max_model_len": 512},
         "max_tokens": 160,
-        "phases": twice(prompts),
+        "phases": [
+            {"requests": [{"prompt": p} for p in ps]} for ps in (prompts, extended, extended)
+        ],
     }
     _, xc = both(model, tmp_path, spec)
     assert xc["preemptions"] > 0, "the KV cache was meant to be too small for the batch"
-    assert phase_counts(xc, "loaded_tokens")[1] > 0
+    saved, loaded = phase_counts(xc, "saved_blocks"), phase_counts(xc, "loaded_tokens")
+    assert saved[1] > 0 and loaded[2] > loaded[1], (saved, loaded)
 
 
 def test_requests_aborted_mid_run_leave_nothing_wrong_behind(model: str, tmp_path: Path) -> None:
@@ -91,8 +97,8 @@ def test_requests_aborted_mid_run_leave_nothing_wrong_behind(model: str, tmp_pat
         "engine": {"max_num_seqs": 2, "max_num_batched_tokens": 64, "enable_chunked_prefill": True},
         "phases": [
             {"requests": requests},
-            # Two steps in, abort a running request (mid-prefill) and two waiting ones, some of
-            # which were looked up (a load planned) and not yet loaded.
+            # Two steps in, abort a running request mid-prefill (its save never comes) and two
+            # waiting ones the scheduler has looked up (their lookups and keys are dropped).
             {"requests": requests, "abort": {"after_steps": 2, "requests": [0, 3, 5]}},
             {"requests": requests},
         ],

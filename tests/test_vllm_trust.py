@@ -9,6 +9,7 @@ cache served (loaded tokens) and that the faults happened (load failures), since
 from __future__ import annotations
 
 import importlib.util
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def test_faults_never_change_outputs_and_nothing_stored_during_them_is_served_wr
     prompts = workload(7)
     disk = tmp_path / "disk"
     faults = [
-        {"inject": ["load_copy", "error"]},  # every load fails for this phase
+        {"inject": ["load_copy", "garbage"]},  # every load fails, junk in its first block
         {"inject": ["load_copy", "none"], "corrupt_disk": str(disk)},
         {"redis_swap": redis.url},
         {"redis": [redis.url, "FLUSHALL"]},
@@ -89,6 +90,38 @@ def test_faults_never_change_outputs_and_nothing_stored_during_them_is_served_wr
     assert worker.get("fallbacks", {}) == {}, worker
     # The last phase (no faults) is served from the cache again, with the plain outputs.
     assert sum(r["cached"] for r in xc["phases"][-1]) > 0
+    no_xconnector_errors(xc["logs"])
+
+
+def test_blocks_vllms_prefix_cache_shares_with_a_failed_load_are_not_kept(
+    model: str, tmp_path: Path
+) -> None:
+    # With vLLM's own prefix cache on, blocks a request loads are shared at once with a request
+    # scheduled after it in the same step that starts the same way (a local hit, no load of its
+    # own). When that load fails, what the second request computed over it is wrong too and must
+    # not be kept: here it would be served back in the last phase.
+    rng = random.Random(5)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(1, 500) for _ in range(n)]
+
+    shared = tokens(160)  # 5 blocks
+    x, y = shared + tokens(70), shared + tokens(70)
+    fillers = [{"prompt": tokens(200)} for _ in range(4)]  # push the shared blocks out of vLLM
+    spec_phases = [
+        {"requests": [{"prompt": shared + tokens(40)}]},
+        {"requests": fillers},
+        {"requests": [{"prompt": x}, {"prompt": y}], "fault": {"inject": ["load_copy", "garbage"]}},
+        {"requests": fillers, "fault": {"inject": ["load_copy", "none"]}},
+        {"requests": [{"prompt": y}]},
+    ]
+    engine = {"enable_prefix_caching": True, "num_gpu_blocks_override": 24, "max_model_len": 512}
+    plain = run(model, {"xconnector": None, "engine": engine, "phases": spec_phases}, tmp_path)
+    xc = run(model, {"xconnector": {}, "engine": engine, "phases": spec_phases}, tmp_path)
+    assert_same_outputs(xc, plain)
+    assert xc["worker"]["load_failures"] > 0, xc["worker"]
+    assert xc["phases"][-1][0]["cached"] > 0  # y is served from the cache again at the end
+    assert xc["worker"]["fallbacks"] == {}
     no_xconnector_errors(xc["logs"])
 
 

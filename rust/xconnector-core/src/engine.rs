@@ -445,6 +445,9 @@ impl Engine {
         let mut n = 0;
         for (i, &slot) in pins.slots.iter().enumerate() {
             if faults::check(FaultPoint::LoadCopy).is_err() {
+                if faults::garbage(FaultPoint::LoadCopy) {
+                    read(i, &vec![0x5A; bb]); // a torn copy: junk where the block was to go
+                }
                 break; // an injected error: a short load, as if the rest were evicted
             }
             self.tier.with_pinned(slot, |src| read(i, src));

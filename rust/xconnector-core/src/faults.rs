@@ -22,6 +22,10 @@ pub enum Fault {
     None = 0,
     Error = 1,
     Panic = 2,
+    /// At `LoadCopy` only: the load writes junk into the destination block, then stops there, as
+    /// a copy torn midway would. Tests use it so that KV computed over a failed load is visibly
+    /// wrong (a failed load otherwise leaves whatever the block held, often the right KV).
+    Garbage = 3,
 }
 
 static FAULTS: [AtomicU8; 5] = [const { AtomicU8::new(0) }; 5];
@@ -45,6 +49,7 @@ impl Fault {
             "none" => Some(Self::None),
             "error" => Some(Self::Error),
             "panic" => Some(Self::Panic),
+            "garbage" => Some(Self::Garbage),
             _ => None,
         }
     }
@@ -59,7 +64,12 @@ pub fn inject(point: FaultPoint, fault: Fault) {
 pub fn check(point: FaultPoint) -> Result<()> {
     match FAULTS[point as usize].load(Ordering::Relaxed) {
         0 => Ok(()),
-        1 => Err(CoreError::Cache(format!("injected fault at {point:?}"))),
+        1 | 3 => Err(CoreError::Cache(format!("injected fault at {point:?}"))),
         _ => panic!("injected panic at {point:?}"),
     }
+}
+
+/// Whether `point` is to write junk before it fails (`Fault::Garbage`).
+pub fn garbage(point: FaultPoint) -> bool {
+    FAULTS[point as usize].load(Ordering::Relaxed) == Fault::Garbage as u8
 }

@@ -70,7 +70,7 @@ fn _inject_fault(point: &str, fault: &str) -> PyResult<()> {
         ))
     })?;
     let f = Fault::parse(fault)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown fault {fault:?}; use none, error or panic")))?;
+        .ok_or_else(|| PyValueError::new_err(format!("unknown fault {fault:?}; use none, error, panic or garbage")))?;
     faults::inject(p, f);
     Ok(())
 }

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xconnector.vllm")
 
-#: Steps after which loads the workers never confirmed are worth a warning.
+#: Steps after which loads the workers never confirmed mean they never will: loads are turned off.
 _UNCONFIRMED_STEPS = 256
 
 
@@ -221,6 +221,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         # with a request that loaded) is not saved until that step is confirmed.
         self._inflight: dict[int, set[int]] = {}
         self._world = self._tp * int(vllm_config.parallel_config.pipeline_parallel_size)
+        self._loads_off = False
         self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
         # Worker side.
@@ -292,7 +293,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        if self._config is None:
+        if self._config is None or self._loads_off:
             return 0, False
         try:
             rid = request.request_id
@@ -336,6 +337,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         meta = XConnectorMetadata(step=self._step)
         if self._config is None:
             return meta
+        if self._inflight:
+            self._check_confirmations(meta.step)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             key = self._keys.get(new.req_id)
@@ -378,7 +381,6 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         waits = {s for s, ids in self._inflight.items() if not ids.isdisjoint(save_blocks)}
         conditional = bool(waits)
         if waits and (waits != {meta.step} or self._world != 1):
-            self._warn_if_unconfirmed(meta.step)
             return
         tracked.saved = True
         key = tracked.key
@@ -394,13 +396,15 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             )
         )
 
-    def _warn_if_unconfirmed(self, step: int) -> None:
+    def _check_confirmations(self, step: int) -> None:
         oldest = min(self._inflight, default=step)
-        if step - oldest > _UNCONFIRMED_STEPS and "unconfirmed" not in self._logged:
-            self._logged.add("unconfirmed")
-            log.warning(
-                "XConnector: the workers have not confirmed loads of %d steps ago; requests that "
-                "depend on them are not saved (is this vLLM calling build_connector_worker_meta?)",
+        if step - oldest > _UNCONFIRMED_STEPS and not self._loads_off:
+            # The workers never report back (a vLLM without the worker-metadata channel):
+            # nothing that depends on a load could ever be saved, so stop loading instead.
+            self._loads_off = True
+            log.error(
+                "XConnector: the workers have not confirmed loads of %d steps ago (does this "
+                "vLLM call build_connector_worker_meta?); loads are off, saves go on",
                 step - oldest,
             )
 
