@@ -25,32 +25,16 @@ def main() -> None:
     if mode == "autopatch":
         import xconnector.integrations.dynamo.autopatch  # the one line
 
+    from tiny_engine import engine_kwargs, xconnector_transfer_config
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(
-        model=model,
-        skip_tokenizer_init=True,
-        enable_prefix_caching=False,
-        block_size=32,
-        max_model_len=512,
-        dtype="float32",
-        gpu_memory_utilization=0.1,
-        enforce_eager=True,
-        seed=0,
-    )
+    kwargs = engine_kwargs(model)
     if mode == "xconnector-mp":
         # The worker in a process of its own: the scheduler's lookups cross processes.
         kwargs["distributed_executor_backend"] = "mp"
     if mode in ("xconnector", "xconnector-mp"):
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "XConnectorV1",
-            "kv_connector_module_path": "xconnector.integrations.vllm.connector",
-            "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {
-                "xconnector": {"adapters": [{"name": "lmcache", "config": {"max_cache_size": 64}}]}
-            },
-        }
+        section = {"adapters": [{"name": "lmcache", "config": {"max_cache_size": 64}}]}
+        kwargs["kv_transfer_config"] = xconnector_transfer_config(section)
     if mode == "autopatch-multi":
         import xconnector.integrations.dynamo.autopatch  # noqa: F401
 

@@ -97,28 +97,12 @@ def main() -> None:
     logging.getLogger("xconnector").addHandler(handler)
     logging.getLogger("xconnector").setLevel(logging.INFO)
 
+    from tiny_engine import engine_kwargs, xconnector_transfer_config
     from vllm import LLM, SamplingParams
 
-    kwargs: dict[str, Any] = dict(
-        model=model,
-        skip_tokenizer_init=True,
-        enable_prefix_caching=False,
-        block_size=32,
-        max_model_len=1024,
-        dtype="float32",
-        gpu_memory_utilization=0.1,
-        enforce_eager=True,
-        seed=0,
-    )
-    kwargs.update(spec.get("engine", {}))
+    kwargs = engine_kwargs(model, **{"max_model_len": 1024, **spec.get("engine", {})})
     if spec.get("xconnector") is not None:
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "XConnectorV1",
-            "kv_connector_module_path": "xconnector.integrations.vllm.connector",
-            "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"xconnector": spec["xconnector"]},
-        }
+        kwargs["kv_transfer_config"] = xconnector_transfer_config(spec["xconnector"])
     llm = LLM(**kwargs)
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0.0, logprobs=0)
     connector = None
