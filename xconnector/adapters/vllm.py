@@ -47,6 +47,11 @@ class KvIO(Protocol):
     ) -> int: ...
 
 
+def _block_dim(layout: str) -> int:
+    """The dimension of a layout's tensors that indexes blocks (the core's KvLayout::block_dim)."""
+    return 1 if layout == "flash_attn" else 0
+
+
 def layer_tensors(kv_caches: Any) -> list[Any]:
     """Per-layer KV tensors from a list (v0) or a `{layer_name: tensor}` mapping (v1)."""
     tensors = list(kv_caches.values()) if isinstance(kv_caches, Mapping) else list(kv_caches)
@@ -105,7 +110,7 @@ class StagedKv:
         native = load_native()
         first = tensors[0]
         self.layout = layout or native.detect_kv_layout(list(first.shape), block_size)
-        self.block_dim = 1 if self.layout == "flash_attn" else 0
+        self.block_dim = _block_dim(self.layout)
         self.block_size = block_size
         self.num_blocks = int(first.shape[self.block_dim])
         self._tensors = tensors
@@ -209,7 +214,7 @@ def block_shape(tensors: list[Any], block_size: int, layout: str | None = None) 
     first = tensors[0]
     shape = [int(d) for d in first.shape]
     name = layout or load_native().detect_kv_layout(shape, block_size)
-    dim = 1 if name == "flash_attn" else 0
+    dim = _block_dim(name)
     per_layer = {tuple(int(d) for i, d in enumerate(t.shape) if i != dim) for t in tensors}
     shapes = ",".join("x".join(map(str, s)) for s in sorted(per_layer))
     return f"{len(tensors)}x[{shapes}]"

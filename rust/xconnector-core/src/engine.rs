@@ -126,6 +126,20 @@ struct Reserved<'t> {
 }
 
 impl Reserved<'_> {
+    /// Fills the new blocks in order with `fill(block_index, slot_bytes)` until an injected
+    /// `store_copy` error stops it; returns how many were filled.
+    fn fill(&self, mut fill: impl FnMut(usize, &mut [u8])) -> usize {
+        let mut filled = 0;
+        for &(i, slot) in &self.res.new_blocks {
+            if faults::check(FaultPoint::StoreCopy).is_err() {
+                break; // the blocks from here on are not stored
+            }
+            self.tier.fill_reserved(slot, |dst| fill(i, dst));
+            filled += 1;
+        }
+        filled
+    }
+
     /// Publishes the first `filled` new blocks and takes back the rest.
     fn publish(mut self, filled: usize) -> crate::memory_tier::Reservation {
         self.tier.abort(&mut self.res, filled);
@@ -347,7 +361,7 @@ impl Engine {
         &self,
         tokens: &[u32],
         extras: HashExtras<'_>,
-        mut fill: impl FnMut(usize, &mut [u8]),
+        fill: impl FnMut(usize, &mut [u8]),
     ) -> Result<StoreOutcome> {
         faults::check(FaultPoint::Store)?;
         let t0 = Instant::now();
@@ -356,14 +370,7 @@ impl Engine {
         let digests = self.digests(tokens);
         let ns = self.namespace_for(extras);
         let reserved = Reserved { tier: &self.tier, res: self.tier.reserve(ns, &hashes, &digests)? };
-        let mut filled = 0;
-        for &(i, slot) in &reserved.res.new_blocks {
-            if faults::check(FaultPoint::StoreCopy).is_err() {
-                break; // an injected error: the blocks from here on are not stored
-            }
-            self.tier.fill_reserved(slot, |dst| fill(i, dst));
-            filled += 1;
-        }
+        let filled = reserved.fill(fill);
         // Copied for the lower tiers while the slots are still ours: once published they may be
         // evicted and reused at any moment.
         let behind: Vec<Pending> = match (&self.lower, &self.redis) {
@@ -539,15 +546,10 @@ impl Engine {
             let upto = in_memory + got;
             if let Ok(res) = self.tier.reserve(ns, &hashes[..upto], &digests[..upto]) {
                 let reserved = Reserved { tier: &self.tier, res };
-                let mut filled = 0;
-                for &(i, slot) in &reserved.res.new_blocks {
-                    if faults::check(FaultPoint::StoreCopy).is_err() {
-                        break;
-                    }
+                let filled = reserved.fill(|i, dst| {
                     let k = i - in_memory; // i >= in_memory: the prefix is pinned, so present
-                    self.tier.fill_reserved(slot, |dst| dst.copy_from_slice(&buf[k * bb..(k + 1) * bb]));
-                    filled += 1;
-                }
+                    dst.copy_from_slice(&buf[k * bb..(k + 1) * bb]);
+                });
                 let res = reserved.publish(filled);
                 self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
             }
