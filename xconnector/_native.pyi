@@ -62,6 +62,7 @@ class Engine:
         disk_path: str | None = None,
         disk_capacity_bytes: int = 0,
         disk_queue_blocks: int = 1024,
+        disk_shared: bool = False,
         redis_url: str | None = None,
         redis_key_prefix: str = "xconnector",
         redis_queue_blocks: int = 4096,

@@ -7,19 +7,25 @@
 //! hash and digest must all be the request's. A block is written to a
 //! unique temporary file and renamed into place, so readers (this or another process sharing
 //! the directory) see a whole file or none. A file whose header or checksum does not match is a
-//! miss, counted and deleted, never served. The directory is 0700 and files 0600: KV reveals the
-//! prompts it came from. Entries written before a restart are found again (the directory is
-//! scanned when the tier opens).
+//! miss, counted and deleted, never served. KV reveals the prompts it came from: the directory
+//! must be this user's and writable by nobody else (`disk_dir`), files are opened as untrusted
+//! (`disk_files`). Entries written before a restart are found again when the tier opens, and what
+//! a crash left (temporary files, truncated blocks) is removed and counted then.
+//!
+//! A full filesystem (ENOSPC, or the user's quota) is survived: the tier evicts its own oldest
+//! blocks and retries, and if that is not enough lowers its budget to what fits, raising it again
+//! when the filesystem has room. One warning per episode; the rest is counted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::disk_dir;
+use crate::disk_files::{self, Found};
 use crate::error::{CoreError, Result};
 
 const MAGIC: &[u8; 4] = b"XCB2";
@@ -43,7 +49,16 @@ pub struct DiskStats {
     /// Intact files that are not the KV asked for (another key's block, another prefix with the
     /// same hash) and removed.
     pub mismatched_blocks: u64,
+    /// Failed write attempts (a full filesystem's included, also when a retry after evicting
+    /// succeeded).
     pub write_errors: u64,
+    /// Files a crash left (temporary files, truncated or special files where a block should be),
+    /// removed when the tier opened, and their bytes.
+    pub leftover_files: u64,
+    pub leftover_bytes: u64,
+    /// Times the filesystem was found full; `budget_bytes` is the budget while it is lowered.
+    pub full_episodes: u64,
+    pub budget_bytes: u64,
 }
 
 struct Entry {
@@ -87,9 +102,16 @@ impl Index {
     }
 }
 
+/// While the budget is lowered because the filesystem was full, the free space is looked at
+/// again every this many writes.
+const RAISE_EVERY: u64 = 64;
+
 pub struct DiskTier {
     dir: PathBuf,
+    modes: disk_dir::Modes,
     capacity: u64,
+    /// The budget in force: `capacity`, or less while the filesystem is full.
+    budget: AtomicU64,
     block_bytes: usize,
     index: Mutex<Index>,
     written: AtomicU64,
@@ -98,6 +120,15 @@ pub struct DiskTier {
     corrupt: AtomicU64,
     mismatched: AtomicU64,
     write_errors: AtomicU64,
+    leftover_files: AtomicU64,
+    leftover_bytes: AtomicU64,
+    full_episodes: AtomicU64,
+    /// Successful writes since the budget was last lowered or raised.
+    since_lowered: AtomicU64,
+    /// The budget is lowered (a full-filesystem episode, already logged).
+    degraded: AtomicBool,
+    /// Writes are failing for another reason (an episode, already logged).
+    failing: AtomicBool,
 }
 
 /// Why a block file was not served.
@@ -119,13 +150,31 @@ fn parse_name(name: &str) -> Option<Key> {
     Some((u64::from_str_radix(ns, 16).ok()?, u64::from_str_radix(hash, 16).ok()?))
 }
 
+/// Subdirectories the tier writes: two hex digits, the hash's top byte.
+fn is_subdir_name(name: &str) -> bool {
+    name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn word(buf: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(buf[i..i + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// Whether `head` is the header of a whole block file of `len` bytes (of any block size).
+fn is_header_of(head: &[u8; HEADER], len: u64) -> bool {
+    let format = u32::from_le_bytes(head[4..8].try_into().unwrap_or([0; 4]));
+    &head[0..4] == MAGIC && format == FORMAT && word(head, 24).checked_add(HEADER as u64) == Some(len)
+}
+
 impl DiskTier {
-    /// Opens (creating if needed) the tier in `dir`, indexing what earlier runs left there.
-    pub fn open(dir: &Path, capacity_bytes: u64, block_bytes: usize) -> Result<Self> {
-        create_private_dir(dir)?;
+    /// Opens (creating if needed) the tier in `dir`, indexing what earlier runs left there and
+    /// removing what a crash left. Refuses a directory other users can write to, unless `shared`.
+    pub fn open(dir: &Path, capacity_bytes: u64, block_bytes: usize, shared: bool) -> Result<Self> {
+        let dir = disk_dir::prepare(dir, shared)?;
         let tier = Self {
-            dir: dir.to_path_buf(),
+            dir,
+            modes: disk_dir::modes(shared),
             capacity: capacity_bytes,
+            budget: AtomicU64::new(capacity_bytes),
             block_bytes,
             index: Mutex::new(Index::default()),
             written: AtomicU64::new(0),
@@ -134,30 +183,40 @@ impl DiskTier {
             corrupt: AtomicU64::new(0),
             mismatched: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            leftover_files: AtomicU64::new(0),
+            leftover_bytes: AtomicU64::new(0),
+            full_episodes: AtomicU64::new(0),
+            since_lowered: AtomicU64::new(0),
+            degraded: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
         };
-        tier.scan()?;
+        tier.scan(shared)?;
         Ok(tier)
     }
 
-    /// Indexes existing block files, oldest first, so LRU order survives a restart.
-    fn scan(&self) -> Result<()> {
+    fn file_len(&self) -> u64 {
+        (HEADER + self.block_bytes) as u64
+    }
+
+    /// Indexes existing block files, oldest first, so LRU order survives a restart; checks every
+    /// subdirectory can be trusted; removes crash leftovers.
+    fn scan(&self, shared: bool) -> Result<()> {
         let mut found: Vec<(std::time::SystemTime, Key, u64)> = Vec::new();
-        let read_dir = |p: &Path| fs::read_dir(p).map_err(|e| io_err(format!("reading {}", p.display()), e));
-        for sub in read_dir(&self.dir)? {
-            let Ok(sub) = sub else { continue };
-            if !sub.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
+        let top = fs::read_dir(&self.dir).map_err(|e| io_err(format!("reading {}", self.dir.display()), e))?;
+        for sub in top.flatten() {
+            if !sub.file_name().to_str().is_some_and(is_subdir_name) {
+                continue; // not a name the tier uses: never read, not ours to judge
             }
-            let Ok(files) = fs::read_dir(sub.path()) else { continue };
-            for f in files.flatten() {
-                let name = f.file_name();
-                let Some(key) = name.to_str().and_then(parse_name) else { continue };
-                let Ok(meta) = f.metadata() else { continue };
-                if meta.len() != (HEADER + self.block_bytes) as u64 {
-                    continue; // another geometry or truncated: left alone, never indexed
-                }
-                found.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), key, meta.len()));
-            }
+            disk_dir::check(&sub.path(), shared)?;
+            self.scan_subdir(&sub.path(), &mut found);
+        }
+        let (files, bytes) = (self.leftover_files.load(Relaxed), self.leftover_bytes.load(Relaxed));
+        if files > 0 {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "disk tier: removed {files} file(s), {bytes} bytes, left by a crash or a power loss \
+                 (temporary, truncated or special files)"
+            );
         }
         found.sort();
         let mut index = self.index.lock();
@@ -170,6 +229,46 @@ impl DiskTier {
         Ok(())
     }
 
+    fn scan_subdir(&self, dir: &Path, found: &mut Vec<(std::time::SystemTime, Key, u64)>) {
+        let Ok(files) = fs::read_dir(dir) else { return };
+        for f in files.flatten() {
+            let name = f.file_name();
+            let Some(name) = name.to_str() else { continue };
+            // DirEntry::metadata does not follow a link.
+            let Ok(meta) = f.metadata() else { continue };
+            if name.starts_with(".tmp-") {
+                if disk_files::is_stale_tmp(name, &meta) {
+                    self.remove_leftover(&f.path(), meta.len());
+                }
+                continue;
+            }
+            let Some(key) = parse_name(name) else { continue };
+            let kind = meta.file_type();
+            if kind.is_file() && meta.len() == self.file_len() {
+                found.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), key, meta.len()));
+            } else if kind.is_file() && self.is_other_geometry(&f.path(), meta.len()) {
+                // Another engine's block size sharing the directory: its files, its budget.
+            } else if kind.is_symlink() || kind.is_file() || disk_files::is_special(&kind) {
+                self.remove_leftover(&f.path(), if kind.is_file() { meta.len() } else { 0 });
+            }
+        }
+    }
+
+    fn is_other_geometry(&self, path: &Path, len: u64) -> bool {
+        let mut head = [0u8; HEADER];
+        match disk_files::open_block(path, len) {
+            Found::File(mut f) => std::io::Read::read_exact(&mut f, &mut head).is_ok() && is_header_of(&head, len),
+            _ => false,
+        }
+    }
+
+    fn remove_leftover(&self, path: &Path, bytes: u64) {
+        if fs::remove_file(path).is_ok() {
+            self.leftover_files.fetch_add(1, Relaxed);
+            self.leftover_bytes.fetch_add(bytes, Relaxed);
+        }
+    }
+
     fn path(&self, key: Key) -> PathBuf {
         let (ns, hash) = key;
         self.dir.join(format!("{:02x}", hash >> 56)).join(format!("{ns:016x}-{hash:016x}.{EXT}"))
@@ -177,6 +276,11 @@ impl DiskTier {
 
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity
+    }
+
+    /// The directory the tier uses (resolved).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Leading blocks of `hashes` present (another process's files count once seen on disk).
@@ -190,48 +294,40 @@ impl DiskTier {
                 continue;
             }
             // Written by another process sharing the directory?
-            match fs::metadata(self.path(key)) {
-                Ok(m) if m.len() == (HEADER + self.block_bytes) as u64 => {
-                    self.admit(key, m.len(), n as u32);
-                    n += 1;
-                }
-                _ => break,
+            if !disk_files::is_block_file(&self.path(key), self.file_len()) {
+                break;
             }
+            self.admit(key, self.file_len(), n as u32);
+            n += 1;
         }
         n
     }
 
     /// Reads block `hash` into `out` (`block_bytes` long) if it is the KV of the block with
-    /// `digest`. False on a miss, a file deleted meanwhile, or a damaged or mismatched file
-    /// (which is removed).
+    /// `digest`. False on a miss, a file deleted meanwhile, or a damaged, mismatched or special
+    /// file (which is removed). `out` may hold junk after a false return.
     pub fn get(&self, ns: u64, hash: u64, digest: u128, out: &mut [u8]) -> bool {
         let key = (ns, hash);
         let path = self.path(key);
-        let mut buf = Vec::with_capacity(HEADER + out.len());
-        match fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut buf)) {
-            Ok(_) => {}
-            Err(_) => {
+        if out.len() != self.block_bytes {
+            return false;
+        }
+        let mut head = [0u8; HEADER];
+        let read = match disk_files::open_block(&path, self.file_len()) {
+            Found::Missing => {
                 self.index.lock().remove(&key);
                 return false;
             }
-        }
-        if let Err(why) = self.check(&buf, key, digest, out.len()) {
-            let what = match why {
-                Reject::Damaged => {
-                    self.corrupt.fetch_add(1, Relaxed);
-                    "damaged"
-                }
-                Reject::Mismatch => {
-                    self.mismatched.fetch_add(1, Relaxed);
-                    "not the KV of the block asked for"
-                }
-            };
-            tracing::warn!(path = %path.display(), "disk-tier block removed: {what}");
-            let _ = fs::remove_file(&path);
-            self.index.lock().remove(&key);
+            Found::NotABlock => Err(Reject::Damaged),
+            Found::File(f) => match disk_files::read_block(f, &mut head, out) {
+                true => self.check(&head, out, key, digest),
+                false => Err(Reject::Damaged),
+            },
+        };
+        if let Err(why) = read {
+            self.reject(&path, key, why);
             return false;
         }
-        out.copy_from_slice(&buf[HEADER..]);
         let mut index = self.index.lock();
         index.tick += 1;
         let tick = index.tick;
@@ -240,47 +336,79 @@ impl DiskTier {
         true
     }
 
-    fn check(&self, buf: &[u8], key: Key, digest: u128, len: usize) -> std::result::Result<(), Reject> {
-        if buf.len() != HEADER + len || &buf[0..4] != MAGIC {
+    fn reject(&self, path: &Path, key: Key, why: Reject) {
+        let (counter, what) = match why {
+            Reject::Damaged => (&self.corrupt, "damaged, truncated or not a regular file"),
+            Reject::Mismatch => (&self.mismatched, "not the KV of the block asked for"),
+        };
+        if counter.fetch_add(1, Relaxed) == 0 {
+            tracing::warn!(path = %path.display(), "disk-tier block removed: {what} (logged once per kind, counted)");
+        }
+        let _ = fs::remove_file(path);
+        self.index.lock().remove(&key);
+    }
+
+    fn check(&self, head: &[u8; HEADER], payload: &[u8], key: Key, digest: u128) -> std::result::Result<(), Reject> {
+        if !is_header_of(head, self.file_len()) || word(head, 32) != xxh3_64(payload) {
             return Err(Reject::Damaged);
         }
-        let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().unwrap_or([0; 8]));
-        let format = u32::from_le_bytes(buf[4..8].try_into().unwrap_or([0; 4]));
-        if format != FORMAT || word(24) != len as u64 || word(32) != xxh3_64(&buf[HEADER..]) {
-            return Err(Reject::Damaged);
-        }
-        let stored_digest = u128::from_le_bytes(buf[40..56].try_into().unwrap_or([0; 16]));
-        if word(8) != key.0 || word(16) != key.1 || stored_digest != digest {
+        let stored_digest = u128::from_le_bytes(head[40..56].try_into().unwrap_or([0; 16]));
+        if word(head, 8) != key.0 || word(head, 16) != key.1 || stored_digest != digest {
             return Err(Reject::Mismatch);
         }
         Ok(())
     }
 
     /// Writes one block (`depth`: its index in the chain, deeper ones are evicted first; `digest`:
-    /// of its tokens and parent).
+    /// of its tokens and parent). On a full filesystem, makes room by evicting and retries once;
+    /// still full, the budget is lowered to what the tier holds.
     pub fn put(&self, ns: u64, hash: u64, digest: u128, depth: u32, data: &[u8]) -> Result<()> {
         let key = (ns, hash);
         if self.index.lock().entries.contains_key(&key) {
             return Ok(());
         }
-        let size = (HEADER + data.len()) as u64;
-        if size > self.capacity {
-            return Ok(()); // cannot fit at all: nothing to do
+        let size = self.file_len();
+        if self.degraded.load(Relaxed) {
+            self.maybe_raise_budget(size);
+        }
+        if data.len() != self.block_bytes || size > self.budget.load(Relaxed) {
+            return Ok(()); // cannot fit (the budget may be lowered: the filesystem is full)
         }
         let path = self.path(key);
-        let result = self.write_file(&path, key, digest, data);
+        let mut result = self.write_file(&path, key, digest, data);
+        if result.as_ref().is_err_and(disk_files::is_full) {
+            self.write_errors.fetch_add(1, Relaxed);
+            self.make_room(size);
+            result = self.write_file(&path, key, digest, data);
+            self.lower_budget(result.as_ref().err());
+        }
         if let Err(e) = result {
             self.write_errors.fetch_add(1, Relaxed);
-            return Err(e);
+            if !disk_files::is_full(&e) && !self.failing.swap(true, Relaxed) {
+                tracing::warn!(
+                    dir = %self.dir.display(), error = %e,
+                    "disk tier writes are failing; blocks stay in memory only (logged once per episode, \
+                     counted in disk_write_errors)"
+                );
+            }
+            return Err(io_err(format!("writing {}", path.display()), e));
         }
+        self.failing.store(false, Relaxed);
         self.admit(key, size, depth);
         self.written.fetch_add(1, Relaxed);
         Ok(())
     }
 
-    fn write_file(&self, path: &Path, key: Key, digest: u128, data: &[u8]) -> Result<()> {
+    fn write_file(&self, path: &Path, key: Key, digest: u128, data: &[u8]) -> std::io::Result<()> {
         let parent = path.parent().unwrap_or(&self.dir);
-        create_private_dir(parent)?;
+        let mut b = fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, self.modes.dir);
+        match b.create(parent) {
+            Ok(()) => disk_dir::set_mode(parent, self.modes.dir)?,
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            Err(_) => {}
+        }
         let mut header = [0u8; HEADER];
         header[0..4].copy_from_slice(MAGIC);
         header[4..8].copy_from_slice(&FORMAT.to_le_bytes());
@@ -289,19 +417,51 @@ impl DiskTier {
         header[24..32].copy_from_slice(&(data.len() as u64).to_le_bytes());
         header[32..40].copy_from_slice(&xxh3_64(data).to_le_bytes());
         header[40..56].copy_from_slice(&digest.to_le_bytes());
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), SEQ.fetch_add(1, Relaxed)));
-        let write = || -> std::io::Result<()> {
-            let mut f = open_private(&tmp)?;
-            f.write_all(&header)?;
-            f.write_all(data)?;
-            drop(f);
-            fs::rename(&tmp, path)
+        disk_files::write_block(parent, path, self.modes.file, &header, data)
+    }
+
+    /// Evicts least recently used blocks until `bytes` are freed (or the tier is empty).
+    fn make_room(&self, bytes: u64) {
+        let victims = {
+            let mut index = self.index.lock();
+            let target = index.used.saturating_sub(bytes);
+            Self::over_budget(&mut index, target)
         };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err(format!("writing {}", path.display()), e)
-        })
+        self.delete(victims);
+    }
+
+    /// After a write that found the filesystem full: the budget becomes what the tier holds (plus
+    /// the block just written, if the retry succeeded). Logged once per episode.
+    fn lower_budget(&self, retry_failed: Option<&std::io::Error>) {
+        let used = self.index.lock().used;
+        let budget = if retry_failed.is_some() { used } else { used + self.file_len() };
+        let before = self.budget.swap(budget.min(self.capacity), Relaxed);
+        self.since_lowered.store(0, Relaxed);
+        if !self.degraded.swap(true, Relaxed) {
+            self.full_episodes.fetch_add(1, Relaxed);
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "disk tier: the filesystem is full; evicted to make room and lowered the budget from {before} \
+                 to {budget} bytes (raised again as writes succeed; logged once per episode)"
+            );
+        }
+    }
+
+    /// While the budget is lowered, every `RAISE_EVERY`-th write looks at the filesystem's free
+    /// space again and raises the budget to what it holds plus 90% of that (if that is still too
+    /// much, the next full write lowers it again, silently).
+    fn maybe_raise_budget(&self, step: u64) {
+        if self.since_lowered.fetch_add(1, Relaxed) + 1 < RAISE_EVERY {
+            return;
+        }
+        self.since_lowered.store(0, Relaxed);
+        let used = self.index.lock().used;
+        let room = disk_files::available_bytes(&self.dir).map_or(step, |free| free / 10 * 9);
+        let raised = (used + room).max(self.budget.load(Relaxed)).min(self.capacity);
+        self.budget.store(raised, Relaxed);
+        if raised == self.capacity && self.degraded.swap(false, Relaxed) {
+            tracing::info!(dir = %self.dir.display(), "disk tier: back to its full budget of {raised} bytes");
+        }
     }
 
     /// Indexes a block and, under the same lock, takes the least recently used entries out
@@ -311,7 +471,7 @@ impl DiskTier {
         let victims = {
             let mut index = self.index.lock();
             index.insert(key, bytes, depth);
-            Self::over_budget(&mut index, self.capacity)
+            Self::over_budget(&mut index, self.budget.load(Relaxed))
         };
         self.delete(victims);
     }
@@ -345,32 +505,10 @@ impl DiskTier {
             corrupt_blocks: self.corrupt.load(Relaxed),
             mismatched_blocks: self.mismatched.load(Relaxed),
             write_errors: self.write_errors.load(Relaxed),
+            leftover_files: self.leftover_files.load(Relaxed),
+            leftover_bytes: self.leftover_bytes.load(Relaxed),
+            full_episodes: self.full_episodes.load(Relaxed),
+            budget_bytes: self.budget.load(Relaxed),
         }
-    }
-}
-
-#[cfg(unix)]
-fn open_private(path: &Path) -> std::io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
-}
-
-#[cfg(not(unix))]
-fn open_private(path: &Path) -> std::io::Result<fs::File> {
-    fs::OpenOptions::new().write(true).create_new(true).open(path)
-}
-
-fn create_private_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(io_err(format!("creating the disk tier directory {}", dir.display()), e)),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        fs::create_dir_all(dir).map_err(|e| io_err(format!("creating {}", dir.display()), e))
     }
 }

@@ -18,6 +18,10 @@ use crate::redis_tier::{RedisConfig, RedisTier, Write};
 use crate::router::{Clock, Router, TargetStatus, WritePolicy};
 use crate::stats::{add_elapsed, Counters, EngineStats};
 
+/// The largest block payload accepted (all layers of one block): far above any model's, low
+/// enough that sizes computed from it never overflow.
+pub const MAX_BLOCK_BYTES: usize = 1 << 32;
+
 /// What the engine is created with. `block_bytes` is the size of one block's payload (its KV for
 /// all layers); every stored block has exactly this size.
 #[derive(Clone, Debug)]
@@ -41,6 +45,9 @@ pub struct DiskConfig {
     /// Blocks waiting to be written; when full, further blocks are dropped (and counted) so a
     /// slow disk never blocks the worker.
     pub queue_blocks: usize,
+    /// Several users' workers share the directory on purpose: it may be group-writable, and
+    /// blocks are group-readable. Otherwise it must be this user's and writable by nobody else.
+    pub shared: bool,
 }
 
 /// A block on its way to a lower tier.
@@ -179,6 +186,13 @@ impl Engine {
                 "block_bytes must be positive: it is the size of one block's KV payload for all layers",
             ));
         }
+        if cfg.block_bytes > MAX_BLOCK_BYTES {
+            return Err(CoreError::config(format!(
+                "block_bytes ({}) is over {MAX_BLOCK_BYTES} (4 GiB): it is one block's KV for all layers; \
+                 check the layer count and shapes it was computed from",
+                cfg.block_bytes
+            )));
+        }
         if cfg.capacity_bytes < cfg.block_bytes as u64 {
             return Err(CoreError::config(format!(
                 "capacity_bytes ({}) is smaller than one block ({} bytes); raise the cache size or use smaller blocks",
@@ -198,7 +212,18 @@ impl Engine {
         let counters = Arc::new(Counters::default());
         let lower = match &cfg.disk {
             None => None,
-            Some(d) => Some(Self::start_disk(d, cfg.block_bytes)?),
+            Some(d) if d.dir.as_os_str().is_empty() => {
+                return Err(CoreError::config("disk_path is empty: give the disk tier's directory, or leave it out"));
+            }
+            // A directory that cannot be used or trusted turns the tier off, not the engine.
+            Some(d) => match Self::start_disk(d, cfg.block_bytes) {
+                Ok(lower) => Some(lower),
+                Err(e) => {
+                    tracing::error!("disk tier off: {e}");
+                    counters.disk_refused.store(1, Relaxed);
+                    None
+                }
+            },
         };
         let redis = match &cfg.redis {
             None => None,
@@ -238,7 +263,7 @@ impl Engine {
     }
 
     fn start_disk(d: &DiskConfig, block_bytes: usize) -> Result<Lower> {
-        let disk = Arc::new(DiskTier::open(&d.dir, d.capacity_bytes, block_bytes)?);
+        let disk = Arc::new(DiskTier::open(&d.dir, d.capacity_bytes, block_bytes, d.shared)?);
         let (queue, rx) = sync_channel::<Pending>(d.queue_blocks.max(1));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (writer, pending) = (Arc::clone(&disk), Arc::clone(&in_flight));
@@ -247,9 +272,8 @@ impl Engine {
             .spawn(move || {
                 // Ends when the engine (the only sender) is dropped.
                 for p in rx {
-                    if let Err(e) = writer.put(p.ns, p.hash, p.digest, p.depth, &p.data) {
-                        tracing::warn!(error = %e, "disk tier write failed; the block stays in memory only");
-                    }
+                    // Failures are counted and logged once per episode by the tier.
+                    let _ = writer.put(p.ns, p.hash, p.digest, p.depth, &p.data);
                     pending.fetch_sub(1, Relaxed);
                 }
             })
@@ -341,13 +365,13 @@ impl Engine {
         let bs = self.cfg.block_size;
         let bb = self.cfg.block_bytes;
         let blocks = tokens.len() / bs;
-        if payload.len() != blocks * bb {
+        if blocks.checked_mul(bb) != Some(payload.len()) {
             return Err(CoreError::invalid(format!(
                 "payload is {} bytes, but {} tokens make {blocks} full block(s) of {bb} bytes = {} bytes; \
                  pass exactly the KV of the full blocks (a trailing partial block of {} token(s) is not cached)",
                 payload.len(),
                 tokens.len(),
-                blocks * bb,
+                blocks as u128 * bb as u128,
                 tokens.len() % bs
             )));
         }

@@ -4,6 +4,8 @@
 
 pub mod arena;
 pub mod config;
+pub mod disk_dir;
+pub mod disk_files;
 pub mod disk_tier;
 pub mod engine;
 pub mod error;

@@ -136,6 +136,38 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
         entries.push((l(&[("tier", "disk")]), c(d.entries)));
         capacity.push((l(&[("tier", "disk")]), c(d.capacity_bytes)));
     }
+    if let Some(d) = s.disk {
+        family(
+            "xconnector_disk_leftover_files_total",
+            "counter",
+            "Files a crash or power loss left in the disk tier (temporary, truncated, special), removed at start.",
+            vec![(l(&[]), c(d.leftover_files))],
+        );
+        family(
+            "xconnector_disk_write_errors_total",
+            "counter",
+            "Failed disk tier writes (a full filesystem included).",
+            vec![(l(&[]), c(d.write_errors))],
+        );
+        family(
+            "xconnector_disk_full_episodes_total",
+            "counter",
+            "Times the disk tier found its filesystem full and lowered its budget.",
+            vec![(l(&[]), c(d.full_episodes))],
+        );
+        family(
+            "xconnector_disk_budget_bytes",
+            "gauge",
+            "The disk tier's budget in force: its capacity, or less while the filesystem is full.",
+            vec![(l(&[]), c(d.budget_bytes))],
+        );
+    }
+    family(
+        "xconnector_tier_off",
+        "gauge",
+        "1 when a configured tier is off because it could not be used or trusted.",
+        vec![(l(&[("tier", "disk")]), c(s.disk_refused))],
+    );
     family("xconnector_evictions_total", "counter", "Blocks evicted, by tier.", evictions);
     family("xconnector_tier_bytes", "gauge", "Bytes of KV held, by tier.", bytes);
     family("xconnector_tier_entries", "gauge", "Blocks held, by tier.", entries);

@@ -27,6 +27,8 @@ pub(crate) struct Counters {
     pub load_ns: AtomicU64,
     pub promoted_blocks: AtomicU64,
     pub write_behind_dropped: AtomicU64,
+    /// 1 when the disk tier was configured but could not be used or trusted (it is off).
+    pub disk_refused: AtomicU64,
     pub lookup_hist: Histogram,
     pub store_hist: Histogram,
     pub load_hist: Histogram,
@@ -62,6 +64,8 @@ pub struct EngineStats {
     pub promoted_blocks: u64,
     /// Blocks not written to a lower tier because its write-behind queue was full.
     pub write_behind_dropped: u64,
+    /// 1 when the disk tier was configured but is off: its directory could not be used or trusted.
+    pub disk_refused: u64,
     pub tier: TierStats,
     pub disk: Option<DiskStats>,
     pub redis: Option<RedisStats>,
@@ -93,6 +97,7 @@ impl Counters {
             load_ns: self.load_ns.load(Relaxed),
             promoted_blocks: self.promoted_blocks.load(Relaxed),
             write_behind_dropped: self.write_behind_dropped.load(Relaxed),
+            disk_refused: self.disk_refused.load(Relaxed),
             tier,
             disk,
             redis,

@@ -20,6 +20,7 @@ fn engine(dir: &Path, memory_blocks: u64, disk_blocks: u64) -> Engine {
             dir: dir.to_path_buf(),
             capacity_bytes: disk_blocks * ((BB + HEADER) as u64),
             queue_blocks: 1024,
+            shared: false,
         }),
         redis: None,
         events: None,

@@ -27,6 +27,7 @@ fn engine(blocks: u64, disk: Option<&std::path::Path>) -> Engine {
             dir: d.to_path_buf(),
             capacity_bytes: 64 * (BB + HEADER) as u64,
             queue_blocks: 64,
+            shared: false,
         }),
         redis: None,
         events: None,

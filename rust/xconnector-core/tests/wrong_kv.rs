@@ -31,7 +31,12 @@ fn disk_engine(dir: &Path, memory_blocks: u64) -> Engine {
         block_bytes: BB,
         capacity_bytes: memory_blocks * BB as u64,
         namespace: Namespace { model: "m".into(), ..Namespace::default() },
-        disk: Some(DiskConfig { dir: dir.to_path_buf(), capacity_bytes: 64 * (BB + HEADER) as u64, queue_blocks: 64 }),
+        disk: Some(DiskConfig {
+            dir: dir.to_path_buf(),
+            capacity_bytes: 64 * (BB + HEADER) as u64,
+            queue_blocks: 64,
+            shared: false,
+        }),
         redis: None,
         events: None,
     })
@@ -110,7 +115,7 @@ fn a_disk_block_with_the_right_key_and_another_digest_is_a_miss() {
     // The key (namespace, hash) alone is not enough: only the digest tells a colliding prefix.
     use xconnector_core::disk_tier::DiskTier;
     let dir = tempfile::tempdir().unwrap();
-    let tier = DiskTier::open(dir.path(), 64 * (BB + HEADER) as u64, BB).unwrap();
+    let tier = DiskTier::open(dir.path(), 64 * (BB + HEADER) as u64, BB, false).unwrap();
     let (a, other): (Vec<u32>, Vec<u32>) = ((1..=BS as u32).collect(), (900..900 + BS as u32).collect());
     let hash = sequence_hashes(&a, BS, X)[0];
     let (da, d_other) = (block_digests(&a, BS)[0], block_digests(&other, BS)[0]);

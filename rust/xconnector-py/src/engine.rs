@@ -192,7 +192,7 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = detached(py, || Ok(self.inner.stats()))?;
         let d = PyDict::new(py);
-        let ints: [(&str, u64); 24] = [
+        let ints: [(&str, u64); 25] = [
             ("lookups", s.lookups),
             ("hit_tokens", s.hit_tokens),
             ("miss_tokens", s.miss_tokens),
@@ -217,6 +217,7 @@ impl Engine {
             ("load_ns", s.load_ns),
             ("promoted_blocks", s.promoted_blocks),
             ("write_behind_dropped", s.write_behind_dropped),
+            ("disk_refused", s.disk_refused),
         ];
         for (k, v) in ints {
             d.set_item(k, v)?;
@@ -251,6 +252,10 @@ impl Engine {
                 ("disk_corrupt_blocks", disk.corrupt_blocks),
                 ("disk_mismatched_blocks", disk.mismatched_blocks),
                 ("disk_write_errors", disk.write_errors),
+                ("disk_leftover_files", disk.leftover_files),
+                ("disk_leftover_bytes", disk.leftover_bytes),
+                ("disk_full_episodes", disk.full_episodes),
+                ("disk_budget_bytes", disk.budget_bytes),
             ] {
                 d.set_item(k, v)?;
             }
