@@ -82,12 +82,13 @@ class RedisServer:
 
 
 class NatsServer:
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
         if shutil.which("nats-server") is None:
             raise RuntimeError("nats-server is missing: run scripts/services.sh")
         self.port = free_port()
+        auth = ["--auth", token] if token else []
         self.proc = subprocess.Popen(
-            ["nats-server", "-a", "127.0.0.1", "-p", str(self.port)],
+            ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), *auth],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

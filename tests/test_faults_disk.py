@@ -425,3 +425,26 @@ def test_a_live_writers_temporary_file_is_left_alone(tmp_path: Path) -> None:
     finally:
         live.kill()
         live.wait()
+
+
+def test_the_yaml_says_shared_with_local_disk_shared(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+    from xconnector.adapters.lmcache import LMCacheAdapter
+    from xconnector.sdk import XConnectorSDK
+
+    disk = tmp_path / "kv"
+    disk.mkdir()
+    disk.chmod(0o770)
+
+    def stats(settings: dict[str, object]) -> dict[str, object]:
+        sdk = XConnectorSDK({"adapters": [{"name": "lmcache", "config": {"local_disk": str(disk), **settings}}]})
+        sdk.initialize()
+        adapter = sdk.get_adapter("lmcache")
+        assert isinstance(adapter, LMCacheAdapter)
+        engine = adapter.engine_for(kv_block_size=16, kv_block_bytes=256, model="m", dtype="f16", kv_layout="NHD")
+        s: dict[str, object] = engine.stats()
+        sdk.shutdown()
+        return s
+
+    assert stats({})["disk_refused"] == 1
+    assert len(lines(logs, "disk tier off")) == 1
+    assert stats({"local_disk_shared": True})["disk_refused"] == 0

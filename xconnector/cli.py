@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from xconnector.sdk.exceptions import ConfigError, NativeModuleError
 
@@ -132,7 +132,7 @@ def check_config(
             "enabled": found.enabled,
             "source": found.source,
             "section": found.section,
-            "config": found.config.to_dict(),
+            "config": _shown(found.config.to_dict()),
             "origins": found.origins,
             "warnings": found.warnings,
         }
@@ -140,6 +140,14 @@ def check_config(
     else:
         _print_report(found, out)
     return EXIT_INVALID if strict and found.warnings else EXIT_OK
+
+
+def _shown(value: Any, key: str = "") -> Any:
+    """`value` without secrets (URL passwords, auth keys): check-config output is pasted into
+    tickets and chat."""
+    from xconnector import native
+
+    return native().config_redact(value, key)
 
 
 def _print_report(found: DetectedConfig, out: TextIO) -> None:
@@ -155,7 +163,9 @@ def _print_report(found: DetectedConfig, out: TextIO) -> None:
             file=out,
         )
     if found.found:
-        rows = [(k, json.dumps(found.values[k]), origin) for k, origin in found.origins.items()]
+        rows = [
+            (k, json.dumps(_shown(found.values[k], k)), origin) for k, origin in found.origins.items()
+        ]
         kw = max(len(r[0]) for r in rows)
         vw = min(max(len(r[1]) for r in rows), 40)
         print("\neffective configuration (key, value, where it was set):", file=out)

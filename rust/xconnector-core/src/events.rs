@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
+use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
 
 #[derive(Clone, Debug)]
@@ -77,10 +78,9 @@ impl EventPublisher {
     /// Starts the publisher. A malformed URL is an error; NATS being unreachable is not (the
     /// client keeps trying in the background).
     pub fn start(cfg: EventsConfig, rt: &Runtime) -> Result<Self> {
-        let addr: async_nats::ServerAddr = cfg
-            .url
-            .parse()
-            .map_err(|e| CoreError::config(format!("events url {:?}: {e}; expected nats://host:port", cfg.url)))?;
+        let addr: async_nats::ServerAddr = cfg.url.parse().map_err(|e| {
+            CoreError::config(format!("events url {:?}: {e}; expected nats://host:port", redact_url(&cfg.url)))
+        })?;
         let (queue, mut rx) = mpsc::channel::<EventData>(cfg.queue_events.max(1));
         let counters = Arc::new(Counters {
             next_id: AtomicU64::new(0),
@@ -97,6 +97,7 @@ impl EventPublisher {
             let client = match options.connect(addr).await {
                 Ok(client) => Some(client),
                 Err(e) => {
+                    let e = redact_url(&e.to_string());
                     tracing::warn!(error = %e, "KV events: cannot connect to NATS; events are dropped");
                     None
                 }
@@ -172,10 +173,11 @@ pub struct EventSubscriber {
 impl EventSubscriber {
     /// Subscribes; fails if NATS cannot be reached within `timeout`.
     pub fn start(url: &str, subject: &str, rt: &Runtime, timeout: Duration) -> Result<Self> {
-        let addr: async_nats::ServerAddr = url
-            .parse()
-            .map_err(|e| CoreError::config(format!("events url {url:?}: {e}; expected nats://host:port")))?;
+        let addr: async_nats::ServerAddr = url.parse().map_err(|e| {
+            CoreError::config(format!("events url {:?}: {e}; expected nats://host:port", redact_url(url)))
+        })?;
         let subject = subject.to_owned();
+        let shown = redact_url(url);
         let connect = async move {
             let client = async_nats::ConnectOptions::new().name("xconnector-subscriber").connect(addr).await?;
             let sub = client.subscribe(subject).await?;
@@ -185,8 +187,10 @@ impl EventSubscriber {
         };
         let (client, mut sub) = rt
             .block_on(async { tokio::time::timeout(timeout, connect).await })
-            .map_err(|_| CoreError::Cache(format!("KV events: NATS at {url} did not answer in {timeout:?}")))?
-            .map_err(|e| CoreError::Cache(format!("KV events: cannot subscribe at {url}: {e}")))?;
+            .map_err(|_| CoreError::Cache(format!("KV events: NATS at {shown} did not answer in {timeout:?}")))?
+            .map_err(|e| {
+                CoreError::Cache(format!("KV events: cannot subscribe at {shown}: {}", redact_url(&e.to_string())))
+            })?;
         let (tx, rx) = std::sync::mpsc::channel();
         rt.spawn(async move {
             let _keep = client;

@@ -144,3 +144,12 @@ pub fn config_read_document<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bou
     let doc = crate::call::detached(py, || core::parse_document(&core::read_config_file(&path, &source)?, &source))?;
     guarded(py, || to_py(py, &doc))
 }
+
+/// `value` as it may be shown: passwords in URLs and the values of secret settings (`key`, or
+/// keys inside `value`) replaced by `***`.
+#[pyfunction]
+#[pyo3(signature = (value, key = ""))]
+pub fn config_redact<'py>(py: Python<'py>, value: &Bound<'py, PyAny>, key: &str) -> PyResult<Bound<'py, PyAny>> {
+    let v = document(py, value, "<value>", key)?;
+    to_py(py, &core::secrets::redact_at(key, &v))
+}

@@ -99,6 +99,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_discover, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_env_vars, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_setting_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_redact, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_read_document, m)?)?;
     Ok(())
 }

@@ -34,7 +34,10 @@ class DistributedHandler:
         try:
             subscriber = load_native().EventSubscriber(url, subject)
         except Exception as e:
-            log.warning("not following KV events at %s: %s", url, e)
+            native = load_native()
+            log.warning(
+                "not following KV events at %s: %s", native.config_redact(url), native.config_redact(str(e))
+            )
             return False
         stop = threading.Event()
         self._follow = stop

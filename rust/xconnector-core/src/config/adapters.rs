@@ -30,8 +30,15 @@ pub const LMCACHE_SETTINGS: &[(&str, Setting)] = &[
     ("max_local_cpu_size", Setting::SizeGb),
     ("local_disk", Setting::Str),
     ("max_local_disk_size", Setting::SizeGb),
+    // The disk directory is shared by several users' workers on purpose (group-writable).
+    ("local_disk_shared", Setting::Bool),
     ("remote_url", Setting::Url(&["redis", "rediss"])),
     ("remote_ca_file", Setting::Str),
+    // The most a request waits on Redis, in ms (redis_tier.rs: the budget).
+    ("remote_timeout_ms", Setting::IntIn(1, 60_000)),
+    // The shared secret of the values' MAC, or the environment variable holding it.
+    ("remote_auth_key", Setting::Secret),
+    ("remote_auth_key_env", Setting::EnvName),
 ];
 
 pub const VLLM_SETTINGS: &[(&str, Setting)] = &[
@@ -105,9 +112,11 @@ pub fn check_settings(adapter: &str, config: &Map<String, Value>, path: &str) ->
             {
                 None
             }
+            // Shown without its password: a rejected URL is still someone's credentials.
             (Setting::Url(schemes), v) => Some(format!(
-                "expected a URL like {}://host:port, got {v}",
-                schemes.first().copied().unwrap_or("scheme")
+                "expected a URL like {}://host:port, got {}",
+                schemes.first().copied().unwrap_or("scheme"),
+                super::secrets::redact(v)
             )),
         };
         if let Some(message) = message {

@@ -4,6 +4,7 @@
 mod adapters;
 mod discover;
 mod locate;
+pub mod secrets;
 mod size;
 mod source;
 mod validate;

@@ -1,0 +1,91 @@
+//! Secrets in configs never reach output: URL passwords, and the values of settings that are
+//! secrets by name (`remote_auth_key`, `*password*`, `*secret*`, `*token*`). check-config, the
+//! validator's messages and connection errors show them as `***`.
+
+use serde_json::{Map, Value};
+
+/// What a hidden value is shown as.
+pub const HIDDEN: &str = "***";
+
+/// Whether a setting (a key, or the last part of a dotted key path) holds a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    last.ends_with("auth_key")
+        || ["password", "passwd", "secret", "token", "credential"].iter().any(|w| last.contains(w))
+}
+
+/// `url` with the user-info part's password (or a lone token, `nats://TOKEN@host`) hidden.
+/// Strings that are not URLs come back as they are.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#', ' ', '"', '\'']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{user}:{HIDDEN}"),
+        None => HIDDEN.to_owned(),
+    };
+    format!("{}://{user}@{}", &url[..scheme_end], &rest[at + 1..])
+}
+
+/// `value` with every secret hidden: values under secret keys, and passwords in URL strings.
+pub fn redact(value: &Value) -> Value {
+    match value {
+        Value::Object(m) => Value::Object(redact_map(m)),
+        Value::Array(items) => Value::Array(items.iter().map(redact).collect()),
+        Value::String(s) => Value::String(redact_url(s)),
+        other => other.clone(),
+    }
+}
+
+fn redact_map(m: &Map<String, Value>) -> Map<String, Value> {
+    m.iter()
+        .map(|(k, v)| {
+            let shown = match v {
+                Value::String(s) if is_secret_key(k) && !s.is_empty() => Value::String(HIDDEN.into()),
+                _ => redact(v),
+            };
+            (k.clone(), shown)
+        })
+        .collect()
+}
+
+/// A value at `key` as it may be shown.
+pub fn redact_at(key: &str, value: &Value) -> Value {
+    match value {
+        Value::String(s) if is_secret_key(key) && !s.is_empty() => Value::String(HIDDEN.into()),
+        other => redact(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_and_tokens_are_hidden() {
+        assert_eq!(redact_url("redis://:hunter2@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
+        assert_eq!(redact_url("rediss://app:hunter2@h:6380"), "rediss://app:***@h:6380");
+        assert_eq!(redact_url("nats://s3cr3t@127.0.0.1:4222"), "nats://***@127.0.0.1:4222");
+        assert_eq!(redact_url("nats://u:p@a:1,nats://b:2"), "nats://u:***@a:1,nats://b:2");
+        assert_eq!(redact_url("redis://127.0.0.1:6379/0?x=a@b"), "redis://127.0.0.1:6379/0?x=a@b");
+        assert_eq!(redact_url("no url here"), "no url here");
+        assert_eq!(redact_url("redis://:p@ss@h:1"), "redis://:***@h:1");
+    }
+
+    #[test]
+    fn secret_keys_are_hidden_wherever_they_are() {
+        let v: Value = serde_json::json!({
+            "adapters": [{"config": {"remote_url": "redis://:pw@h:1", "remote_auth_key": "k3y",
+                                     "remote_auth_key_env": "MY_VAR", "local_disk": "/x"}}],
+            "x": {"nats_token": "t0k", "password": "", "n": 3}
+        });
+        let text = redact(&v).to_string();
+        for leak in ["pw@", "k3y", "t0k"] {
+            assert!(!text.contains(leak), "{leak} in {text}");
+        }
+        // An env var's name is not the secret; empty values show they are unset.
+        assert!(text.contains("MY_VAR") && text.contains("/x") && text.contains("\"password\":\"\""), "{text}");
+        assert_eq!(redact_at("adapters.lmcache.config.remote_auth_key", &Value::String("k".into())), HIDDEN);
+    }
+}
