@@ -1,7 +1,8 @@
 """Typed surface of the compiled extension (checked against it by `mypy.stubtest`)."""
 
+import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias, final
 
@@ -12,6 +13,8 @@ __all__ = [
     "BlockView",
     "Engine",
     "EventSubscriber",
+    "LookupClient",
+    "LookupServer",
     "OverlapIndex",
     "PagedKv",
     "Router",
@@ -29,6 +32,7 @@ __all__ = [
     "config_setting_bytes",
     "detect_kv_layout",
     "local_block_hashes",
+    "lookup_socket_path",
     "reset_log_cache",
     "sequence_hashes",
 ]
@@ -231,6 +235,59 @@ class OverlapIndex:
     def score(self, hashes: list[int]) -> list[tuple[str, int]]: ...
     def workers(self) -> list[tuple[str, int]]: ...
 
+@final
+class LookupServer:
+    """Answers lookups for one rank with `engine`, on a Unix socket at `path`, from native threads.
+    Raises `PermissionError` if the socket's directory is not private to this user, or something
+    else is at `path`."""
+
+    def __new__(
+        cls,
+        engine: Engine,
+        path: str | os.PathLike[str],
+        *,
+        max_connections: int = 32,
+        io_timeout: float = 2.0,
+        idle_timeout: float = 300.0,
+    ) -> Self: ...
+    @property
+    def path(self) -> str: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+@final
+class LookupClient:
+    """Asks every rank's server at once; the answer is the smallest hit, or 0 unless all answered
+    within `timeout` seconds."""
+
+    def __new__(
+        cls,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        timeout: float = 0.1,
+        retry_after: float = 1.0,
+    ) -> Self: ...
+    @property
+    def paths(self) -> list[str]: ...
+    def lookup(
+        self,
+        tokens: _Tokens,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        lora_id: str | None = None,
+    ) -> int: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+def lookup_socket_path(engine_id: str, rank: int) -> str: ...
 def detect_kv_layout(shape: list[int], block_size: int, num_blocks: int | None = None) -> str: ...
 def block_ids_from_slots(slots: list[int] | Any, block_size: int) -> list[int]: ...
 def sequence_hashes(

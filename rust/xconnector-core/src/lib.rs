@@ -13,6 +13,7 @@ pub mod events;
 pub mod faults;
 pub mod hashing;
 pub mod kv_layout;
+pub mod lookup_service;
 pub mod memory_tier;
 pub mod metrics;
 pub mod namespace;

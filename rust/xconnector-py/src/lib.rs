@@ -9,6 +9,7 @@ mod engine;
 mod errors;
 mod events;
 mod logging;
+mod lookup;
 mod paged;
 mod router;
 
@@ -86,6 +87,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<router::Router>()?;
     m.add_class::<router::OverlapIndex>()?;
     m.add_class::<events::EventSubscriber>()?;
+    m.add_class::<lookup::LookupServer>()?;
+    m.add_class::<lookup::LookupClient>()?;
+    m.add_function(wrap_pyfunction!(lookup::lookup_socket_path, m)?)?;
     m.add_function(wrap_pyfunction!(paged::block_ids_from_slots, m)?)?;
     m.add_function(wrap_pyfunction!(paged::detect_kv_layout, m)?)?;
     m.add_function(wrap_pyfunction!(sequence_hashes, m)?)?;
