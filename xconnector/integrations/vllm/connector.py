@@ -53,7 +53,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
-from xconnector.integrations.vllm.lookup_service import LookupClient, LookupServer, socket_path
+from xconnector.integrations.vllm import lookup_service
 from xconnector.sdk.config import SDKConfig
 from xconnector.sdk.exceptions import ConfigError
 
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-    from xconnector._native import Engine
+    from xconnector._native import Engine, LookupClient, LookupServer
     from xconnector.adapters.vllm import KvIO
     from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
@@ -264,9 +264,10 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             )
         if self._client is None:
             # Every (tensor, pipeline) rank holds its own part of each block: ask them all.
-            ranks = range(self._tp * self._pp)
-            self._client = LookupClient([socket_path(self._engine_id, r) for r in ranks])
-        return self._client.lookup(key.tokens, key.lora_name, key.cache_salt, key.lora_id)
+            self._client = lookup_service.client(self._engine_id, self._tp * self._pp)
+        return self._client.lookup(
+            key.tokens, lora_name=key.lora_name, cache_salt=key.cache_salt, lora_id=key.lora_id
+        )
 
     def _key(self, request: Request) -> _Key | None:
         """The request's key, or None (counted) when its KV cannot be keyed safely."""
@@ -458,12 +459,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._io, self._engine = io, engine
             with _engines_lock:
                 _engines[self._engine_id] = engine
-            self._server = LookupServer(
-                socket_path(self._engine_id, pp_rank * self._tp + rank),
-                lambda toks, lora, salt, lora_id: engine.lookup(
-                    toks, lora_name=lora, cache_salt=salt, lora_id=lora_id
-                ),
-            )
+            # Off (logged) if its socket is refused: this worker still loads and saves.
+            self._server = lookup_service.serve(engine, self._engine_id, pp_rank * self._tp + rank)
             log.info(
                 "XConnector: %d layers of %s KV, %d bytes per block, rank %d",
                 len(kv_caches),
@@ -547,8 +544,11 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 "XConnector worker summary: %s",
                 json.dumps({**self._totals, "fallbacks": fallbacks}, sort_keys=True),
             )
-        elif self._skipped:
-            log.info("XConnector scheduler summary: %s", json.dumps({"skipped": self._skipped}))
+        elif self._skipped or self._client is not None:
+            summary: dict[str, Any] = {"skipped": self._skipped}
+            if self._client is not None:  # the ranks' answers: answered, missed, and why
+                summary["lookup_service"] = self._client.stats()
+            log.info("XConnector scheduler summary: %s", json.dumps(summary, sort_keys=True))
         if self._server is not None:
             self._server.close()
             self._server = None
