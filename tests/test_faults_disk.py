@@ -65,9 +65,15 @@ def engine(disk: Path, memory_blocks: int = 4, disk_blocks: int = 1000, **kw: ob
     )
 
 
+def space(disk: Path, **kw: object) -> Path:
+    """The subtree of the engine `engine(disk, **kw)` would make: one per engine namespace."""
+    ns = Engine(block_bytes=BLOCK_BYTES, capacity_bytes=BLOCK_BYTES, block_size=BLOCK, model="fault-matrix", **kw)  # type: ignore[arg-type]
+    return disk / f"{ns.namespace:016x}"
+
+
 def block_file(disk: Path, e: Engine, tokens: list[int], i: int) -> Path:
     h = native().sequence_hashes(tokens, BLOCK)[i]
-    return disk / f"{h >> 56:02x}" / f"{e.namespace:016x}-{h:016x}.xcb"
+    return disk / f"{e.namespace:016x}" / f"{h >> 56:02x}" / f"{e.namespace:016x}-{h:016x}.xcb"
 
 
 @pytest.fixture
@@ -198,8 +204,8 @@ def test_a_directory_others_can_write_to_is_refused(
 ) -> None:
     disk = tmp_path / "kv"
     disk.mkdir(mode=0o700)
-    bad = disk if where == "top" else disk / "ab"
-    bad.mkdir(exist_ok=True)
+    bad = disk if where == "top" else space(disk) / "ab"
+    bad.mkdir(parents=True, exist_ok=True)
     bad.chmod(0o777)  # what a pre-existing world-writable directory looks like
     e = engine(disk)
     refused(e, disk, logs)
@@ -225,7 +231,8 @@ def test_a_symbolic_link_inside_the_tier_is_refused(tmp_path: Path, logs: pytest
     disk, elsewhere = tmp_path / "kv", tmp_path / "elsewhere"
     disk.mkdir(mode=0o700)
     elsewhere.mkdir(mode=0o700)
-    (disk / "ab").symlink_to(elsewhere)
+    space(disk).mkdir(mode=0o700)
+    (space(disk) / "ab").symlink_to(elsewhere)
     refused(engine(disk), disk, logs)
 
 
@@ -320,6 +327,8 @@ def test_a_full_filesystem_evicts_and_degrades_instead_of_switching_the_tier_off
     assert s["disk_written_blocks"] == 4 * len(prompts) > 2 * 256, s
     assert s["disk_full_episodes"] == 1 and s["disk_write_errors"] >= 1, s
     assert s["disk_budget_bytes"] < s["disk_capacity_bytes"], s
+    # The budget counts exactly what is on disk: evictions, failed writes and retries included.
+    assert s["disk_used_bytes"] == sum(f.stat().st_size for f in disk.rglob("*.xcb")), s
     full = lines(logs, "filesystem is full")
     assert len(full) == 1, logs.text
     assert not [r for r in logs.records if r.levelno >= logging.WARNING and r.getMessage() not in full], logs.text
@@ -414,7 +423,7 @@ def test_crash_leftovers_are_removed_and_counted_at_start(tmp_path: Path, logs: 
 def test_a_live_writers_temporary_file_is_left_alone(tmp_path: Path) -> None:
     disk = tmp_path / "kv"
     engine(disk)  # creates the directory
-    sub = disk / "ab"
+    sub = space(disk) / "ab"
     sub.mkdir(mode=0o700)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -448,3 +457,85 @@ def test_the_yaml_says_shared_with_local_disk_shared(tmp_path: Path, logs: pytes
     assert stats({})["disk_refused"] == 1
     assert len(lines(logs, "disk tier off")) == 1
     assert stats({"local_disk_shared": True})["disk_refused"] == 0
+
+
+def test_world_writable_is_refused_even_when_shared(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+    disk = tmp_path / "kv"
+    disk.mkdir()
+    disk.chmod(0o777)
+    refused(engine(disk, disk_shared=True), disk, logs)
+
+
+def test_a_parent_every_user_can_write_to_is_refused(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+    # Whoever can rename entries of the parent could swap the directory after it was checked.
+    parent = tmp_path / "open"
+    parent.mkdir()
+    parent.chmod(0o777)
+    disk = parent / "kv"
+    refused(engine(disk), disk, logs)
+    assert "its parent" in logs.text
+
+
+def test_engines_sharing_a_directory_keep_their_own_blocks(tmp_path: Path) -> None:
+    """Two tensor-parallel ranks with one local_disk: a restart of one (or its budget) never
+    deletes the other's blocks."""
+    disk = tmp_path / "kv"
+    tokens = list(range(5000, 5000 + 4 * BLOCK))
+    rank0, rank1 = (engine(disk, disk_blocks=4, tp_world_size=2, tp_rank=r) for r in (0, 1))
+    for e in (rank0, rank1):
+        e.store(tokens, block_payload(tokens))
+        assert e.flush(30)
+    del rank0
+    small = engine(disk, disk_blocks=2, tp_world_size=2, tp_rank=0)  # restarted with less room
+    assert small.stats()["disk_entries"] == 2
+    fresh1 = engine(disk, disk_blocks=4, tp_world_size=2, tp_rank=1)
+    out = bytearray(4 * BLOCK_BYTES)
+    assert fresh1.load(tokens, out) == 4 * BLOCK and bytes(out) == block_payload(tokens)
+
+
+def test_a_disk_budget_smaller_than_a_block_is_a_config_error(tmp_path: Path) -> None:
+    from xconnector.sdk.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="disk_capacity_bytes"):
+        Engine(block_bytes=BLOCK_BYTES, capacity_bytes=BLOCK_BYTES, disk_path=str(tmp_path / "kv"))
+
+
+OUT_OF_DESCRIPTORS = """
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[2])
+from conftest import block_payload
+from xconnector import Engine
+e = Engine(block_bytes=256, capacity_bytes=4 * 256, block_size=16, model="fault-matrix",
+           disk_path=sys.argv[1], disk_capacity_bytes=1000 * 320)
+t = list(range(16 * 4))
+e.store(t, block_payload(t)); assert e.flush(30)
+o = list(range(9000, 9000 + 64)); e.store(o, block_payload(o)); assert e.flush(30)
+before = sum(1 for _ in os.scandir(sys.argv[1]) for _ in [0])
+files = [f for f in __import__("pathlib").Path(sys.argv[1]).rglob("*.xcb")]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+held = []
+try:
+    while True:
+        held.append(open(os.devnull))
+except OSError:
+    pass
+out = bytearray(4 * 256)
+n = e.load(t, out)
+for f in held:
+    f.close()
+print(json.dumps({"n": n, "files": len(files),
+                  "after": len(list(__import__("pathlib").Path(sys.argv[1]).rglob("*.xcb"))),
+                  "corrupt": e.stats()["disk_corrupt_blocks"]}))
+"""
+
+
+def test_running_out_of_file_descriptors_is_a_miss_that_deletes_nothing(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", OUT_OF_DESCRIPTORS, str(tmp_path / "kv"), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["n"] == 0 and got["corrupt"] == 0 and got["after"] == got["files"] == 8, got

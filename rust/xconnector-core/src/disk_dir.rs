@@ -49,7 +49,34 @@ pub fn prepare(dir: &Path, shared: bool) -> Result<PathBuf> {
     // A symlink at the top is the user's choice (e.g. onto a larger disk); inside, none is followed.
     let real = fs::canonicalize(dir).map_err(|e| io(dir, "resolving", e))?;
     check(&real, shared)?;
+    check_ancestors(&real)?;
     Ok(real)
+}
+
+/// Whoever can rename entries of an ancestor can swap the tier directory after it was checked:
+/// no ancestor may be writable by others unless it is sticky (like /tmp).
+#[cfg(unix)]
+fn check_ancestors(real: &Path) -> Result<()> {
+    for a in real.ancestors().skip(1) {
+        let meta = fs::metadata(a).map_err(|e| io(a, "reading", e))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(refused(
+                real,
+                format!(
+                    "its parent {} is writable by every user (mode {:04o}, not sticky)",
+                    a.display(),
+                    mode & 0o7777
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_ancestors(_real: &Path) -> Result<()> {
+    Ok(())
 }
 
 /// Creates `dir` (and missing parents) with the tier's mode; an existing one is left as it is.
@@ -93,12 +120,16 @@ pub fn check(dir: &Path, shared: bool) -> Result<()> {
     if !meta.is_dir() {
         return Err(refused(dir, "it is not a directory".into()));
     }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o002 != 0 {
+        // Not even a shared tier: anyone on the machine could plant KV.
+        return Err(refused(dir, format!("its mode is {mode:04o}: every user can write to it (chmod o-w it)")));
+    }
     if shared {
-        return Ok(());
+        return Ok(()); // the group is trusted, whoever of it owns the directory
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    let mode = meta.permissions().mode() & 0o7777;
     if meta.uid() != me {
         return Err(refused(dir, format!("it is owned by uid {}, not by this user (uid {me})", meta.uid())));
     }

@@ -26,6 +26,9 @@ pub enum Found {
     /// Something that is not a block file of this size: a link, FIFO, device, directory, or a
     /// regular file of another size.
     NotABlock,
+    /// Could not be opened for a reason that says nothing about the file (out of descriptors,
+    /// memory, permission): a miss, and the file is left alone.
+    Unreadable,
 }
 
 /// Opens `path` for reading if it is a regular file of exactly `len` bytes.
@@ -37,13 +40,24 @@ pub fn open_block(path: &Path, len: u64) -> Found {
     let file = match opts.open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
-        // ELOOP: a symbolic link; anything else we cannot open is no block either.
-        Err(_) => return Found::NotABlock,
+        // ELOOP: a symbolic link (O_NOFOLLOW); ENXIO/ENODEV: a socket or device.
+        Err(e) if is_not_a_file(&e) => return Found::NotABlock,
+        Err(_) => return Found::Unreadable,
     };
     match file.metadata() {
         Ok(m) if m.file_type().is_file() && m.len() == len => Found::File(file),
         _ => Found::NotABlock,
     }
+}
+
+#[cfg(unix)]
+fn is_not_a_file(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO | libc::ENODEV | libc::EISDIR))
+}
+
+#[cfg(not(unix))]
+fn is_not_a_file(_e: &std::io::Error) -> bool {
+    false
 }
 
 /// Reads exactly `head.len() + body.len()` bytes; false if the file is shorter (it was truncated
@@ -60,12 +74,12 @@ pub fn is_block_file(path: &Path, len: u64) -> bool {
 /// This process's temporary-file prefix: `.tmp-<pid>-<start>-`. The start time tells this
 /// process's files from those of an earlier process that had the same pid (a restarted
 /// container's worker usually does).
-fn tmp_prefix() -> &'static str {
-    static PREFIX: OnceLock<String> = OnceLock::new();
-    PREFIX.get_or_init(|| {
-        let start = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        format!(".tmp-{}-{start:x}-", std::process::id())
-    })
+/// The pid is read on every call: a forked child writes under its own.
+fn tmp_prefix() -> String {
+    static START: OnceLock<u128> = OnceLock::new();
+    let start =
+        START.get_or_init(|| SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    format!(".tmp-{}-{start:x}-", std::process::id())
 }
 
 /// Writes `header` and `data` to a new temporary file in `dir` with `mode`, then renames it to
@@ -102,7 +116,7 @@ pub fn is_stale_tmp(name: &str, meta: &fs::Metadata) -> bool {
     }
     let pid: Option<i32> = rest.split('-').next().and_then(|p| p.parse().ok());
     match pid {
-        Some(pid) if pid as u32 == std::process::id() => !name.starts_with(tmp_prefix()),
+        Some(pid) if pid as u32 == std::process::id() => !name.starts_with(&tmp_prefix()),
         Some(pid) => !process_alive(pid),
         None => true, // not a name we write: a leftover of some other kind
     }

@@ -1,7 +1,10 @@
 //! The local disk tier: one file per block under a directory, with a byte budget and LRU
 //! eviction (deepest blocks of a chain first, so a kept block's prefix stays).
 //!
-//! Files are `<dir>/<hash byte>/<ns>-<hash>.xcb`: a 64-byte header (magic, format version,
+//! Files are `<dir>/<space>/<hash byte>/<ns>-<hash>.xcb`, where `<space>` is the engine's namespace:
+//! engines of different models or tensor-parallel ranks sharing one `local_disk` each keep (and
+//! evict within) their own subtree, while processes of the same engine share theirs. A file has a
+//! 64-byte header (magic, format version,
 //! namespace, hash, payload length, XXH3 checksum of the payload, the block's digest of its tokens
 //! and parent) and the payload. A file is served only to the request it is the KV of: namespace,
 //! hash and digest must all be the request's. A block is written to a
@@ -105,6 +108,7 @@ impl Index {
 /// While the budget is lowered because the filesystem was full, the free space is looked at
 /// again every this many writes.
 const RAISE_EVERY: u64 = 64;
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 pub struct DiskTier {
     dir: PathBuf,
@@ -123,6 +127,9 @@ pub struct DiskTier {
     leftover_files: AtomicU64,
     leftover_bytes: AtomicU64,
     full_episodes: AtomicU64,
+    /// When a write-failure episode was last logged: at most one line per `LOG_EVERY`, so a
+    /// filesystem that keeps filling up (or a quota statvfs does not show) cannot flood the log.
+    last_log: Mutex<Option<std::time::Instant>>,
     /// Successful writes since the budget was last lowered or raised.
     since_lowered: AtomicU64,
     /// The budget is lowered (a full-filesystem episode, already logged).
@@ -166,10 +173,12 @@ fn is_header_of(head: &[u8; HEADER], len: u64) -> bool {
 }
 
 impl DiskTier {
-    /// Opens (creating if needed) the tier in `dir`, indexing what earlier runs left there and
-    /// removing what a crash left. Refuses a directory other users can write to, unless `shared`.
-    pub fn open(dir: &Path, capacity_bytes: u64, block_bytes: usize, shared: bool) -> Result<Self> {
-        let dir = disk_dir::prepare(dir, shared)?;
+    /// Opens (creating if needed) the tier of engine namespace `space` under `dir`, indexing what
+    /// earlier runs left there and removing what a crash left. Refuses a directory other users
+    /// can write to, unless `shared`.
+    pub fn open(dir: &Path, space: u64, capacity_bytes: u64, block_bytes: usize, shared: bool) -> Result<Self> {
+        let top = disk_dir::prepare(dir, shared)?;
+        let dir = disk_dir::prepare(&top.join(format!("{space:016x}")), shared)?;
         let tier = Self {
             dir,
             modes: disk_dir::modes(shared),
@@ -186,6 +195,7 @@ impl DiskTier {
             leftover_files: AtomicU64::new(0),
             leftover_bytes: AtomicU64::new(0),
             full_episodes: AtomicU64::new(0),
+            last_log: Mutex::new(None),
             since_lowered: AtomicU64::new(0),
             degraded: AtomicBool::new(false),
             failing: AtomicBool::new(false),
@@ -245,6 +255,7 @@ impl DiskTier {
             let Some(key) = parse_name(name) else { continue };
             let kind = meta.file_type();
             if kind.is_file() && meta.len() == self.file_len() {
+                // Depth is not stored: after a restart, ties are broken by age alone.
                 found.push((meta.modified().unwrap_or(std::time::UNIX_EPOCH), key, meta.len()));
             } else if kind.is_file() && self.is_other_geometry(&f.path(), meta.len()) {
                 // Another engine's block size sharing the directory: its files, its budget.
@@ -300,7 +311,10 @@ impl DiskTier {
             self.admit(key, self.file_len(), n as u32);
             n += 1;
         }
-        n
+        // Admitting may have evicted an earlier block of this very prefix: promise only what is
+        // still indexed.
+        let index = self.index.lock();
+        hashes[..n].iter().take_while(|&&h| index.entries.contains_key(&(ns, h))).count()
     }
 
     /// Reads block `hash` into `out` (`block_bytes` long) if it is the KV of the block with
@@ -318,6 +332,8 @@ impl DiskTier {
                 self.index.lock().remove(&key);
                 return false;
             }
+            // Out of file descriptors, or the like: a miss, and the file is left alone.
+            Found::Unreadable => return false,
             Found::NotABlock => Err(Reject::Damaged),
             Found::File(f) => match disk_files::read_block(f, &mut head, out) {
                 true => self.check(&head, out, key, digest),
@@ -384,7 +400,7 @@ impl DiskTier {
         }
         if let Err(e) = result {
             self.write_errors.fetch_add(1, Relaxed);
-            if !disk_files::is_full(&e) && !self.failing.swap(true, Relaxed) {
+            if !disk_files::is_full(&e) && !self.failing.swap(true, Relaxed) && self.may_log() {
                 tracing::warn!(
                     dir = %self.dir.display(), error = %e,
                     "disk tier writes are failing; blocks stay in memory only (logged once per episode, \
@@ -420,6 +436,17 @@ impl DiskTier {
         disk_files::write_block(parent, path, self.modes.file, &header, data)
     }
 
+    /// Whether an episode's warning may be logged now (and notes that it is).
+    fn may_log(&self) -> bool {
+        let mut last = self.last_log.lock();
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < LOG_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
     /// Evicts least recently used blocks until `bytes` are freed (or the tier is empty).
     fn make_room(&self, bytes: u64) {
         let victims = {
@@ -437,12 +464,15 @@ impl DiskTier {
         let budget = if retry_failed.is_some() { used } else { used + self.file_len() };
         let before = self.budget.swap(budget.min(self.capacity), Relaxed);
         self.since_lowered.store(0, Relaxed);
-        if !self.degraded.swap(true, Relaxed) {
-            self.full_episodes.fetch_add(1, Relaxed);
+        if self.degraded.swap(true, Relaxed) {
+            return; // the same episode
+        }
+        self.full_episodes.fetch_add(1, Relaxed);
+        if self.may_log() {
             tracing::warn!(
                 dir = %self.dir.display(),
                 "disk tier: the filesystem is full; evicted to make room and lowered the budget from {before} \
-                 to {budget} bytes (raised again as writes succeed; logged once per episode)"
+                 to {budget} bytes (raised again as space frees; logged once per episode, at most every 10 min)"
             );
         }
     }
@@ -456,8 +486,10 @@ impl DiskTier {
         }
         self.since_lowered.store(0, Relaxed);
         let used = self.index.lock().used;
+        let budget = self.budget.load(Relaxed);
+        // statvfs does not see quotas: grow by at most a quarter at a time, within the free space.
         let room = disk_files::available_bytes(&self.dir).map_or(step, |free| free / 10 * 9);
-        let raised = (used + room).max(self.budget.load(Relaxed)).min(self.capacity);
+        let raised = (used + room).min(budget + (budget / 4).max(step)).max(budget).min(self.capacity);
         self.budget.store(raised, Relaxed);
         if raised == self.capacity && self.degraded.swap(false, Relaxed) {
             tracing::info!(dir = %self.dir.display(), "disk tier: back to its full budget of {raised} bytes");

@@ -215,8 +215,16 @@ impl Engine {
             Some(d) if d.dir.as_os_str().is_empty() => {
                 return Err(CoreError::config("disk_path is empty: give the disk tier's directory, or leave it out"));
             }
+            Some(d) if d.capacity_bytes < (crate::disk_tier::HEADER + cfg.block_bytes) as u64 => {
+                return Err(CoreError::config(format!(
+                    "disk_capacity_bytes ({}) is smaller than one block file ({} bytes); give the disk tier's \
+                     budget (max_local_disk_size), or leave disk_path out",
+                    d.capacity_bytes,
+                    crate::disk_tier::HEADER + cfg.block_bytes
+                )));
+            }
             // A directory that cannot be used or trusted turns the tier off, not the engine.
-            Some(d) => match Self::start_disk(d, cfg.block_bytes) {
+            Some(d) => match Self::start_disk(d, namespace_id, cfg.block_bytes) {
                 Ok(lower) => Some(lower),
                 Err(e) => {
                     tracing::error!("disk tier off: {e}");
@@ -262,8 +270,8 @@ impl Engine {
         self.router.status()
     }
 
-    fn start_disk(d: &DiskConfig, block_bytes: usize) -> Result<Lower> {
-        let disk = Arc::new(DiskTier::open(&d.dir, d.capacity_bytes, block_bytes, d.shared)?);
+    fn start_disk(d: &DiskConfig, space: u64, block_bytes: usize) -> Result<Lower> {
+        let disk = Arc::new(DiskTier::open(&d.dir, space, d.capacity_bytes, block_bytes, d.shared)?);
         let (queue, rx) = sync_channel::<Pending>(d.queue_blocks.max(1));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (writer, pending) = (Arc::clone(&disk), Arc::clone(&in_flight));

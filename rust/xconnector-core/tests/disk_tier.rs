@@ -37,11 +37,14 @@ fn payload(tokens: &[u32]) -> Vec<u8> {
     out
 }
 
+/// Every block file under `dir` (`<dir>/<namespace>/<hash byte>/<file>`).
 fn block_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for sub in std::fs::read_dir(dir).unwrap().flatten() {
-        if sub.path().is_dir() {
-            out.extend(std::fs::read_dir(sub.path()).unwrap().flatten().map(|f| f.path()));
+    for space in std::fs::read_dir(dir).unwrap().flatten() {
+        for sub in std::fs::read_dir(space.path()).unwrap().flatten() {
+            if sub.path().is_dir() {
+                out.extend(std::fs::read_dir(sub.path()).unwrap().flatten().map(|f| f.path()));
+            }
         }
     }
     out.sort();
@@ -104,7 +107,8 @@ fn damaged_truncated_and_foreign_files_are_misses_never_served() {
     };
     assert_eq!(block_files(dir.path()).len(), 4);
     let hashes = xconnector_core::hashing::sequence_hashes(&tokens, BS, X);
-    let file_of = |h: u64| dir.path().join(format!("{:02x}", h >> 56)).join(format!("{ns:016x}-{h:016x}.xcb"));
+    let space = dir.path().join(format!("{ns:016x}"));
+    let file_of = |h: u64| space.join(format!("{:02x}", h >> 56)).join(format!("{ns:016x}-{h:016x}.xcb"));
     // Flip one payload byte of the chain's third block: its checksum no longer matches.
     let victim = file_of(hashes[2]);
     let mut bytes = std::fs::read(&victim).unwrap();
@@ -112,9 +116,9 @@ fn damaged_truncated_and_foreign_files_are_misses_never_served() {
     std::fs::write(&victim, &bytes).unwrap();
     // Foreign files: junk names, and a well-named file of the right size full of garbage.
     std::fs::write(dir.path().join("README.txt"), b"hello").unwrap();
-    std::fs::create_dir_all(dir.path().join("zz")).unwrap();
-    std::fs::write(dir.path().join("zz").join("not-a-block.xcb"), vec![1u8; HEADER + BB]).unwrap();
-    let garbage_name = dir.path().join("00").join("0000000000000001-0000000000000002.xcb");
+    std::fs::create_dir_all(space.join("zz")).unwrap();
+    std::fs::write(space.join("zz").join("not-a-block.xcb"), vec![1u8; HEADER + BB]).unwrap();
+    let garbage_name = space.join("00").join("0000000000000001-0000000000000002.xcb");
     std::fs::create_dir_all(garbage_name.parent().unwrap()).unwrap();
     std::fs::write(&garbage_name, vec![0xAB; HEADER + BB]).unwrap();
 

@@ -76,7 +76,9 @@ fn a_disk_block_copied_under_another_key_is_a_miss_and_removed() {
         assert!(e.flush(Duration::from_secs(10)));
         e.namespace_id()
     };
-    let file = |h: u64| dir.path().join(format!("{:02x}", h >> 56)).join(format!("{ns:016x}-{h:016x}.xcb"));
+    let file = |h: u64| {
+        dir.path().join(format!("{ns:016x}")).join(format!("{:02x}", h >> 56)).join(format!("{ns:016x}-{h:016x}.xcb"))
+    };
     let (ha, hc) = (sequence_hashes(&a, BS, X), sequence_hashes(&c, BS, X));
     // C's second block, intact, now sits where A's second block was.
     std::fs::copy(file(hc[1]), file(ha[1])).unwrap();
@@ -115,7 +117,7 @@ fn a_disk_block_with_the_right_key_and_another_digest_is_a_miss() {
     // The key (namespace, hash) alone is not enough: only the digest tells a colliding prefix.
     use xconnector_core::disk_tier::DiskTier;
     let dir = tempfile::tempdir().unwrap();
-    let tier = DiskTier::open(dir.path(), 64 * (BB + HEADER) as u64, BB, false).unwrap();
+    let tier = DiskTier::open(dir.path(), 7, 64 * (BB + HEADER) as u64, BB, false).unwrap();
     let (a, other): (Vec<u32>, Vec<u32>) = ((1..=BS as u32).collect(), (900..900 + BS as u32).collect());
     let hash = sequence_hashes(&a, BS, X)[0];
     let (da, d_other) = (block_digests(&a, BS)[0], block_digests(&other, BS)[0]);
