@@ -390,7 +390,8 @@ def hung_then_healthy(
         f"\nlookup over 5 ranks, 4 hung, timeout {timeout}s: {first * 1e3:.0f} ms "
         f"(per-rank timeouts would add up to {4 * timeout:.0f} s); next: {again * 1e6:.0f} us"
     )
-    assert first < 4 * timeout  # generous: one deadline for all ranks, not one each
+    # That the ranks are asked at once, under one deadline, is proven without a clock by the
+    # barrier test (ranks that answer only once all of them hold the request).
     assert len(said(logs, "did not answer within")) == 1, logs.text
     os.kill(real[1].proc.pid, signal.SIGCONT)
     # Back to health: the stopped rank runs again, the silent ones are replaced by real ranks.

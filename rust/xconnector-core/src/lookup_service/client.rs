@@ -129,7 +129,13 @@ impl LookupClient {
         let request = wire::encode_request(id, tokens, extras)?;
         let c = &self.counters;
         c.lookups.fetch_add(1, Relaxed);
-        let mut ranks = self.ranks.lock();
+        // Another lookup in flight (or a lock a fork left held in this child) is waited for only
+        // up to the deadline; past it, this one is a miss, never a hang.
+        let Some(mut ranks) = self.ranks.try_lock_for(self.cfg.timeout) else {
+            c.timeouts.fetch_add(1, Relaxed);
+            c.missed.fetch_add(1, Relaxed);
+            return Ok(0);
+        };
         let hit = self.ask_all(&mut ranks, &request, id, tokens.len());
         match hit {
             Some(_) => c.answered.fetch_add(1, Relaxed),
