@@ -82,11 +82,12 @@ class RedisServer:
 
 
 class NatsServer:
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, user: tuple[str, str] | None = None) -> None:
         if shutil.which("nats-server") is None:
             raise RuntimeError("nats-server is missing: run scripts/services.sh")
         self.port = free_port()
         auth = ["--auth", token] if token else []
+        auth += ["--user", user[0], "--pass", user[1]] if user else []
         self.proc = subprocess.Popen(
             ["nats-server", "-a", "127.0.0.1", "-p", str(self.port), *auth],
             stdout=subprocess.DEVNULL,

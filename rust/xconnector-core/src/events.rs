@@ -74,13 +74,68 @@ pub struct EventPublisher {
     counters: Arc<Counters>,
 }
 
+/// Credentials taken out of a NATS URL.
+enum Login {
+    None,
+    Token(String),
+    UserPassword(String, String),
+}
+
+impl Login {
+    fn apply(self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        match self {
+            Login::None => options,
+            Login::Token(t) => options.token(t),
+            Login::UserPassword(u, p) => options.user_and_password(u, p),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The server address without its user info, and the credentials to log in with: the NATS
+/// client logs its server address (at debug level), so it never gets to hold a password.
+fn nats_target(url: &str) -> Result<(async_nats::ServerAddr, Login)> {
+    let bad =
+        |e: String| CoreError::config(format!("events url {:?}: {e}; expected nats://host:port", redact_url(url)));
+    let (bare, login) = match url.find("://").map(|s| (s, url[s + 3..].rfind('@'))) {
+        Some((s, Some(at))) => {
+            let info = &url[s + 3..s + 3 + at];
+            let login = match info.split_once(':') {
+                Some((u, p)) => Login::UserPassword(percent_decode(u), percent_decode(p)),
+                None => Login::Token(percent_decode(info)),
+            };
+            (format!("{}{}", &url[..s + 3], &url[s + 4 + at..]), login)
+        }
+        _ => (url.to_owned(), Login::None),
+    };
+    let addr = bare.parse::<async_nats::ServerAddr>().map_err(|e| bad(redact_url(&e.to_string())))?;
+    Ok((addr, login))
+}
+
 impl EventPublisher {
     /// Starts the publisher. A malformed URL is an error; NATS being unreachable is not (the
     /// client keeps trying in the background).
     pub fn start(cfg: EventsConfig, rt: &Runtime) -> Result<Self> {
-        let addr: async_nats::ServerAddr = cfg.url.parse().map_err(|e| {
-            CoreError::config(format!("events url {:?}: {e}; expected nats://host:port", redact_url(&cfg.url)))
-        })?;
+        let (addr, login) = nats_target(&cfg.url)?;
         let (queue, mut rx) = mpsc::channel::<EventData>(cfg.queue_events.max(1));
         let counters = Arc::new(Counters {
             next_id: AtomicU64::new(0),
@@ -90,7 +145,8 @@ impl EventPublisher {
         });
         let c = Arc::clone(&counters);
         rt.spawn(async move {
-            let options = async_nats::ConnectOptions::new()
+            let options = login
+                .apply(async_nats::ConnectOptions::new())
                 .retry_on_initial_connect()
                 .connection_timeout(Duration::from_secs(2))
                 .name("xconnector");
@@ -173,13 +229,12 @@ pub struct EventSubscriber {
 impl EventSubscriber {
     /// Subscribes; fails if NATS cannot be reached within `timeout`.
     pub fn start(url: &str, subject: &str, rt: &Runtime, timeout: Duration) -> Result<Self> {
-        let addr: async_nats::ServerAddr = url.parse().map_err(|e| {
-            CoreError::config(format!("events url {:?}: {e}; expected nats://host:port", redact_url(url)))
-        })?;
+        let (addr, login) = nats_target(url)?;
         let subject = subject.to_owned();
         let shown = redact_url(url);
         let connect = async move {
-            let client = async_nats::ConnectOptions::new().name("xconnector-subscriber").connect(addr).await?;
+            let client =
+                login.apply(async_nats::ConnectOptions::new()).name("xconnector-subscriber").connect(addr).await?;
             let sub = client.subscribe(subject).await?;
             // Make sure the server has the subscription before anyone publishes.
             client.flush().await?;

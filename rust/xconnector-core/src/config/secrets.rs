@@ -14,18 +14,48 @@ pub fn is_secret_key(key: &str) -> bool {
         || ["password", "passwd", "secret", "token", "credential"].iter().any(|w| last.contains(w))
 }
 
-/// `url` with the user-info part's password (or a lone token, `nats://TOKEN@host`) hidden.
-/// Strings that are not URLs come back as they are.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#', ' ', '"', '\'']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_owned() };
-    let user = match rest[..at].split_once(':') {
-        Some((user, _password)) => format!("{user}:{HIDDEN}"),
-        None => HIDDEN.to_owned(),
+/// `text` with the password of every URL in it hidden (the user-info part up to its last `@`,
+/// which also covers passwords holding `/`, `?` or `#`; a lone user part is a NATS token and
+/// hidden whole), and secret query parameters (`?password=...`). Comma-separated URL lists are
+/// handled URL by URL; text without URLs comes back as it is.
+pub fn redact_url(text: &str) -> String {
+    text.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(text: &str) -> String {
+    let Some(s) = text.find("://") else { return text.to_owned() };
+    let (head, rest) = text.split_at(s + 3);
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    let (url, tail) = rest.split_at(end);
+    let shown = match url.rfind('@') {
+        None => url.to_owned(),
+        Some(at) => {
+            let user = match url[..at].split_once(':') {
+                Some((user, _password)) => format!("{user}:{HIDDEN}"),
+                None => HIDDEN.to_owned(),
+            };
+            format!("{user}@{}", &url[at + 1..])
+        }
     };
-    format!("{}://{user}@{}", &url[..scheme_end], &rest[at + 1..])
+    format!("{head}{}{tail}", hide_query_secrets(&shown))
+}
+
+fn hide_query_secrets(url: &str) -> String {
+    let Some((path, query)) = url.split_once('?') else { return url.to_owned() };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if is_secret_key(k) => format!("{k}={HIDDEN}"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", params.join("&"))
+}
+
+/// Whether a value may be echoed in a message as it is: short and plainly not a credential
+/// (a word, a number, a dotted or dashed name).
+pub fn is_plain(s: &str) -> bool {
+    s.len() <= 40 && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 /// `value` with every secret hidden: values under secret keys, and passwords in URL strings.
@@ -68,7 +98,10 @@ mod tests {
         assert_eq!(redact_url("rediss://app:hunter2@h:6380"), "rediss://app:***@h:6380");
         assert_eq!(redact_url("nats://s3cr3t@127.0.0.1:4222"), "nats://***@127.0.0.1:4222");
         assert_eq!(redact_url("nats://u:p@a:1,nats://b:2"), "nats://u:***@a:1,nats://b:2");
-        assert_eq!(redact_url("redis://127.0.0.1:6379/0?x=a@b"), "redis://127.0.0.1:6379/0?x=a@b");
+        assert_eq!(redact_url("nats://a:4222,nats://app:S3CR3T@b:4222"), "nats://a:4222,nats://app:***@b:4222");
+        assert_eq!(redact_url("redis://:S3/CR?3#T@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://h:1/0?password=S3CR3T&db=1"), "redis://h:1/0?password=***&db=1");
+        assert_eq!(redact_url("at nats://u:p@h:1: refused"), "at nats://u:***@h:1: refused");
         assert_eq!(redact_url("no url here"), "no url here");
         assert_eq!(redact_url("redis://:p@ss@h:1"), "redis://:***@h:1");
     }
