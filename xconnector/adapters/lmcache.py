@@ -8,6 +8,7 @@ Sizes: `max_cache_size` integers are MiB (the design's unit); `max_local_cpu_siz
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, ClassVar
 
@@ -26,6 +27,39 @@ def redact(url: str) -> str:
 
 DEFAULT_CAPACITY = 2 << 30
 DEFAULT_DISK_CAPACITY = 20 << 30
+DEFAULT_REDIS_TIMEOUT_MS = 20
+
+
+def _redis_auth_key(s: dict[str, Any], where: str, *, has_url: bool) -> str | None:
+    """The Redis values' shared secret, from `remote_auth_key` or the environment variable that
+    `remote_auth_key_env` names. Errors name the setting or the variable, never the secret."""
+    key: str | None = s.get("remote_auth_key")
+    env: str | None = s.get("remote_auth_key_env")
+    if key is None and env is None:
+        return None
+    setting = "remote_auth_key" if env is None else "remote_auth_key_env"
+    if key is not None and env is not None:
+        raise ConfigError(
+            f"{where}: remote_auth_key and remote_auth_key_env both give the Redis auth key; "
+            "keep one (remote_auth_key_env keeps the secret out of the config)"
+        )
+    if not has_url:
+        raise ConfigError(
+            f"{where}.{setting}: the auth key is for the Redis tier; set remote_url too"
+        )
+    if env is not None:
+        key = os.environ.get(env)
+        if key is None:
+            raise ConfigError(
+                f"{where}.remote_auth_key_env: the environment variable {env} is not set; set it "
+                "to the shared secret in every worker's environment"
+            )
+        if not key:
+            raise ConfigError(
+                f"{where}.remote_auth_key_env: the environment variable {env} is empty; set it "
+                "to the shared secret (a long random string)"
+            )
+    return key
 
 
 class LMCacheAdapter(Adapter):
@@ -57,6 +91,11 @@ class LMCacheAdapter(Adapter):
                 f"{where}.remote_url: enable_distributed is false, which turns the shared tier "
                 "off; remove remote_url or set enable_distributed: true"
             )
+        #: The most a request waits on Redis (ms); past it Redis is a miss and its breaker opens.
+        self.redis_timeout_ms: int = s.get("remote_timeout_ms", DEFAULT_REDIS_TIMEOUT_MS)
+        # The shared secret of the values' MAC: kept private, never logged or reported.
+        self._redis_auth_key = _redis_auth_key(s, where, has_url=bool(self.redis_url))
+        s.pop("remote_auth_key", None)
         if backend in ("disk", "hybrid") and not local_disk:
             raise ConfigError(
                 f"{where}.storage_backend: {backend} needs local_disk, the disk tier's "
@@ -147,6 +186,8 @@ class LMCacheAdapter(Adapter):
                     disk_capacity_bytes=self.disk_capacity_bytes,
                     redis_url=self.redis_url,
                     redis_ca_file=self.redis_ca_file,
+                    redis_timeout=self.redis_timeout_ms / 1000,
+                    redis_auth_key=self._redis_auth_key,
                     **self._events_kwargs(),
                 )
                 self._engines[key] = engine

@@ -207,6 +207,36 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
             "1 while Redis answers.",
             vec![(l(&[]), f64::from(u8::from(r.connected)))],
         );
+        family(
+            "xconnector_redis_timeouts_total",
+            "counter",
+            "Redis operations past their deadline (the request's budget) or socket timeout.",
+            vec![(l(&[]), c(r.timeouts))],
+        );
+        family(
+            "xconnector_redis_breaker_trips_total",
+            "counter",
+            "Times the Redis circuit breaker opened (a timeout or failure; requests then skip Redis).",
+            vec![(l(&[]), c(r.breaker_trips))],
+        );
+        family(
+            "xconnector_redis_breaker_open",
+            "gauge",
+            "1 while the Redis circuit breaker is open: requests skip Redis until a PING succeeds.",
+            vec![(l(&[]), f64::from(u8::from(r.breaker_open)))],
+        );
+        family(
+            "xconnector_redis_skipped_calls_total",
+            "counter",
+            "Requests' Redis lookups and reads skipped (a miss) while the breaker was open.",
+            vec![(l(&[]), c(r.skipped_calls))],
+        );
+        family(
+            "xconnector_unauthenticated_blocks_total",
+            "counter",
+            "Values refused for lack of a valid MAC (forged, planted, or written without the shared key), by tier.",
+            vec![(l(&[("tier", "redis")]), c(r.unauthenticated_values))],
+        );
     }
     family("xconnector_damaged_blocks_total", "counter", "Damaged or foreign blocks refused, by tier.", damaged);
     family(

@@ -1,34 +1,83 @@
-//! The shared tier: Redis, through the `redis` crate's synchronous connections (a small pool
-//! for reads, one writer thread): its async connection re-parses a large reply from the start
-//! as each chunk arrives, which made 1 MiB blocks three times slower than raw SET/GET.
+//! The shared tier: Redis, through the `redis` crate's synchronous connections (a small pool,
+//! helper threads for requests' reads, two writer threads): its async connection re-parses a large
+//! reply from the start as each chunk arrives, which made 1 MiB blocks three times slower than raw
+//! SET/GET.
 //!
 //! Keys are `<prefix>:<namespace>:<sequence hash>` (hex), so engines of different models never
 //! meet and two engines of the same model, in any processes, share blocks. Values carry a header
-//! (magic, format version, namespace, sequence hash, the block's digest of its tokens and parent,
-//! payload length, XXH3 of the payload), so a value is bound to its key: a truncated, damaged or
-//! foreign value, or one copied under another key, is a miss, counted by reason and deleted,
-//! never served. Writes go behind stores through a bounded queue,
-//! in pipelined batches; a full queue drops blocks (counted) rather than block the worker. When
-//! Redis is down or slow, operations fail fast for a backoff period that doubles per consecutive
-//! failure (capped); the connection manager reconnects; callers only ever see misses.
+//! (`value.rs`: magic, format version, namespace, sequence hash, the block's digest of its tokens
+//! and parent, payload length, XXH3 of the payload, and with a shared secret a MAC), so a value is
+//! bound to its key: a truncated, damaged, foreign or unauthenticated value, or one copied under
+//! another key, is a miss, counted by reason and deleted, never served. Writes go behind stores
+//! through a bounded queue, in pipelined batches; a full queue drops blocks (counted) rather than
+//! block the worker.
+//!
+//! # A slow, hung or wrong Redis never stalls a request
+//! Each request's Redis call runs on a helper thread and the request waits for it at most its
+//! deadline, whatever the server does (no reply, a reply dripping in, a stalled TLS handshake).
+//! A lookup's EXISTS, whose reply is a few bytes, gets the budget (`timeout`, from
+//! `remote_timeout_ms`). A load's MGET gets the budget plus its bytes at `READ_RATE`: Redis sends
+//! nothing of an MGET reply until it has copied every value into it, so 64 blocks of 1 MiB see
+//! their first byte only after tens of milliseconds even over loopback, and a budget that fits a
+//! lookup (or a first-byte bound of that size) would fail every large legitimate read. The
+//! socket's own timeouts are the same, so the helper is free again as soon as the request stops
+//! waiting. A hung Redis thus costs the one request that finds it hung its budget (a load: plus
+//! its size's allowance, but a request's lookup comes first and trips the breaker). A call past
+//! its deadline is a miss and opens the circuit breaker (`breaker.rs`): until a background PING
+//! succeeds, requests do not touch Redis (one atomic load) and writers drop their batches
+//! (counted). One WARNING when the breaker opens, one INFO when it closes, counters for the rest.
+//! An endpoint that answers but not in Redis' protocol is "not a Redis server": an error at open,
+//! the episode's log line later.
+//!
+//! # Threat model of authenticated values (`auth_key`)
+//! Keys derive from public model fields and Dynamo's public hash seed, so anyone who can write to
+//! the shared Redis can plant KV under the key of a popular prompt. Without a shared secret, the
+//! header stops damage, values copied under other keys and foreign values, but not forgery: a
+//! writer can compute a valid header. With `auth_key`, every value carries a keyed BLAKE3 MAC over
+//! its full Redis key and its content, checked before anything is copied out; values without a
+//! valid MAC (forged, planted, unkeyed or under another secret) are misses, counted as
+//! `unauthenticated_values`. Not covered: replay of an old authentic value under the same key (it
+//! is still the KV of that block, written by a key holder), confidentiality (values are
+//! plaintext), and availability (anyone with write access can delete). Redis ACLs and TLS remain
+//! the first line; the MAC limits what a breach of them can inject.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod breaker;
+mod calls;
+pub mod value;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{CoreError, Result};
+use breaker::Breaker;
+use calls::Helpers;
+use value::{Block, Format, Reject};
 
-const MAGIC: &[u8; 4] = b"XCR2";
-const FORMAT: u32 = 2;
-/// magic 4, format 4, namespace 8, hash 8, digest 16, length 8, checksum 8.
-const HEADER: usize = 56;
+pub use value::AuthKey;
+
 /// Writer threads (and connections) for write-behind.
 const WRITERS: usize = 2;
+/// Idle connections kept.
+const POOL: usize = 8;
+/// The rate a large read is allowed on top of the budget: a conservative 32 MiB/s (a 1 MiB block
+/// adds 31 ms). A load of 64 blocks of 1 MiB took 300-600 ms on a busy 2-core test machine
+/// (Redis alone: first byte after ~50 ms, last after ~80 ms; the rest is this client's parsing
+/// and the copies), so only a Redis several times slower than that times out.
+const READ_RATE: f64 = (32u64 << 20) as f64;
+/// Writers (background) wait at least this long per socket read or write: a healthy Redis may
+/// pause on a big pipelined write (a fork for a snapshot), and no request waits on them.
+const WRITE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
+/// The first contact at open waits at least this long, so a wrong password or a server that is
+/// not Redis is an error at startup even on a busy machine.
+const OPEN_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
+/// The budget's bounds: below a millisecond every call would time out; above a minute it is no
+/// longer a bound on a request.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -38,10 +87,24 @@ pub struct RedisConfig {
     pub queue_blocks: usize,
     /// Blocks per pipelined write.
     pub batch_blocks: usize,
+    /// The budget: the longest a request waits on Redis (plus `bytes / READ_RATE` for a load).
     pub timeout: Duration,
     /// PEM file of the CA that signed the server's certificate (`rediss://` with a private CA);
     /// None: the public web roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Values carry a MAC with this key, and only values with a valid one are served.
+    pub auth_key: Option<AuthKey>,
+}
+
+/// The budget from seconds, as the binding's `redis_timeout` gives it.
+pub fn timeout_from_secs(secs: f64) -> Result<Duration> {
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if (MIN_TIMEOUT..=MAX_TIMEOUT).contains(&d) => Ok(d),
+        _ => Err(CoreError::config(format!(
+            "redis_timeout must be seconds from 0.001 to 60, the longest a request waits on Redis \
+             (e.g. redis_timeout=0.02 for 20 ms), got {secs}"
+        ))),
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,17 +118,27 @@ pub struct RedisStats {
     /// Intact XConnector values that are not the KV asked for (written or copied under another
     /// key, or another prefix with the same hash).
     pub mismatched_values: u64,
+    /// (With an auth key) XConnector values without a valid MAC: forged, planted, written
+    /// without the key or with another one.
+    pub unauthenticated_values: u64,
     pub written_blocks: u64,
-    /// Blocks not written: the queue was full, or Redis failed the batch.
+    /// Blocks not written: the queue was full, the breaker open, or Redis failed the batch.
     pub dropped_blocks: u64,
+    /// Failed Redis operations (timeouts included).
     pub errors: u64,
+    /// Operations past their deadline or socket timeout.
+    pub timeouts: u64,
+    /// Times the breaker opened.
+    pub breaker_trips: u64,
+    /// Requests' Redis calls skipped (a miss) while the breaker was open.
+    pub skipped_calls: u64,
+    pub breaker_open: bool,
+    /// Redis answers (the breaker is closed).
     pub connected: bool,
 }
 
-struct Health {
-    retry_at: Option<Instant>,
-    failures: u32,
-}
+/// Why an endpoint is "not a Redis server" (the parser's own message lists byte values).
+const NOT_RESP: &str = "it answered, but not in Redis' protocol: an HTTP, NATS or other server on that port?";
 
 pub struct Write {
     pub ns: u64,
@@ -74,29 +147,57 @@ pub struct Write {
     pub data: Vec<u8>,
 }
 
-/// Why a value was not served.
-enum Reject {
-    Foreign,
-    Damaged,
-    Mismatch,
+/// Why an operation failed, as logged.
+enum Cause<'e> {
+    TimedOut(Duration),
+    /// The endpoint answered, but not in Redis' protocol.
+    NotRedis,
+    /// Redis answered with an error (out of memory, loading, no permission): no stall, so the
+    /// breaker stays closed.
+    Refused(&'e redis::RedisError),
+    Failed(&'e redis::RedisError),
 }
 
-struct Shared {
-    client: redis::Client,
-    cfg: RedisConfig,
-    block_bytes: usize,
-    /// Idle connections; a connection that fails is dropped, a new one made on demand.
-    pool: Mutex<Vec<redis::Connection>>,
-    health: Mutex<Health>,
+fn cause(e: &redis::RedisError, timeout: Duration) -> Cause<'_> {
+    if e.is_timeout() {
+        Cause::TimedOut(timeout)
+    } else if e.kind() == redis::ErrorKind::Parse {
+        Cause::NotRedis
+    } else if matches!(e.kind(), redis::ErrorKind::Server(_) | redis::ErrorKind::Extension) && !is_auth_error(e) {
+        Cause::Refused(e)
+    } else {
+        Cause::Failed(e)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
     reads: AtomicU64,
     hits: AtomicU64,
     foreign: AtomicU64,
     corrupt: AtomicU64,
     mismatched: AtomicU64,
+    unauthenticated: AtomicU64,
     written: AtomicU64,
     dropped: AtomicU64,
     errors: AtomicU64,
+    timeouts: AtomicU64,
+    skipped: AtomicU64,
     in_flight: AtomicU64,
+}
+
+struct Shared {
+    client: redis::Client,
+    cfg: RedisConfig,
+    /// The URL without its password, for messages.
+    shown: String,
+    format: Format,
+    /// Idle connections; a connection that fails is dropped, a new one made on demand.
+    pool: Mutex<Vec<redis::Connection>>,
+    breaker: Breaker,
+    helpers: Arc<Helpers>,
+    refusal_logged: AtomicBool,
+    n: Counters,
 }
 
 pub struct RedisTier {
@@ -125,108 +226,100 @@ impl Shared {
         format!("{}:{ns:016x}:{hash:016x}", self.cfg.key_prefix)
     }
 
-    fn available(&self) -> bool {
-        self.health.lock().retry_at.is_none_or(|at| Instant::now() >= at)
-    }
-
-    fn failed(&self, what: &str, e: &dyn std::fmt::Display) {
-        self.errors.fetch_add(1, Relaxed);
-        let mut h = self.health.lock();
-        h.failures = h.failures.saturating_add(1);
-        let backoff = Duration::from_millis(100).saturating_mul(1 << h.failures.min(9)).min(Duration::from_secs(30));
-        h.retry_at = Some(Instant::now() + backoff);
-        if h.failures == 1 {
-            tracing::warn!(error = %e, "Redis tier {what} failed; local tiers keep serving, retrying in {backoff:?}");
+    /// Counts a failed operation; opens the breaker (logging the episode's one line) unless Redis
+    /// answered with an error of its own.
+    fn failed(&self, op: &str, cause: Cause<'_>) {
+        self.n.errors.fetch_add(1, Relaxed);
+        let shown = &self.shown;
+        let what = match cause {
+            Cause::TimedOut(limit) => {
+                self.n.timeouts.fetch_add(1, Relaxed);
+                format!("Redis tier {shown}: {op} timed out after {} ms", limit.as_millis())
+            }
+            Cause::NotRedis => format!("Redis tier {shown} is not a Redis server ({NOT_RESP})"),
+            Cause::Failed(e) => format!("Redis tier {shown}: {op} failed ({e})"),
+            Cause::Refused(e) => {
+                if !self.refusal_logged.swap(true, Relaxed) {
+                    tracing::warn!("Redis tier {shown}: Redis refused a {op} ({e}); counted as errors, logged once");
+                }
+                return;
+            }
+        };
+        if self.breaker.trip() {
+            self.pool.lock().clear(); // idle connections are suspect now; probes make new ones
+            tracing::warn!(
+                "{what}; requests treat Redis as a miss (local tiers keep serving) until it answers a PING again"
+            );
         }
     }
 
-    fn succeeded(&self) {
-        let mut h = self.health.lock();
-        if h.failures > 0 {
-            tracing::info!("Redis tier reachable again");
-        }
-        h.failures = 0;
-        h.retry_at = None;
-    }
-
-    /// Runs `f` on a pooled connection (made on demand, with the configured timeouts); the
-    /// connection goes back to the pool only if `f` succeeded.
+    /// Runs `f` on a pooled connection (made on demand), every socket read and write bounded by
+    /// `timeout`; the connection goes back to the pool only if `f` succeeded.
     fn with_connection<T>(
         &self,
+        timeout: Duration,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> redis::RedisResult<T> {
         let pooled = self.pool.lock().pop();
         let mut con = match pooled {
             Some(c) => c,
-            None => {
-                let c = self.client.get_connection_with_timeout(self.cfg.timeout)?;
-                c.set_read_timeout(Some(self.cfg.timeout))?;
-                c.set_write_timeout(Some(self.cfg.timeout))?;
-                c
-            }
+            None => self.client.get_connection_with_timeout(timeout)?,
         };
+        con.set_read_timeout(Some(timeout))?;
+        con.set_write_timeout(Some(timeout))?;
         let out = f(&mut con)?;
         let mut pool = self.pool.lock();
-        if pool.len() < 8 {
+        if pool.len() < POOL {
             pool.push(con);
         }
         Ok(out)
     }
 
-    /// The payload of `value` if it is the KV of block `(ns, hash)` with `digest`.
-    fn check<'v>(&self, value: &'v [u8], ns: u64, hash: u64, digest: u128) -> std::result::Result<&'v [u8], Reject> {
-        if value.len() != HEADER + self.block_bytes || &value[..4] != MAGIC {
-            return Err(Reject::Foreign);
+    /// A request's Redis call: on a helper, waited for at most `limit` (its socket reads and
+    /// writes too). None (counted, maybe tripping the breaker) if it failed or is late.
+    fn call<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: &str,
+        limit: Duration,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T> + Send + 'static,
+    ) -> Option<T> {
+        let me = Arc::clone(self);
+        match self.helpers.run(limit, move || me.with_connection(limit, f)) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                self.failed(op, cause(&e, limit));
+                None
+            }
+            None => {
+                self.failed(op, Cause::TimedOut(limit));
+                None
+            }
         }
-        let word = |i: usize| u64::from_le_bytes(value[i..i + 8].try_into().unwrap_or([0; 8]));
-        let format = u32::from_le_bytes(value[4..8].try_into().unwrap_or([0; 4]));
-        if format != FORMAT || word(40) != self.block_bytes as u64 {
-            return Err(Reject::Foreign);
-        }
-        let payload = &value[HEADER..];
-        if word(48) != xxh3_64(payload) {
-            return Err(Reject::Damaged);
-        }
-        let stored_digest = u128::from_le_bytes(value[24..40].try_into().unwrap_or([0; 16]));
-        if word(8) != ns || word(16) != hash || stored_digest != digest {
-            return Err(Reject::Mismatch);
-        }
-        Ok(payload)
-    }
-
-    fn encode(w: &Write) -> Vec<u8> {
-        let mut value = Vec::with_capacity(HEADER + w.data.len());
-        value.extend_from_slice(MAGIC);
-        value.extend_from_slice(&FORMAT.to_le_bytes());
-        value.extend_from_slice(&w.ns.to_le_bytes());
-        value.extend_from_slice(&w.hash.to_le_bytes());
-        value.extend_from_slice(&w.digest.to_le_bytes());
-        value.extend_from_slice(&(w.data.len() as u64).to_le_bytes());
-        value.extend_from_slice(&xxh3_64(&w.data).to_le_bytes());
-        value.extend_from_slice(&w.data);
-        value
     }
 
     fn write_batch(&self, batch: Vec<Write>) {
         let n = batch.len() as u64;
-        let result = self.with_connection(|con| {
+        let timeout = self.cfg.timeout.max(WRITE_TIMEOUT_FLOOR);
+        let result = self.with_connection(timeout, |con| {
             let mut pipe = redis::pipe();
             for w in &batch {
-                pipe.set(self.key(w.ns, w.hash), Self::encode(w)).ignore();
+                let key = self.key(w.ns, w.hash);
+                let block = Block { ns: w.ns, hash: w.hash, digest: w.digest, data: &w.data };
+                let value = self.format.encode(&key, &block);
+                pipe.set(key, value).ignore();
             }
             pipe.query::<()>(con)
         });
         match result {
             Ok(()) => {
-                self.written.fetch_add(n, Relaxed);
-                self.succeeded();
+                self.n.written.fetch_add(n, Relaxed);
             }
             Err(e) => {
-                self.dropped.fetch_add(n, Relaxed);
-                self.failed("write", &e);
+                self.n.dropped.fetch_add(n, Relaxed);
+                self.failed("write", cause(&e, timeout));
             }
         }
-        self.in_flight.fetch_sub(n, Relaxed);
+        self.n.in_flight.fetch_sub(n, Relaxed);
     }
 
     /// One of the writer threads: takes a batch from the shared queue and writes it. Two of
@@ -245,22 +338,67 @@ impl Shared {
                 }
                 batch
             };
-            if self.available() {
-                self.write_batch(batch);
-            } else {
+            if self.breaker.is_open() {
                 let n = batch.len() as u64;
-                self.dropped.fetch_add(n, Relaxed);
-                self.in_flight.fetch_sub(n, Relaxed);
+                self.n.dropped.fetch_add(n, Relaxed);
+                self.n.in_flight.fetch_sub(n, Relaxed);
+            } else {
+                self.write_batch(batch);
             }
         }
+    }
+
+    /// The prober thread: while the breaker is open, PINGs Redis on a new connection (bounded by
+    /// the budget) at growing intervals, and closes the breaker when Redis answers.
+    fn prober(&self) {
+        while self.breaker.wait_to_probe() {
+            let t = self.cfg.timeout;
+            let answered = self.client.get_connection_with_timeout(t).and_then(|mut con| {
+                con.set_read_timeout(Some(t))?;
+                con.set_write_timeout(Some(t))?;
+                redis::cmd("PING").query::<String>(&mut con)?;
+                Ok(con)
+            });
+            match answered {
+                Ok(con) => {
+                    self.pool.lock().push(con);
+                    let after = self.breaker.close();
+                    tracing::info!(
+                        "Redis tier {} answers again after {:.1} s; requests use it again",
+                        self.shown,
+                        after.as_secs_f64()
+                    );
+                }
+                Err(_) => self.breaker.probe_failed(),
+            }
+        }
+    }
+
+    /// Deletes a rejected value in the background, so the next store of that block can write a
+    /// good one.
+    fn delete_later(self: &Arc<Self>, key: String) {
+        let me = Arc::clone(self);
+        self.helpers.spawn(Box::new(move || {
+            if !me.breaker.is_open() {
+                let _ = me.with_connection(me.cfg.timeout, |con| redis::cmd("DEL").arg(&key).query::<()>(con));
+            }
+        }));
     }
 }
 
 impl RedisTier {
-    /// Connects (checking the password), and starts the writer. Redis being unreachable now is
-    /// not an error (it is retried later); a refused password or a malformed URL is.
+    /// Connects (checking the password and that the server is Redis), and starts the writers and
+    /// the prober. Redis being unreachable or silent now is not an error (the breaker opens and
+    /// the prober waits for it); a refused password, a server that is not Redis or a malformed
+    /// URL is.
     pub fn open(cfg: RedisConfig, block_bytes: usize) -> Result<Self> {
         let shown = redact(&cfg.url);
+        if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&cfg.timeout) {
+            return Err(CoreError::config(format!(
+                "the Redis timeout must be from 1 ms to 60 s (remote_timeout_ms), got {:?}",
+                cfg.timeout
+            )));
+        }
         if cfg.url.starts_with("rediss://") {
             // rustls needs a process-wide crypto provider; installing one twice is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -281,64 +419,71 @@ impl RedisTier {
         let (queue, rx) = sync_channel::<Write>(cfg.queue_blocks.max(1));
         let shared = Arc::new(Shared {
             client,
-            block_bytes,
+            format: Format { key: cfg.auth_key.clone(), block_bytes },
+            shown: shown.clone(),
             pool: Mutex::new(Vec::new()),
-            health: Mutex::new(Health { retry_at: None, failures: 0 }),
-            reads: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            foreign: AtomicU64::new(0),
-            corrupt: AtomicU64::new(0),
-            mismatched: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
+            breaker: Breaker::default(),
+            helpers: Arc::new(Helpers::default()),
+            refusal_logged: AtomicBool::new(false),
+            n: Counters::default(),
             cfg,
         });
-        match shared.with_connection(|con| redis::cmd("PING").query::<String>(con)) {
-            Ok(_) => {}
-            Err(e) if is_auth_error(&e) => {
+        // From here on, dropping `tier` stops the threads.
+        let tier = Self { shared: Arc::clone(&shared), queue };
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map(drop)
+                .map_err(|e| CoreError::Io { context: "starting the Redis tier's threads".into(), source: e })
+        };
+        let prober = Arc::clone(&shared);
+        spawn("xconnector-redis-probe".into(), Box::new(move || prober.prober()))?;
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WRITERS {
+            let (writer, rx) = (Arc::clone(&shared), Arc::clone(&rx));
+            spawn(format!("xconnector-redis-{i}"), Box::new(move || writer.writer(&rx)))?;
+        }
+        let limit = shared.cfg.timeout.max(OPEN_TIMEOUT_FLOOR);
+        let first = Arc::clone(&shared);
+        let ping = move || first.with_connection(limit, |con| redis::cmd("PING").query::<String>(con));
+        match shared.helpers.run(limit, ping) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) if is_auth_error(&e) => {
                 return Err(CoreError::config(format!(
                     "remote_url {shown}: Redis refused the credentials ({e}); check the password in the URL"
                 )));
             }
-            Err(e) => shared.failed("connect", &e),
+            Some(Err(e)) if e.kind() == redis::ErrorKind::Parse => {
+                return Err(CoreError::config(format!(
+                    "remote_url {shown} is not a Redis server ({NOT_RESP}); point remote_url at a Redis server"
+                )));
+            }
+            Some(Err(e)) => shared.failed("connect", cause(&e, limit)),
+            None => shared.failed("connect", Cause::TimedOut(limit)),
         }
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..WRITERS {
-            let (writer, rx) = (Arc::clone(&shared), Arc::clone(&rx));
-            std::thread::Builder::new()
-                .name(format!("xconnector-redis-{i}"))
-                .spawn(move || writer.writer(&rx))
-                .map_err(|e| CoreError::Io { context: "starting the Redis tier writers".into(), source: e })?;
-        }
-        Ok(Self { shared, queue })
+        Ok(tier)
     }
 
-    /// Leading blocks of `hashes` in Redis (0 while Redis is unavailable).
+    /// Leading blocks of `hashes` in Redis (0 while the breaker is open, or past the budget).
     pub fn contains_prefix(&self, ns: u64, hashes: &[u64]) -> usize {
         let s = &self.shared;
-        if hashes.is_empty() || !s.available() {
+        if hashes.is_empty() {
+            return 0;
+        }
+        if s.breaker.is_open() {
+            s.n.skipped.fetch_add(1, Relaxed);
             return 0;
         }
         let keys: Vec<String> = hashes.iter().map(|&h| s.key(ns, h)).collect();
-        let found = s.with_connection(|con| {
+        let found = s.call("lookup", s.cfg.timeout, move |con| {
             let mut pipe = redis::pipe();
             for k in &keys {
                 pipe.exists(k);
             }
             pipe.query::<Vec<bool>>(con)
         });
-        match found {
-            Ok(found) => {
-                s.succeeded();
-                found.iter().take_while(|&&f| f).count()
-            }
-            Err(e) => {
-                s.failed("lookup", &e);
-                0
-            }
-        }
+        found.map_or(0, |found| found.iter().take_while(|&&f| f).count())
     }
 
     /// Reads the leading blocks of `hashes` (whose digests are `digests`) into `out` (blocks back
@@ -346,74 +491,148 @@ impl RedisTier {
     /// value is deleted, so the next store of that block can write a good one.
     pub fn get_prefix(&self, ns: u64, hashes: &[u64], digests: &[u128], out: &mut [u8]) -> usize {
         let s = &self.shared;
-        if hashes.is_empty() || !s.available() {
+        if hashes.is_empty() {
+            return 0;
+        }
+        if s.breaker.is_open() {
+            s.n.skipped.fetch_add(1, Relaxed);
             return 0;
         }
         let keys: Vec<String> = hashes.iter().map(|&h| s.key(ns, h)).collect();
-        let values = match s.with_connection(|con| redis::cmd("MGET").arg(&keys).query::<Vec<Option<Vec<u8>>>>(con)) {
-            Ok(v) => {
-                s.succeeded();
-                v
-            }
-            Err(e) => {
-                s.failed("read", &e);
-                return 0;
-            }
+        let bytes = hashes.len() * (s.format.header() + s.format.block_bytes);
+        let limit = s.cfg.timeout + Duration::from_secs_f64(bytes as f64 / READ_RATE);
+        let asked = keys.clone();
+        let Some(values) =
+            s.call("read", limit, move |con| redis::cmd("MGET").arg(&asked).query::<Vec<Option<Vec<u8>>>>(con))
+        else {
+            return 0;
         };
-        s.reads.fetch_add(1, Relaxed);
-        let bb = s.block_bytes;
+        s.n.reads.fetch_add(1, Relaxed);
+        let bb = s.format.block_bytes;
         let mut n = 0;
         for (i, (value, chunk)) in values.iter().zip(out.chunks_exact_mut(bb)).enumerate() {
             let Some(value) = value else { break };
-            match s.check(value, ns, hashes[i], digests[i]) {
+            match s.format.check(&keys[i], value, ns, hashes[i], digests[i]) {
                 Ok(payload) => chunk.copy_from_slice(payload),
                 Err(why) => {
                     let (counter, what) = match why {
-                        Reject::Foreign => (&s.foreign, "not an XConnector block of this size"),
-                        Reject::Damaged => (&s.corrupt, "damaged"),
-                        Reject::Mismatch => (&s.mismatched, "not the KV of the block asked for"),
+                        Reject::Foreign => (&s.n.foreign, "not an XConnector block of this size and format"),
+                        Reject::Damaged => (&s.n.corrupt, "damaged"),
+                        Reject::Unauthenticated => (
+                            &s.n.unauthenticated,
+                            "no valid MAC (forged, planted, or written without this remote_auth_key)",
+                        ),
+                        Reject::Mismatch => (&s.n.mismatched, "not the KV of the block asked for"),
                     };
                     if counter.fetch_add(1, Relaxed) == 0 {
                         tracing::warn!(key = %keys[i], "Redis value deleted: {what} (logged once per kind)");
                     }
-                    let _ = s.with_connection(|con| redis::cmd("DEL").arg(&keys[i]).query::<()>(con));
+                    s.delete_later(keys[i].clone());
                     break;
                 }
             }
             n += 1;
         }
-        s.hits.fetch_add(n as u64, Relaxed);
+        s.n.hits.fetch_add(n as u64, Relaxed);
         n
     }
 
     /// Queues a block to be written; false (and counted) when the queue is full.
     pub fn put_behind(&self, w: Write) -> bool {
         let s = &self.shared;
-        s.in_flight.fetch_add(1, Relaxed);
+        s.n.in_flight.fetch_add(1, Relaxed);
         if self.queue.try_send(w).is_err() {
-            s.in_flight.fetch_sub(1, Relaxed);
-            s.dropped.fetch_add(1, Relaxed);
+            s.n.in_flight.fetch_sub(1, Relaxed);
+            s.n.dropped.fetch_add(1, Relaxed);
             return false;
         }
         true
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.shared.in_flight.load(Relaxed)
+        self.shared.n.in_flight.load(Relaxed)
     }
 
     pub fn stats(&self) -> RedisStats {
         let s = &self.shared;
+        let open = s.breaker.is_open();
         RedisStats {
-            reads: s.reads.load(Relaxed),
-            hit_blocks: s.hits.load(Relaxed),
-            foreign_values: s.foreign.load(Relaxed),
-            corrupt_values: s.corrupt.load(Relaxed),
-            mismatched_values: s.mismatched.load(Relaxed),
-            written_blocks: s.written.load(Relaxed),
-            dropped_blocks: s.dropped.load(Relaxed),
-            errors: s.errors.load(Relaxed),
-            connected: s.health.lock().failures == 0,
+            reads: s.n.reads.load(Relaxed),
+            hit_blocks: s.n.hits.load(Relaxed),
+            foreign_values: s.n.foreign.load(Relaxed),
+            corrupt_values: s.n.corrupt.load(Relaxed),
+            mismatched_values: s.n.mismatched.load(Relaxed),
+            unauthenticated_values: s.n.unauthenticated.load(Relaxed),
+            written_blocks: s.n.written.load(Relaxed),
+            dropped_blocks: s.n.dropped.load(Relaxed),
+            errors: s.n.errors.load(Relaxed),
+            timeouts: s.n.timeouts.load(Relaxed),
+            breaker_trips: s.breaker.trips(),
+            skipped_calls: s.n.skipped.load(Relaxed),
+            breaker_open: open,
+            connected: !open,
         }
+    }
+}
+
+impl Drop for RedisTier {
+    /// Stops the prober and the helpers; the writers end when the queue (the sender) goes.
+    fn drop(&mut self) {
+        self.shared.breaker.shutdown();
+        self.shared.helpers.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    fn config(url: String) -> RedisConfig {
+        RedisConfig {
+            url,
+            key_prefix: "t".into(),
+            queue_blocks: 16,
+            batch_blocks: 4,
+            timeout: Duration::from_millis(20),
+            ca_file: None,
+            auth_key: None,
+        }
+    }
+
+    #[test]
+    fn the_budget_is_bounded() {
+        assert_eq!(timeout_from_secs(0.02).unwrap(), Duration::from_millis(20));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-6, 61.0] {
+            let e = timeout_from_secs(bad).unwrap_err().to_string();
+            assert!(e.starts_with("redis_timeout must be seconds from 0.001 to 60"), "{e}");
+        }
+        let mut cfg = config("redis://127.0.0.1:1".into());
+        cfg.timeout = Duration::ZERO;
+        assert!(RedisTier::open(cfg, 64).is_err());
+    }
+
+    #[test]
+    fn a_silent_server_opens_the_breaker_and_requests_skip_redis() {
+        // Accepts connections (the kernel's backlog) and never answers.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://:pw@{}", silent.local_addr().unwrap());
+        let t0 = Instant::now();
+        let tier = RedisTier::open(config(url), 64).unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        let s = tier.stats();
+        assert!(s.breaker_open && !s.connected);
+        assert_eq!((s.breaker_trips, s.timeouts, s.errors), (1, 1, 1));
+        assert_eq!(tier.contains_prefix(1, &[1, 2]), 0);
+        let mut out = vec![0u8; 128];
+        assert_eq!(tier.get_prefix(1, &[1, 2], &[0, 0], &mut out), 0);
+        assert!(tier.put_behind(Write { ns: 1, hash: 1, digest: 0, data: vec![0; 64] }));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tier.in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let s = tier.stats();
+        assert_eq!((s.skipped_calls, s.dropped_blocks, s.timeouts, s.breaker_trips), (2, 1, 1, 1));
     }
 }

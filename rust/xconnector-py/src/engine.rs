@@ -11,8 +11,10 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use xconnector_core::redis_tier::{self, AuthKey};
 use xconnector_core::{
-    DiskConfig, Engine as CoreEngine, EngineConfig, EventsConfig, HashExtras, Namespace, PinnedBlock, RedisConfig,
+    CoreError, DiskConfig, Engine as CoreEngine, EngineConfig, EventsConfig, HashExtras, Namespace, PinnedBlock,
+    RedisConfig,
 };
 
 use crate::buffers::{self, ByteRegion};
@@ -41,7 +43,7 @@ impl Engine {
         revision = "", quantization = "", pp_world_size = 1, pp_rank = 0,
         disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024,
         redis_url = None, redis_key_prefix = "xconnector", redis_queue_blocks = 4096,
-        redis_batch_blocks = 64, redis_timeout = 1.0, redis_ca_file = None, events_url = None,
+        redis_batch_blocks = 64, redis_timeout = 0.02, redis_ca_file = None, redis_auth_key = None, events_url = None,
         events_subject = "xconnector.kv_events", worker_id = "", events_queue = 65536))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -68,6 +70,7 @@ impl Engine {
         redis_batch_blocks: usize,
         redis_timeout: f64,
         redis_ca_file: Option<PathBuf>,
+        redis_auth_key: Option<String>,
         events_url: Option<String>,
         events_subject: &str,
         worker_id: &str,
@@ -80,8 +83,15 @@ impl Engine {
             queue_events: events_queue,
             batch_events: 256,
         });
-        let timeout = std::time::Duration::try_from_secs_f64(redis_timeout)
-            .map_err(|_| crate::errors::invalid_input(py, "redis_timeout must be seconds > 0"))?;
+        let timeout = detached(py, || redis_tier::timeout_from_secs(redis_timeout))?;
+        // Only the key derived from the secret is kept; the secret is never formatted.
+        let auth_key = match redis_auth_key {
+            None => None,
+            Some(secret) => Some(detached(py, || {
+                AuthKey::from_secret(secret.as_bytes())
+                    .map_err(|_| CoreError::config("redis_auth_key is empty; pass the shared secret, or None"))
+            })?),
+        };
         let redis = redis_url.map(|url| RedisConfig {
             url,
             key_prefix: redis_key_prefix.to_owned(),
@@ -89,6 +99,7 @@ impl Engine {
             batch_blocks: redis_batch_blocks,
             timeout,
             ca_file: redis_ca_file,
+            auth_key,
         });
         let disk = disk_path.map(|dir| DiskConfig {
             dir,
@@ -233,6 +244,10 @@ impl Engine {
                 ("redis_foreign_values", r.foreign_values),
                 ("redis_corrupt_values", r.corrupt_values),
                 ("redis_mismatched_values", r.mismatched_values),
+                ("redis_unauthenticated_values", r.unauthenticated_values),
+                ("redis_timeouts", r.timeouts),
+                ("redis_breaker_trips", r.breaker_trips),
+                ("redis_skipped_calls", r.skipped_calls),
                 ("redis_written_blocks", r.written_blocks),
                 ("redis_dropped_blocks", r.dropped_blocks),
                 ("redis_errors", r.errors),
@@ -240,6 +255,7 @@ impl Engine {
                 d.set_item(k, v)?;
             }
             d.set_item("redis_connected", r.connected)?;
+            d.set_item("redis_breaker_open", r.breaker_open)?;
         }
         if let Some(disk) = s.disk {
             for (k, v) in [

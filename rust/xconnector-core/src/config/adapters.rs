@@ -12,6 +12,12 @@ pub enum Setting {
     Bool,
     /// An integer >= the bound.
     Int(i64),
+    /// An integer in `min..=max`.
+    IntIn(i64, i64),
+    /// A non-empty string never echoed in messages (a shared secret).
+    Secret,
+    /// The name of an environment variable.
+    EnvName,
     /// Integer MiB (the design's `max_cache_size: 2048`) or a string with a unit.
     SizeMib,
     /// A number of GB, as LMCache reads `max_local_cpu_size: 5.0`, or a string with a unit.
@@ -104,6 +110,21 @@ pub fn check_settings(adapter: &str, config: &Map<String, Value>, path: &str) ->
                 Some(i) if i >= min => None,
                 _ => Some(format!("expected an integer >= {min}, got {v}")),
             },
+            (Setting::IntIn(min, max), v) => match v.as_i64() {
+                Some(i) if (min..=max).contains(&i) => None,
+                _ => Some(format!("expected an integer from {min} to {max}, got {v}")),
+            },
+            (Setting::Secret, Value::String(s)) if !s.is_empty() => None,
+            (Setting::Secret, Value::String(_)) => Some("the secret is empty; give a long random string".to_owned()),
+            (Setting::Secret, other) => Some(format!("expected a string (the secret), got {}", kind(other))),
+            (Setting::EnvName, Value::String(s))
+                if !s.is_empty() && !s.contains('=') && !s.contains('\0') && !s.starts_with('$') =>
+            {
+                None
+            }
+            (Setting::EnvName, v) => {
+                Some(format!("expected the name of an environment variable (e.g. XCONNECTOR_REDIS_KEY), got {v}"))
+            }
             (Setting::SizeMib | Setting::SizeGb, v) => size_bytes(v, setting).err(),
             (Setting::OneOf(choices), Value::String(s)) if choices.contains(&s.as_str()) => None,
             (Setting::OneOf(choices), v) => Some(format!("expected one of {}, got {v}", choices.join(", "))),

@@ -1,0 +1,151 @@
+//! Calls with a deadline: the hot path hands each Redis operation to a helper thread and waits for
+//! its result at most until the deadline, so no server behaviour (no reply, a reply dripping in,
+//! a stalled TLS handshake, a slow name lookup) holds a request longer than that. A late call runs
+//! on in its helper and its result is dropped.
+//!
+//! Invariant: `idle` counts helpers waiting for work that no `wakeups` token is promised to yet;
+//! a job is queued and either an idle helper is woken (its token taken) or a new helper started,
+//! up to `MAX_HELPERS`; beyond that it waits for a busy helper to finish.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+pub type Job = Box<dyn FnOnce() + Send>;
+
+/// Helpers at most: as many hot-path calls can wait on Redis at once.
+const MAX_HELPERS: usize = 8;
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+    wakeups: usize,
+    shutdown: bool,
+}
+
+#[derive(Default)]
+pub struct Helpers {
+    state: Mutex<State>,
+    ready: Condvar,
+}
+
+impl Helpers {
+    /// Runs `f` on a helper; its result if it comes within `limit`, else None.
+    pub fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = sync_channel(1);
+        self.spawn(Box::new(move || {
+            let _ = tx.send(f()); // the caller may have stopped waiting
+        }));
+        rx.recv_timeout(limit).ok()
+    }
+
+    /// Queues `job` for a helper, without waiting for it.
+    pub fn spawn(self: &Arc<Self>, job: Job) {
+        let mut st = self.state.lock();
+        if st.shutdown {
+            return;
+        }
+        st.jobs.push_back(job);
+        if st.idle > 0 {
+            st.idle -= 1;
+            st.wakeups += 1;
+            self.ready.notify_one();
+        } else if st.threads < MAX_HELPERS {
+            let me = Arc::clone(self);
+            let started = std::thread::Builder::new()
+                .name(format!("xconnector-redis-io-{}", st.threads))
+                .spawn(move || me.work());
+            if started.is_ok() {
+                st.threads += 1;
+            }
+        }
+    }
+
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut st = self.state.lock();
+                loop {
+                    if let Some(job) = st.jobs.pop_front() {
+                        break job;
+                    }
+                    if st.shutdown {
+                        st.threads -= 1;
+                        return;
+                    }
+                    st.idle += 1;
+                    while st.wakeups == 0 && !st.shutdown {
+                        self.ready.wait(&mut st);
+                    }
+                    if st.wakeups > 0 {
+                        st.wakeups -= 1;
+                    } else {
+                        st.idle -= 1;
+                    }
+                }
+            };
+            // A panic in a job must not take its helper (and the count above) with it.
+            let _ = catch_unwind(AssertUnwindSafe(job));
+        }
+    }
+
+    /// Drops queued jobs; helpers exit when their current job (if any) ends.
+    pub fn shutdown(&self) {
+        let mut st = self.state.lock();
+        st.shutdown = true;
+        st.jobs.clear();
+        self.ready.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    #[test]
+    fn a_late_call_is_abandoned_at_its_deadline() {
+        let h = Arc::new(Helpers::default());
+        assert_eq!(h.run(Duration::from_secs(5), || 7), Some(7));
+        let t0 = Instant::now();
+        assert_eq!(h.run(Duration::from_millis(20), || std::thread::sleep(Duration::from_secs(2))), None);
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        // Another helper serves the next call meanwhile.
+        assert_eq!(h.run(Duration::from_secs(5), || 8), Some(8));
+        h.shutdown();
+    }
+
+    #[test]
+    fn concurrent_calls_all_complete_and_helpers_are_bounded() {
+        let h = Arc::new(Helpers::default());
+        let done = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..32 {
+                let (h, done) = (Arc::clone(&h), Arc::clone(&done));
+                s.spawn(move || {
+                    for i in 0..50 {
+                        if h.run(Duration::from_secs(30), move || i) == Some(i) {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(done.load(Ordering::Relaxed), 32 * 50);
+        assert!(h.state.lock().threads <= MAX_HELPERS);
+        h.run(Duration::from_secs(5), || panic!("a job that panics")); // the helper survives
+        assert_eq!(h.run(Duration::from_secs(5), || 1), Some(1));
+        h.shutdown();
+    }
+}
