@@ -41,40 +41,41 @@ impl Engine {
     #[pyo3(signature = (*, block_bytes, capacity_bytes, block_size = 16, model = "",
         dtype = "", kv_layout = "", tp_world_size = 1, tp_rank = 0, extra = None,
         revision = "", quantization = "", pp_world_size = 1, pp_rank = 0,
-        disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024,
+        disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024, disk_shared = false,
         redis_url = None, redis_key_prefix = "xconnector", redis_queue_blocks = 4096,
         redis_batch_blocks = 64, redis_timeout = 0.02, redis_ca_file = None, redis_auth_key = None, events_url = None,
         events_subject = "xconnector.kv_events", worker_id = "", events_queue = 65536))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        block_bytes: usize,
-        capacity_bytes: u64,
-        block_size: usize,
+        #[pyo3(from_py_with = args::block_bytes)] block_bytes: usize,
+        #[pyo3(from_py_with = args::capacity_bytes)] capacity_bytes: u64,
+        #[pyo3(from_py_with = args::block_size)] block_size: u32,
         model: &str,
         dtype: &str,
         kv_layout: &str,
-        tp_world_size: u32,
-        tp_rank: u32,
+        #[pyo3(from_py_with = args::tp_world_size)] tp_world_size: u32,
+        #[pyo3(from_py_with = args::tp_rank)] tp_rank: u32,
         extra: Option<HashMap<String, String>>,
         revision: &str,
         quantization: &str,
-        pp_world_size: u32,
-        pp_rank: u32,
-        disk_path: Option<PathBuf>,
-        disk_capacity_bytes: u64,
-        disk_queue_blocks: usize,
-        redis_url: Option<String>,
+        #[pyo3(from_py_with = args::pp_world_size)] pp_world_size: u32,
+        #[pyo3(from_py_with = args::pp_rank)] pp_rank: u32,
+        #[pyo3(from_py_with = args::disk_path)] disk_path: Option<PathBuf>,
+        #[pyo3(from_py_with = args::disk_capacity_bytes)] disk_capacity_bytes: u64,
+        #[pyo3(from_py_with = args::disk_queue_blocks)] disk_queue_blocks: usize,
+        #[pyo3(from_py_with = args::disk_shared)] disk_shared: bool,
+        #[pyo3(from_py_with = args::redis_url)] redis_url: Option<String>,
         redis_key_prefix: &str,
-        redis_queue_blocks: usize,
-        redis_batch_blocks: usize,
-        redis_timeout: f64,
-        redis_ca_file: Option<PathBuf>,
-        redis_auth_key: Option<String>,
-        events_url: Option<String>,
+        #[pyo3(from_py_with = args::redis_queue_blocks)] redis_queue_blocks: usize,
+        #[pyo3(from_py_with = args::redis_batch_blocks)] redis_batch_blocks: usize,
+        #[pyo3(from_py_with = args::redis_timeout)] redis_timeout: f64,
+        #[pyo3(from_py_with = args::redis_ca_file)] redis_ca_file: Option<PathBuf>,
+        #[pyo3(from_py_with = args::redis_auth_key)] redis_auth_key: Option<String>,
+        #[pyo3(from_py_with = args::events_url)] events_url: Option<String>,
         events_subject: &str,
         worker_id: &str,
-        events_queue: usize,
+        #[pyo3(from_py_with = args::events_queue)] events_queue: usize,
     ) -> PyResult<Self> {
         let events = events_url.map(|url| EventsConfig {
             url,
@@ -105,6 +106,7 @@ impl Engine {
             dir,
             capacity_bytes: disk_capacity_bytes,
             queue_blocks: disk_queue_blocks,
+            shared: disk_shared,
         });
         let namespace = Namespace {
             model: model.to_owned(),
@@ -119,7 +121,15 @@ impl Engine {
             pp_rank,
             extra: extra.unwrap_or_default().into_iter().collect(),
         };
-        let cfg = EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk, redis, events };
+        let cfg = EngineConfig {
+            block_size: block_size as usize,
+            block_bytes,
+            capacity_bytes,
+            namespace,
+            disk,
+            redis,
+            events,
+        };
         let inner = detached(py, || CoreEngine::new(cfg))?;
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -451,5 +461,48 @@ impl BlockView {
 
     fn __repr__(&self) -> String {
         format!("BlockView(len={}, released={})", self.len, self.released())
+    }
+}
+
+/// The constructor's checked arguments (see `crate::args`).
+mod args {
+    use std::path::PathBuf;
+
+    use pyo3::prelude::*;
+
+    crate::args::int_arg! {
+        block_bytes: usize = "block_bytes" >= 1, "bytes of one block's KV for all layers";
+        capacity_bytes: u64 = "capacity_bytes" >= 1, "the memory tier's byte budget";
+        block_size: u32 = "block_size" >= 1, "tokens per block";
+        tp_world_size: u32 = "tp_world_size" >= 1, "tensor-parallel ranks";
+        tp_rank: u32 = "tp_rank" >= 0, "this tensor-parallel rank";
+        pp_world_size: u32 = "pp_world_size" >= 1, "pipeline-parallel ranks";
+        pp_rank: u32 = "pp_rank" >= 0, "this pipeline-parallel rank";
+        disk_capacity_bytes: u64 = "disk_capacity_bytes" >= 0, "the disk tier's byte budget";
+        disk_queue_blocks: usize = "disk_queue_blocks" >= 1, "blocks waiting to be written to disk";
+        redis_queue_blocks: usize = "redis_queue_blocks" >= 1, "blocks waiting to be written to Redis";
+        redis_batch_blocks: usize = "redis_batch_blocks" >= 1, "blocks per pipelined Redis write";
+        events_queue: usize = "events_queue" >= 1, "KV events waiting to be sent";
+    }
+    pub fn disk_shared(v: &Bound<'_, PyAny>) -> PyResult<bool> {
+        crate::args::boolean(v, "disk_shared")
+    }
+    pub fn redis_timeout(v: &Bound<'_, PyAny>) -> PyResult<f64> {
+        crate::args::number(v, "redis_timeout", "seconds a request may wait on Redis")
+    }
+    pub fn disk_path(v: &Bound<'_, PyAny>) -> PyResult<Option<PathBuf>> {
+        crate::args::opt_path(v, "disk_path")
+    }
+    pub fn redis_ca_file(v: &Bound<'_, PyAny>) -> PyResult<Option<PathBuf>> {
+        crate::args::opt_path(v, "redis_ca_file")
+    }
+    pub fn redis_url(v: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+        crate::args::opt_text(v, "redis_url")
+    }
+    pub fn events_url(v: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+        crate::args::opt_text(v, "events_url")
+    }
+    pub fn redis_auth_key(v: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+        crate::args::opt_text(v, "redis_auth_key")
     }
 }

@@ -30,6 +30,10 @@ pub fn invalid_input(py: Python<'_>, msg: impl Into<String>) -> PyErr {
     raise(py, &INVALID_INPUT_ERROR, "InvalidInputError", msg.into())
 }
 
+pub fn config_error(py: Python<'_>, msg: impl Into<String>) -> PyErr {
+    raise(py, &CONFIG_ERROR, "ConfigError", msg.into())
+}
+
 pub fn internal(py: Python<'_>, msg: impl Into<String>) -> PyErr {
     raise(py, &INTERNAL_ERROR, "InternalError", msg.into())
 }
@@ -38,7 +42,7 @@ pub fn core_to_py(py: Python<'_>, err: CoreError) -> PyErr {
     let msg = err.to_string();
     match err {
         CoreError::InvalidInput(_) => invalid_input(py, msg),
-        CoreError::Config(_) => raise(py, &CONFIG_ERROR, "ConfigError", msg),
+        CoreError::Config(_) => config_error(py, msg),
         CoreError::Cache(_) => raise(py, &CACHE_ERROR, "CacheError", msg),
         CoreError::Internal(_) => internal(py, msg),
         CoreError::Io { source, .. } => match source.kind() {

@@ -1,6 +1,7 @@
 //! `xconnector._native`: the pyo3 binding of `xconnector-core`. It converts types, releases the
 //! GIL, catches panics and maps errors; nothing else.
 
+mod args;
 mod buffers;
 mod call;
 mod config;
