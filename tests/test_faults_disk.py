@@ -67,7 +67,13 @@ def engine(disk: Path, memory_blocks: int = 4, disk_blocks: int = 1000, **kw: ob
 
 def space(disk: Path, **kw: object) -> Path:
     """The subtree of the engine `engine(disk, **kw)` would make: one per engine namespace."""
-    ns = Engine(block_bytes=BLOCK_BYTES, capacity_bytes=BLOCK_BYTES, block_size=BLOCK, model="fault-matrix", **kw)  # type: ignore[arg-type]
+    ns = Engine(
+        block_bytes=BLOCK_BYTES,
+        capacity_bytes=BLOCK_BYTES,
+        block_size=BLOCK,
+        model="fault-matrix",
+        **kw,
+    )  # type: ignore[arg-type]
     return disk / f"{ns.namespace:016x}"
 
 
@@ -129,7 +135,9 @@ def _endless(p: Path, scratch: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "plant", [_fifo, _link_to_fifo, _link_to_good_block, _directory, _endless], ids=lambda f: f.__name__[1:]
+    "plant",
+    [_fifo, _link_to_fifo, _link_to_good_block, _directory, _endless],
+    ids=lambda f: f.__name__[1:],
 )
 def test_a_special_file_at_an_indexed_block_path_is_a_miss_not_a_hang(
     tmp_path: Path, plant: Callable[[Path, Path], None], logs: pytest.LogCaptureFixture
@@ -224,10 +232,14 @@ def test_a_group_writable_directory_is_used_when_the_config_says_shared(tmp_path
     s = e.stats()
     assert s["disk_refused"] == 0 and s["disk_written_blocks"] == 1
     f = next(disk.rglob("*.xcb"))
-    assert stat.S_IMODE(f.stat().st_mode) == 0o640 and stat.S_IMODE(f.parent.stat().st_mode) == 0o770
+    assert (
+        stat.S_IMODE(f.stat().st_mode) == 0o640 and stat.S_IMODE(f.parent.stat().st_mode) == 0o770
+    )
 
 
-def test_a_symbolic_link_inside_the_tier_is_refused(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_a_symbolic_link_inside_the_tier_is_refused(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
     disk, elsewhere = tmp_path / "kv", tmp_path / "elsewhere"
     disk.mkdir(mode=0o700)
     elsewhere.mkdir(mode=0o700)
@@ -236,12 +248,16 @@ def test_a_symbolic_link_inside_the_tier_is_refused(tmp_path: Path, logs: pytest
     refused(engine(disk), disk, logs)
 
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create files as another uid")
+root_only = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to create files as another uid"
+)
 NOBODY = 65534
 
 
 @root_only
-def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_a_directory_owned_by_another_user_is_refused(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
     disk = tmp_path / "kv"
     disk.mkdir(mode=0o700)
     os.chown(disk, NOBODY, NOBODY)
@@ -273,7 +289,10 @@ def test_another_user_cannot_read_or_plant_blocks(tmp_path: Path) -> None:
         "print(json.dumps(out))\n"
     )
     r = subprocess.run(
-        [sys.executable, "-c", code, str(target), str(disk)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, str(target), str(disk)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"read": "denied", "list": "denied", "plant": "denied"}
@@ -288,7 +307,9 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     project's CI has)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], capture_output=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:
@@ -331,7 +352,9 @@ def test_a_full_filesystem_evicts_and_degrades_instead_of_switching_the_tier_off
     assert s["disk_used_bytes"] == sum(f.stat().st_size for f in disk.rglob("*.xcb")), s
     full = lines(logs, "filesystem is full")
     assert len(full) == 1, logs.text
-    assert not [r for r in logs.records if r.levelno >= logging.WARNING and r.getMessage() not in full], logs.text
+    assert not [
+        r for r in logs.records if r.levelno >= logging.WARNING and r.getMessage() not in full
+    ], logs.text
     # What it holds is right: the latest prompt comes back from disk, byte for byte.
     last = prompts[-1]
     fresh = make()
@@ -373,7 +396,9 @@ os.kill(os.getpid(), 9)
 """
 
 
-def test_crash_leftovers_are_removed_and_counted_at_start(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_crash_leftovers_are_removed_and_counted_at_start(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
     disk = tmp_path / "kv"
     # A real writer process, killed with SIGKILL (nothing of it runs after that).
     p = subprocess.Popen(
@@ -401,7 +426,10 @@ def test_crash_leftovers_are_removed_and_counted_at_start(tmp_path: Path, logs: 
     other_path.write_bytes(bytes(other_size))
 
     expected_leftovers = sum(
-        1 for f in disk.rglob("*") if f.is_file() and (f.name.startswith(".tmp-") or f.stat().st_size not in (FILE, len(other_size)))
+        1
+        for f in disk.rglob("*")
+        if f.is_file()
+        and (f.name.startswith(".tmp-") or f.stat().st_size not in (FILE, len(other_size)))
     )
     e = returns(lambda: engine(disk), "opening the tier after a crash")
     s = e.stats()
@@ -417,7 +445,9 @@ def test_crash_leftovers_are_removed_and_counted_at_start(tmp_path: Path, logs: 
         t = list(range(q * 1000, q * 1000 + 64))
         out = bytearray(4 * BLOCK_BYTES)
         n = e.load(t, out)
-        assert bytes(out[: n // BLOCK * BLOCK_BYTES]) == block_payload(t)[: n // BLOCK * BLOCK_BYTES]
+        assert (
+            bytes(out[: n // BLOCK * BLOCK_BYTES]) == block_payload(t)[: n // BLOCK * BLOCK_BYTES]
+        )
 
 
 def test_a_live_writers_temporary_file_is_left_alone(tmp_path: Path) -> None:
@@ -436,7 +466,9 @@ def test_a_live_writers_temporary_file_is_left_alone(tmp_path: Path) -> None:
         live.wait()
 
 
-def test_the_yaml_says_shared_with_local_disk_shared(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_the_yaml_says_shared_with_local_disk_shared(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
     from xconnector.adapters.lmcache import LMCacheAdapter
     from xconnector.sdk import XConnectorSDK
 
@@ -445,11 +477,15 @@ def test_the_yaml_says_shared_with_local_disk_shared(tmp_path: Path, logs: pytes
     disk.chmod(0o770)
 
     def stats(settings: dict[str, object]) -> dict[str, object]:
-        sdk = XConnectorSDK({"adapters": [{"name": "lmcache", "config": {"local_disk": str(disk), **settings}}]})
+        sdk = XConnectorSDK(
+            {"adapters": [{"name": "lmcache", "config": {"local_disk": str(disk), **settings}}]}
+        )
         sdk.initialize()
         adapter = sdk.get_adapter("lmcache")
         assert isinstance(adapter, LMCacheAdapter)
-        engine = adapter.engine_for(kv_block_size=16, kv_block_bytes=256, model="m", dtype="f16", kv_layout="NHD")
+        engine = adapter.engine_for(
+            kv_block_size=16, kv_block_bytes=256, model="m", dtype="f16", kv_layout="NHD"
+        )
         s: dict[str, object] = engine.stats()
         sdk.shutdown()
         return s
@@ -459,14 +495,18 @@ def test_the_yaml_says_shared_with_local_disk_shared(tmp_path: Path, logs: pytes
     assert stats({"local_disk_shared": True})["disk_refused"] == 0
 
 
-def test_world_writable_is_refused_even_when_shared(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_world_writable_is_refused_even_when_shared(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
     disk = tmp_path / "kv"
     disk.mkdir()
     disk.chmod(0o777)
     refused(engine(disk, disk_shared=True), disk, logs)
 
 
-def test_a_parent_every_user_can_write_to_is_refused(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+def test_a_parent_every_user_can_write_to_is_refused(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
     # Whoever can rename entries of the parent could swap the directory after it was checked.
     parent = tmp_path / "open"
     parent.mkdir()
@@ -531,7 +571,13 @@ print(json.dumps({"n": n, "files": len(files),
 
 def test_running_out_of_file_descriptors_is_a_miss_that_deletes_nothing(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-c", OUT_OF_DESCRIPTORS, str(tmp_path / "kv"), str(Path(__file__).parent)],
+        [
+            sys.executable,
+            "-c",
+            OUT_OF_DESCRIPTORS,
+            str(tmp_path / "kv"),
+            str(Path(__file__).parent),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

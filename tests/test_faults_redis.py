@@ -368,7 +368,7 @@ def test_an_endpoint_that_is_not_redis_is_named_at_open() -> None:
             with pytest.raises(ConfigError) as info:
                 engine(url)
             text = str(info.value)
-            assert f"redis://***@127.0.0.1:{port} is not a Redis server (" in text, text
+            assert f"redis://:***@127.0.0.1:{port} is not a Redis server (" in text, text
             assert "pw-not-shown" not in text
     finally:
         http_srv.shutdown()

@@ -118,7 +118,7 @@ def test_a_wrong_password_is_a_clear_error_at_startup(tmp_path: Path) -> None:
         text = str(info.value)
         assert "Redis refused the credentials" in text and "check the password" in text
         assert "wrong" not in text.replace("wrong@", "")  # the password is not echoed
-        assert "redis://***@127.0.0.1" in text
+        assert "redis://:***@127.0.0.1" in text
         good = engine(server.url)
         t = prompt(3)
         good.store(t, block_payload(t))

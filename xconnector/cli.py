@@ -164,7 +164,8 @@ def _print_report(found: DetectedConfig, out: TextIO) -> None:
         )
     if found.found:
         rows = [
-            (k, json.dumps(_shown(found.values[k], k)), origin) for k, origin in found.origins.items()
+            (k, json.dumps(_shown(found.values[k], k)), origin)
+            for k, origin in found.origins.items()
         ]
         kw = max(len(r[0]) for r in rows)
         vw = min(max(len(r[1]) for r in rows), 40)

@@ -20,9 +20,8 @@ from xconnector.sdk.exceptions import ConfigError
 
 
 def redact(url: str) -> str:
-    """`url` without its password, for logs and health reports."""
-    head, sep, tail = url.partition("://")
-    return f"{head}{sep}***@{tail.rsplit('@', 1)[1]}" if "@" in tail else url
+    """`url` without its password, for logs and health reports (the core's one redactor)."""
+    return str(load_native().config_redact(url))
 
 
 DEFAULT_CAPACITY = 2 << 30
@@ -103,6 +102,10 @@ class LMCacheAdapter(Adapter):
             )
         if s.get("max_local_disk_size") is not None and not local_disk:
             raise ConfigError(f"{where}.max_local_disk_size: set local_disk too, or remove it")
+        if s.get("local_disk_shared") and not local_disk:
+            raise ConfigError(f"{where}.local_disk_shared: set local_disk too, or remove it")
+        #: Several users' workers share the disk directory on purpose (group-writable).
+        self.disk_shared = bool(s.get("local_disk_shared", False))
         #: The disk tier's directory (LMCache writes it as "file:///path"), or None.
         self.disk_path: str | None = None
         if local_disk:
@@ -184,6 +187,7 @@ class LMCacheAdapter(Adapter):
                     **ns,  # type: ignore[arg-type]
                     disk_path=self.disk_path,
                     disk_capacity_bytes=self.disk_capacity_bytes,
+                    disk_shared=self.disk_shared,
                     redis_url=self.redis_url,
                     redis_ca_file=self.redis_ca_file,
                     redis_timeout=self.redis_timeout_ms / 1000,

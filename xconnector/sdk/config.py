@@ -57,6 +57,14 @@ class AdapterConfig:
     #: Lower runs first.
     priority: int = 0
 
+    def __repr__(self) -> str:
+        # Settings may hold secrets (remote_url's password, remote_auth_key): shown redacted.
+        shown = load_native().config_redact(self.config)
+        return (
+            f"AdapterConfig(name={self.name!r}, type={self.type!r}, config={shown!r}, "
+            f"enabled={self.enabled!r}, priority={self.priority!r})"
+        )
+
     def __post_init__(self) -> None:
         normalized = load_native().config_normalize_adapter(
             self._raw(), source=f"AdapterConfig(name={self.name!r})"

@@ -207,10 +207,7 @@ pub struct RedisTier {
 
 /// The URL with any password replaced, for messages and logs.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
-    }
+    crate::config::secrets::redact_url(url)
 }
 
 fn is_auth_error(e: &redis::RedisError) -> bool {

@@ -36,7 +36,9 @@ class DistributedHandler:
         except Exception as e:
             native = load_native()
             log.warning(
-                "not following KV events at %s: %s", native.config_redact(url), native.config_redact(str(e))
+                "not following KV events at %s: %s",
+                native.config_redact(url),
+                native.config_redact(str(e)),
             )
             return False
         stop = threading.Event()

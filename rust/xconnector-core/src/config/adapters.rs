@@ -91,6 +91,15 @@ pub fn size_bytes(v: &Value, setting: Setting) -> Result<u64, String> {
     }
 }
 
+/// A rejected value as a message may show it: as it is if plainly not a credential, else its kind.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::String(s) if super::secrets::is_plain(s) => format!("{s:?}"),
+        Value::String(_) => "a string that is not shown (it may be a secret)".to_owned(),
+        other => super::secrets::redact(other).to_string(),
+    }
+}
+
 /// Problems with an adapter's `config:` mapping, each at its key path.
 pub fn check_settings(adapter: &str, config: &Map<String, Value>, path: &str) -> Vec<Problem> {
     let schema = settings_of(adapter);
@@ -118,16 +127,19 @@ pub fn check_settings(adapter: &str, config: &Map<String, Value>, path: &str) ->
             (Setting::Secret, Value::String(_)) => Some("the secret is empty; give a long random string".to_owned()),
             (Setting::Secret, other) => Some(format!("expected a string (the secret), got {}", kind(other))),
             (Setting::EnvName, Value::String(s))
-                if !s.is_empty() && !s.contains('=') && !s.contains('\0') && !s.starts_with('$') =>
+                if s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
             {
                 None
             }
-            (Setting::EnvName, v) => {
-                Some(format!("expected the name of an environment variable (e.g. XCONNECTOR_REDIS_KEY), got {v}"))
-            }
+            // Not echoed unless plainly a name: a secret pasted here by mistake stays unprinted.
+            (Setting::EnvName, v) => Some(format!(
+                "expected the name of an environment variable (e.g. XCONNECTOR_REDIS_KEY), got {}",
+                shown(v)
+            )),
             (Setting::SizeMib | Setting::SizeGb, v) => size_bytes(v, setting).err(),
             (Setting::OneOf(choices), Value::String(s)) if choices.contains(&s.as_str()) => None,
-            (Setting::OneOf(choices), v) => Some(format!("expected one of {}, got {v}", choices.join(", "))),
+            (Setting::OneOf(choices), v) => Some(format!("expected one of {}, got {}", choices.join(", "), shown(v))),
             (Setting::Url(schemes), Value::String(s))
                 if s.split_once("://").is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty()) =>
             {
