@@ -16,13 +16,12 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from conftest import BLOCK, block_payload
+from watchdog import returns
 
 from xconnector import Engine, native
 from xconnector.logs import set_level
@@ -30,27 +29,6 @@ from xconnector.logs import set_level
 BLOCK_BYTES = 256
 HEADER = 64  # disk_tier::HEADER
 FILE = HEADER + BLOCK_BYTES
-T = TypeVar("T")
-
-
-def returns(fn: Callable[[], T], what: str, watchdog: float = 60.0) -> T:
-    """fn(), run where a hang cannot take the test run down: fails if it does not return."""
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # re-raised below, in the test's thread
-            err.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(watchdog)
-    assert not t.is_alive(), f"{what} did not return (hung)"
-    if err:
-        raise err[0]
-    return out[0]
 
 
 def engine(disk: Path, memory_blocks: int = 4, disk_blocks: int = 1000, **kw: object) -> Engine:

@@ -23,10 +23,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import pytest
 from lookup_ranks import PROMPT, Rank, socket_env
+from watchdog import returns
 
 from xconnector import native
 from xconnector.integrations.vllm import lookup_service
@@ -35,30 +36,9 @@ from xconnector.logs import set_level
 if TYPE_CHECKING:
     from xconnector._native import Engine, LookupClient
 
-T = TypeVar("T")
 NOBODY = 65534
 PATIENT = 10.0  # a timeout for lookups that must be answered, even on a busy machine
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
-
-
-def returns(fn: Callable[[], T], what: str, watchdog: float = 30.0) -> T:
-    """fn(), run where a hang cannot take the test run down: fails if it does not return."""
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # re-raised below, in the test's thread
-            err.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(watchdog)
-    assert not t.is_alive(), f"{what} did not return (hung)"
-    if err:
-        raise err[0]
-    return out[0]
 
 
 def timed_lookup(client: LookupClient, tokens: list[int], what: str) -> tuple[int, float]:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pytest
 from conftest import BLOCK, block_payload
 from services import NatsServer, RedisServer
+from watchdog import returns
 
 from xconnector import Engine, sequence_hashes
 from xconnector.logs import set_level
@@ -33,26 +34,6 @@ from xconnector.sdk.exceptions import ConfigError, XConnectorError
 
 BLOCK_BYTES = 256
 T = TypeVar("T")
-
-
-def returns(call: Callable[[], T], watchdog: float = 30.0) -> T:
-    """`call()`, run in a thread; fails the test if it has not returned after `watchdog` s."""
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(call())
-        except BaseException as e:  # re-raised below
-            err.append(e)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(watchdog)
-    assert not t.is_alive(), f"the call did not return within {watchdog} s"
-    if err:
-        raise err[0]
-    return out[0]
 
 
 def timed(call: Callable[[], T]) -> tuple[T, float]:
