@@ -48,6 +48,9 @@ def timed(call: Callable[[], T]) -> tuple[T, float]:
 
 
 def engine(url: str, blocks: int = 64, block_bytes: int = BLOCK_BYTES, **kw: Any) -> Engine:
+    """An engine on `url`. Unless a test is about the budget, it gets a generous one (1 s): a
+    busy test machine must not trip the breaker where no fault is injected."""
+    kw.setdefault("redis_timeout", 1.0)
     return returns(
         lambda: Engine(
             block_bytes=block_bytes,
@@ -111,8 +114,9 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 class FakeRedis:
     """A TCP listener on 127.0.0.1 that speaks just enough RESP to pass for Redis (PING, CLIENT,
-    EXISTS, MGET, SET, DEL) until told to `hang` (read, never answer) or to answer as an HTTP
-    server would (`garbage`). Counts the commands it received, by name."""
+    EXISTS, MGET, SET, DEL) until told to `hang` (read, never answer), to answer as an HTTP
+    server would (`garbage`), or to answer everything but reads (`stall_reads`: EXISTS says
+    every key is there, MGET never answers). Counts the commands it received, by name."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -173,14 +177,14 @@ class FakeRedis:
                 name = args[0].decode().upper()
                 with self.lock:
                     self.commands[name] = self.commands.get(name, 0) + 1
-                if self.mode == "hang":
+                if self.mode == "hang" or (self.mode == "stall_reads" and name == "MGET"):
                     continue
                 if self.mode == "garbage":
                     conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
                     continue
                 reply = {
                     "PING": b"+PONG\r\n",
-                    "EXISTS": b":0\r\n",
+                    "EXISTS": b":1\r\n" if self.mode == "stall_reads" else b":0\r\n",
                     "DEL": b":0\r\n",
                     "MGET": b"*%d\r\n" % (n - 1) + b"$-1\r\n" * (n - 1),
                 }.get(name, b"+OK\r\n")
@@ -204,7 +208,7 @@ def fake() -> Iterator[FakeRedis]:
 def test_a_redis_that_goes_silent_costs_one_request_the_budget(
     fake: FakeRedis, logs: pytest.LogCaptureFixture
 ) -> None:
-    e = engine(fake.url)  # default budget: 20 ms
+    e = engine(fake.url, redis_timeout=0.02)  # the default budget: 20 ms
     toks = prompt(1)
     assert timed(lambda: e.lookup(toks))[0] == 0  # answered: a miss
     before = e.stats()
@@ -300,7 +304,7 @@ def test_a_sigstopped_redis_mid_flight(redis: RedisServer, logs: pytest.LogCaptu
 def test_a_large_legitimate_read_is_not_a_timeout(redis: RedisServer) -> None:
     mib = 1 << 20
     writer = engine(redis.url, blocks=64, block_bytes=mib)
-    reader = engine(redis.url, blocks=64, block_bytes=mib)  # default budget: 20 ms
+    reader = engine(redis.url, blocks=64, block_bytes=mib, redis_timeout=0.02)  # the default budget
     toks = list(range(64 * BLOCK))
     payload = secrets.token_bytes(1024) * (64 * mib // 1024)
     assert writer.store(toks, payload) == 64
@@ -480,7 +484,9 @@ def test_authentic_values_are_served_and_planted_ones_refused(
     assert (n, s["redis_unauthenticated_values"], s["redis_hit_blocks"]) == (0, 1, 0)
     assert s["redis_foreign_values"] == s["redis_corrupt_values"] == 0
     assert got == bytes(4 * BLOCK_BYTES)  # nothing copied out
-    wait_for(lambda: redis.cli("EXISTS", key_of(writer, toks, 0)).strip() == "0", "the delete")
+    # Not deleted: keyed and unkeyed workers (a key being rolled out) must not wipe each other's
+    # values; the next authentic store overwrites it.
+    assert redis.cli("EXISTS", key_of(writer, toks, 0)).strip() == "1"
     # 2. Keyed with another secret.
     plant(redis_auth_key="another-secret")
     n, got, s = victim_reads()
@@ -556,3 +562,31 @@ def test_the_secret_is_never_shown(
     assert r.returncode == 0, r.stderr
     assert "DEBUG" in r.stderr and SECRET not in r.stderr and SECRET not in r.stdout
     assert SECRET not in str(info.value)
+
+
+def test_a_redis_that_answers_ping_but_stalls_reads(
+    fake: FakeRedis, logs: pytest.LogCaptureFixture
+) -> None:
+    """The probe succeeds, every read stalls: a load waits one 4 MiB chunk's allowance, not the
+    whole request's; and the re-trips after each successful probe are one episode, not a line
+    each."""
+    mib = 1 << 20
+    e = engine(fake.url, blocks=64, block_bytes=mib, redis_timeout=0.02)
+    fake.mode = "stall_reads"
+    toks = prompt(5, blocks=64)
+    out = bytearray(64 * mib)
+    assert returns(lambda: e.load(toks, out)) == 0 and not any(out[:mib])
+    assert fake.count("MGET") == 1, "no chunk after the one that stalled"
+    said = redis_records(logs, logging.WARNING, "timed out after")
+    # The deadline it logs: 20 ms plus at most one 4 MiB chunk at 32 MiB/s (145 ms), where the
+    # whole request's 64 MiB used to get 2 s.
+    assert len(said) == 1, said
+    limit_ms = int(said[0].split("timed out after ")[1].split(" ms")[0])
+    assert 20 < limit_ms <= 20 + 125, said
+    for trip in (2, 3):
+        wait_for(lambda: not e.stats()["redis_breaker_open"], "the probe to close the breaker")
+        assert returns(lambda: e.load(toks, out)) == 0
+        assert e.stats()["redis_breaker_trips"] == trip
+    assert len(redis_records(logs, logging.WARNING, "timed out after")) == 1, logs.text
+    # The first close is logged; the trips and closes of the flapping after it are not.
+    assert len(redis_records(logs, logging.INFO, "answers again")) == 1, logs.text

@@ -8,7 +8,7 @@
 //! (`value.rs`: magic, format version, namespace, sequence hash, the block's digest of its tokens
 //! and parent, payload length, XXH3 of the payload, and with a shared secret a MAC), so a value is
 //! bound to its key: a truncated, damaged, foreign or unauthenticated value, or one copied under
-//! another key, is a miss, counted by reason and deleted, never served. Writes go behind stores
+//! another key, is a miss, counted by reason, never served (damaged and mismatched ones deleted). Writes go behind stores
 //! through a bounded queue, in pipelined batches; a full queue drops blocks (counted) rather than
 //! block the worker.
 //!
@@ -22,10 +22,12 @@
 //! lookup (or a first-byte bound of that size) would fail every large legitimate read. The
 //! socket's own timeouts are the same, so the helper is free again as soon as the request stops
 //! waiting. A hung Redis thus costs the one request that finds it hung its budget (a load: plus
-//! its size's allowance, but a request's lookup comes first and trips the breaker). A call past
+//! one 4 MiB chunk's allowance, 125 ms, since loads go in chunks). A call past
 //! its deadline is a miss and opens the circuit breaker (`breaker.rs`): until a background PING
 //! succeeds, requests do not touch Redis (one atomic load) and writers drop their batches
-//! (counted). One WARNING when the breaker opens, one INFO when it closes, counters for the rest.
+//! (counted). One WARNING when the breaker opens, one INFO when it closes, counters for the rest;
+//! a breaker that trips again within 30 s of closing is the same episode (not logged again, and
+//! probed less and less often).
 //! An endpoint that answers but not in Redis' protocol is "not a Redis server": an error at open,
 //! the episode's log line later.
 //!
@@ -68,6 +70,9 @@ const POOL: usize = 8;
 /// (Redis alone: first byte after ~50 ms, last after ~80 ms; the rest is this client's parsing
 /// and the copies), so only a Redis several times slower than that times out.
 const READ_RATE: f64 = (32u64 << 20) as f64;
+/// Keys per EXISTS pipeline of a lookup, and bytes per MGET of a load (see `get_prefix`).
+const LOOKUP_CHUNK: usize = 1024;
+const READ_CHUNK: usize = 4 << 20;
 /// Writers (background) wait at least this long per socket read or write: a healthy Redis may
 /// pause on a big pipelined write (a fork for a snapshot), and no request waits on them.
 const WRITE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
@@ -79,7 +84,7 @@ const OPEN_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://[:password@]host:port[/db]` or `rediss://...` (TLS).
     pub url: String,
@@ -94,6 +99,21 @@ pub struct RedisConfig {
     pub ca_file: Option<std::path::PathBuf>,
     /// Values carry a MAC with this key, and only values with a valid one are served.
     pub auth_key: Option<AuthKey>,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    /// The URL without its password: a config printed while debugging must not leak it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("queue_blocks", &self.queue_blocks)
+            .field("batch_blocks", &self.batch_blocks)
+            .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
+            .field("auth_key", &self.auth_key)
+            .finish()
+    }
 }
 
 /// The budget from seconds, as the binding's `redis_timeout` gives it.
@@ -197,6 +217,9 @@ struct Shared {
     breaker: Breaker,
     helpers: Arc<Helpers>,
     refusal_logged: AtomicBool,
+    /// The process that opened the tier (see `usable`).
+    pid: u32,
+    fork_logged: AtomicBool,
     n: Counters,
 }
 
@@ -242,11 +265,14 @@ impl Shared {
                 return;
             }
         };
-        if self.breaker.trip() {
+        if let Some(new_episode) = self.breaker.trip() {
             self.pool.lock().clear(); // idle connections are suspect now; probes make new ones
-            tracing::warn!(
-                "{what}; requests treat Redis as a miss (local tiers keep serving) until it answers a PING again"
-            );
+            if new_episode {
+                tracing::warn!(
+                    "{what}; requests treat Redis as a miss (local tiers keep serving) until it answers a PING \
+                     again (one line per episode; counted in redis_timeouts/redis_breaker_trips)"
+                );
+            }
         }
     }
 
@@ -359,23 +385,88 @@ impl Shared {
             match answered {
                 Ok(con) => {
                     self.pool.lock().push(con);
-                    let after = self.breaker.close();
-                    tracing::info!(
-                        "Redis tier {} answers again after {:.1} s; requests use it again",
-                        self.shown,
-                        after.as_secs_f64()
-                    );
+                    if let Some(after) = self.breaker.close() {
+                        tracing::info!(
+                            "Redis tier {} answers again after {:.1} s; requests use it again",
+                            self.shown,
+                            after.as_secs_f64()
+                        );
+                    }
                 }
                 Err(_) => self.breaker.probe_failed(),
             }
         }
     }
 
+    /// Copies the leading valid values into `out`; how many. A value of another XConnector format
+    /// or without this reader's MAC is a miss but not deleted: keyed and unkeyed workers (a key
+    /// being rolled out) must not wipe each other's values, and the next store overwrites it.
+    fn accept(
+        self: &Arc<Self>,
+        ns: u64,
+        keys: &[String],
+        values: &[Option<Vec<u8>>],
+        hashes: &[u64],
+        digests: &[u128],
+        out: &mut [u8],
+    ) -> usize {
+        let mut n = 0;
+        for (i, (value, chunk)) in values.iter().zip(out.chunks_exact_mut(self.format.block_bytes)).enumerate() {
+            let Some(value) = value else { break };
+            match self.format.check(&keys[i], value, ns, hashes[i], digests[i]) {
+                Ok(payload) => chunk.copy_from_slice(payload),
+                Err(why) => {
+                    let (counter, what, delete) = match why {
+                        Reject::Foreign => (&self.n.foreign, "not an XConnector block of this size and format", false),
+                        Reject::Damaged => (&self.n.corrupt, "damaged", true),
+                        Reject::Unauthenticated => (
+                            &self.n.unauthenticated,
+                            "no valid MAC (forged, planted, or written without this remote_auth_key)",
+                            false,
+                        ),
+                        Reject::Mismatch => (&self.n.mismatched, "not the KV of the block asked for", true),
+                    };
+                    if counter.fetch_add(1, Relaxed) == 0 {
+                        tracing::warn!(key = %keys[i], "Redis value not served: {what} (logged once per kind)");
+                    }
+                    if delete {
+                        self.delete_later(keys[i].clone());
+                    }
+                    break;
+                }
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Whether a request may use Redis now: not while the breaker is open, and never in a process
+    /// forked from the one that opened the tier (its helper, writer and prober threads are not
+    /// there, and its pooled sockets are the parent's).
+    fn usable(&self) -> bool {
+        if self.pid != std::process::id() {
+            if !self.fork_logged.swap(true, Relaxed) {
+                tracing::warn!(
+                    "Redis tier {}: this engine was created before a fork; the Redis tier is off in this \
+                     process (create the engine after forking)",
+                    self.shown
+                );
+            }
+            self.n.skipped.fetch_add(1, Relaxed);
+            return false;
+        }
+        if self.breaker.is_open() {
+            self.n.skipped.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
     /// Deletes a rejected value in the background, so the next store of that block can write a
     /// good one.
     fn delete_later(self: &Arc<Self>, key: String) {
         let me = Arc::clone(self);
-        self.helpers.spawn(Box::new(move || {
+        self.helpers.spawn_background(Box::new(move || {
             if !me.breaker.is_open() {
                 let _ = me.with_connection(me.cfg.timeout, |con| redis::cmd("DEL").arg(&key).query::<()>(con));
             }
@@ -422,6 +513,8 @@ impl RedisTier {
             breaker: Breaker::default(),
             helpers: Arc::new(Helpers::default()),
             refusal_logged: AtomicBool::new(false),
+            pid: std::process::id(),
+            fork_logged: AtomicBool::new(false),
             n: Counters::default(),
             cfg,
         });
@@ -462,73 +555,64 @@ impl RedisTier {
         Ok(tier)
     }
 
-    /// Leading blocks of `hashes` in Redis (0 while the breaker is open, or past the budget).
+    /// Leading blocks of `hashes` in Redis (0 while the breaker is open, or past the budget). Asked
+    /// `LOOKUP_CHUNK` keys at a time, each chunk within the budget, stopping at the first miss: a
+    /// long prompt's lookup neither trips the breaker on a healthy Redis nor asks past its end.
     pub fn contains_prefix(&self, ns: u64, hashes: &[u64]) -> usize {
         let s = &self.shared;
-        if hashes.is_empty() {
-            return 0;
-        }
-        if s.breaker.is_open() {
-            s.n.skipped.fetch_add(1, Relaxed);
-            return 0;
-        }
-        let keys: Vec<String> = hashes.iter().map(|&h| s.key(ns, h)).collect();
-        let found = s.call("lookup", s.cfg.timeout, move |con| {
-            let mut pipe = redis::pipe();
-            for k in &keys {
-                pipe.exists(k);
+        let mut n = 0;
+        for chunk in hashes.chunks(LOOKUP_CHUNK) {
+            if !s.usable() {
+                break;
             }
-            pipe.query::<Vec<bool>>(con)
-        });
-        found.map_or(0, |found| found.iter().take_while(|&&f| f).count())
+            let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
+            let found = s.call("lookup", s.cfg.timeout, move |con| {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.exists(k);
+                }
+                pipe.query::<Vec<bool>>(con)
+            });
+            let here = found.map_or(0, |found| found.iter().take_while(|&&f| f).count());
+            n += here;
+            if here < chunk.len() {
+                break;
+            }
+        }
+        n
     }
 
     /// Reads the leading blocks of `hashes` (whose digests are `digests`) into `out` (blocks back
-    /// to back) until the first missing or invalid one; returns how many were read. An invalid
-    /// value is deleted, so the next store of that block can write a good one.
+    /// to back) until the first missing or invalid one; returns how many were read. Reads go in
+    /// MGETs of at most `READ_CHUNK` bytes, each within the budget plus its bytes at `READ_RATE`:
+    /// a Redis that stalls costs one chunk's allowance (then the breaker opens), and what was
+    /// read and verified before is kept. A damaged or mismatched value is deleted, so the next
+    /// store of that block can write a good one.
     pub fn get_prefix(&self, ns: u64, hashes: &[u64], digests: &[u128], out: &mut [u8]) -> usize {
         let s = &self.shared;
-        if hashes.is_empty() {
-            return 0;
-        }
-        if s.breaker.is_open() {
-            s.n.skipped.fetch_add(1, Relaxed);
-            return 0;
-        }
-        let keys: Vec<String> = hashes.iter().map(|&h| s.key(ns, h)).collect();
-        let bytes = hashes.len() * (s.format.header() + s.format.block_bytes);
-        let limit = s.cfg.timeout + Duration::from_secs_f64(bytes as f64 / READ_RATE);
-        let asked = keys.clone();
-        let Some(values) =
-            s.call("read", limit, move |con| redis::cmd("MGET").arg(&asked).query::<Vec<Option<Vec<u8>>>>(con))
-        else {
-            return 0;
-        };
-        s.n.reads.fetch_add(1, Relaxed);
+        let value_len = s.format.header() + s.format.block_bytes;
+        let per = (READ_CHUNK / value_len).max(1);
         let bb = s.format.block_bytes;
         let mut n = 0;
-        for (i, (value, chunk)) in values.iter().zip(out.chunks_exact_mut(bb)).enumerate() {
-            let Some(value) = value else { break };
-            match s.format.check(&keys[i], value, ns, hashes[i], digests[i]) {
-                Ok(payload) => chunk.copy_from_slice(payload),
-                Err(why) => {
-                    let (counter, what) = match why {
-                        Reject::Foreign => (&s.n.foreign, "not an XConnector block of this size and format"),
-                        Reject::Damaged => (&s.n.corrupt, "damaged"),
-                        Reject::Unauthenticated => (
-                            &s.n.unauthenticated,
-                            "no valid MAC (forged, planted, or written without this remote_auth_key)",
-                        ),
-                        Reject::Mismatch => (&s.n.mismatched, "not the KV of the block asked for"),
-                    };
-                    if counter.fetch_add(1, Relaxed) == 0 {
-                        tracing::warn!(key = %keys[i], "Redis value deleted: {what} (logged once per kind)");
-                    }
-                    s.delete_later(keys[i].clone());
-                    break;
-                }
+        for (c, chunk) in hashes.chunks(per).enumerate() {
+            if !s.usable() {
+                break;
             }
-            n += 1;
+            let start = c * per;
+            let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
+            let limit = s.cfg.timeout + Duration::from_secs_f64((keys.len() * value_len) as f64 / READ_RATE);
+            let asked = keys.clone();
+            let Some(values) =
+                s.call("read", limit, move |con| redis::cmd("MGET").arg(&asked).query::<Vec<Option<Vec<u8>>>>(con))
+            else {
+                break;
+            };
+            s.n.reads.fetch_add(1, Relaxed);
+            let got = s.accept(ns, &keys, &values, &hashes[start..], &digests[start..], &mut out[start * bb..]);
+            n += got;
+            if got < chunk.len() {
+                break;
+            }
         }
         s.n.hits.fetch_add(n as u64, Relaxed);
         n
@@ -537,6 +621,10 @@ impl RedisTier {
     /// Queues a block to be written; false (and counted) when the queue is full.
     pub fn put_behind(&self, w: Write) -> bool {
         let s = &self.shared;
+        if s.pid != std::process::id() {
+            s.n.dropped.fetch_add(1, Relaxed); // no writer threads in a forked child
+            return false;
+        }
         s.n.in_flight.fetch_add(1, Relaxed);
         if self.queue.try_send(w).is_err() {
             s.n.in_flight.fetch_sub(1, Relaxed);
@@ -547,6 +635,10 @@ impl RedisTier {
     }
 
     pub fn in_flight(&self) -> u64 {
+        // A forked child inherits the parent's count, not its writers: nothing of it is ours.
+        if self.shared.pid != std::process::id() {
+            return 0;
+        }
         self.shared.n.in_flight.load(Relaxed)
     }
 

@@ -13,14 +13,17 @@ use parking_lot::{Condvar, Mutex};
 /// The first probe after a trip, and the longest wait between probes.
 const FIRST_PROBE: Duration = Duration::from_millis(100);
 const MAX_PROBE: Duration = Duration::from_secs(5);
-/// A breaker that trips again within this time of closing keeps its probe interval: a flapping
-/// Redis is probed (and logged about) less and less often.
+/// A breaker that trips again within this time of closing is the same episode: its probe interval
+/// doubles (a Redis that answers PING but fails real calls costs a request less and less often)
+/// and neither the trip nor the next close is logged.
 const SETTLED: Duration = Duration::from_secs(30);
 
 struct State {
     opened_at: Option<Instant>,
     closed_at: Option<Instant>,
     interval: Duration,
+    /// The open episode was logged when it started (so its end is logged too).
+    logged: bool,
     shutdown: bool,
 }
 
@@ -36,7 +39,13 @@ impl Default for Breaker {
         Self {
             open: AtomicBool::new(false),
             trips: AtomicU64::new(0),
-            state: Mutex::new(State { opened_at: None, closed_at: None, interval: FIRST_PROBE, shutdown: false }),
+            state: Mutex::new(State {
+                opened_at: None,
+                closed_at: None,
+                interval: FIRST_PROBE,
+                logged: false,
+                shutdown: false,
+            }),
             changed: Condvar::new(),
         }
     }
@@ -52,28 +61,32 @@ impl Breaker {
         self.trips.load(Ordering::Relaxed)
     }
 
-    /// Opens the breaker; true for the one call that opened it (it logs the episode).
-    pub fn trip(&self) -> bool {
+    /// Opens the breaker: Some for the one call that opened it, true if that starts a new
+    /// episode (the caller logs it). A trip soon after a close is the same episode, probed more
+    /// slowly.
+    pub fn trip(&self) -> Option<bool> {
         let mut st = self.state.lock();
         if self.open.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         self.open.store(true, Ordering::Release);
         self.trips.fetch_add(1, Ordering::Relaxed);
-        if st.closed_at.is_none_or(|t| t.elapsed() >= SETTLED) {
-            st.interval = FIRST_PROBE;
-        }
+        let new_episode = st.closed_at.is_none_or(|t| t.elapsed() >= SETTLED);
+        st.interval = if new_episode { FIRST_PROBE } else { (st.interval * 2).min(MAX_PROBE) };
+        st.logged = new_episode;
         st.opened_at = Some(Instant::now());
         self.changed.notify_all();
-        true
+        Some(new_episode)
     }
 
-    /// Closes the breaker (the prober, after a probe succeeded); returns how long it was open.
-    pub fn close(&self) -> Duration {
+    /// Closes the breaker (the prober, after a probe succeeded); how long it was open, if its
+    /// episode was logged (then its end is logged too).
+    pub fn close(&self) -> Option<Duration> {
         let mut st = self.state.lock();
         self.open.store(false, Ordering::Release);
         st.closed_at = Some(Instant::now());
-        st.opened_at.take().map_or(Duration::ZERO, |t| t.elapsed())
+        let open_for = st.opened_at.take().map_or(Duration::ZERO, |t| t.elapsed());
+        std::mem::take(&mut st.logged).then_some(open_for)
     }
 
     /// The prober's wait: until the breaker is open and a probe interval has passed. False when
@@ -117,13 +130,14 @@ mod tests {
     fn one_trip_and_one_close_per_episode() {
         let b = Breaker::default();
         assert!(!b.is_open());
-        assert!(b.trip());
-        assert!(!b.trip() && !b.trip(), "only the first caller opens it");
+        assert_eq!(b.trip(), Some(true));
+        assert!(b.trip().is_none() && b.trip().is_none(), "only the first caller opens it");
         assert!(b.is_open() && b.trips() == 1);
-        b.close();
+        assert!(b.close().is_some(), "the logged episode's end is logged");
         assert!(!b.is_open());
-        assert!(b.trip());
+        assert_eq!(b.trip(), Some(false), "tripping again at once is the same episode: not logged");
         assert_eq!(b.trips(), 2);
+        assert!(b.close().is_none());
     }
 
     #[test]
@@ -160,5 +174,20 @@ mod tests {
         b.close();
         b.trip(); // again within SETTLED
         assert_eq!(b.state.lock().interval, MAX_PROBE);
+    }
+
+    #[test]
+    fn a_redis_that_answers_ping_but_fails_calls_is_probed_less_and_less_often() {
+        // Every probe succeeds, every real call after it fails: the interval still grows.
+        let b = Breaker::default();
+        assert_eq!(b.trip(), Some(true));
+        let mut seen = vec![b.state.lock().interval];
+        for _ in 0..8 {
+            b.close();
+            assert_eq!(b.trip(), Some(false));
+            seen.push(b.state.lock().interval);
+        }
+        assert_eq!(seen[0], FIRST_PROBE);
+        assert!(seen.windows(2).all(|w| w[1] >= w[0]) && *seen.last().unwrap() == MAX_PROBE, "{seen:?}");
     }
 }

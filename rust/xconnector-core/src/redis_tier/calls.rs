@@ -1,7 +1,8 @@
 //! Calls with a deadline: the hot path hands each Redis operation to a helper thread and waits for
 //! its result at most until the deadline, so no server behaviour (no reply, a reply dripping in,
 //! a stalled TLS handshake, a slow name lookup) holds a request longer than that. A late call runs
-//! on in its helper and its result is dropped.
+//! on in its helper and its result is dropped; a call whose caller gave up before a helper took it
+//! is skipped, so calls abandoned under a hung Redis never pile up to run later for nobody.
 //!
 //! Invariant: `idle` counts helpers waiting for work that no `wakeups` token is promised to yet;
 //! a job is queued and either an idle helper is woken (its token taken) or a new helper started,
@@ -9,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,8 @@ pub type Job = Box<dyn FnOnce() + Send>;
 
 /// Helpers at most: as many hot-path calls can wait on Redis at once.
 const MAX_HELPERS: usize = 8;
+/// Background jobs (deletes) queued at most; beyond, they are dropped.
+const MAX_BACKGROUND: usize = 64;
 
 #[derive(Default)]
 struct State {
@@ -43,10 +47,25 @@ impl Helpers {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = sync_channel(1);
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let skip = Arc::clone(&gave_up);
         self.spawn(Box::new(move || {
-            let _ = tx.send(f()); // the caller may have stopped waiting
+            if !skip.load(Ordering::Acquire) {
+                let _ = tx.send(f()); // the caller may have stopped waiting meanwhile
+            }
         }));
-        rx.recv_timeout(limit).ok()
+        let out = rx.recv_timeout(limit).ok();
+        if out.is_none() {
+            gave_up.store(true, Ordering::Release);
+        }
+        out
+    }
+
+    /// Queues a job nobody waits for (a delete), unless `MAX_BACKGROUND` are queued already.
+    pub fn spawn_background(self: &Arc<Self>, job: Job) {
+        if self.state.lock().jobs.len() < MAX_BACKGROUND {
+            self.spawn(job);
+        }
     }
 
     /// Queues `job` for a helper, without waiting for it.
@@ -123,6 +142,31 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(2));
         // Another helper serves the next call meanwhile.
         assert_eq!(h.run(Duration::from_secs(5), || 8), Some(8));
+        h.shutdown();
+    }
+
+    #[test]
+    fn calls_abandoned_before_a_helper_took_them_never_run() {
+        let h = Arc::new(Helpers::default());
+        let release = Arc::new(AtomicBool::new(false));
+        let ran = Arc::new(AtomicUsize::new(0));
+        // Every helper stuck (a hung Redis)...
+        for _ in 0..MAX_HELPERS {
+            let release = Arc::clone(&release);
+            h.spawn(Box::new(move || {
+                while !release.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }));
+        }
+        // ...so these calls wait in the queue until their callers give up.
+        for _ in 0..20 {
+            let ran = Arc::clone(&ran);
+            assert_eq!(h.run(Duration::from_millis(5), move || ran.fetch_add(1, Ordering::Relaxed)), None);
+        }
+        release.store(true, Ordering::Release);
+        assert_eq!(h.run(Duration::from_secs(30), || 9), Some(9)); // the queue has drained
+        assert_eq!(ran.load(Ordering::Relaxed), 0, "abandoned calls ran later, for nobody");
         h.shutdown();
     }
 
