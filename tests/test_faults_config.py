@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ BASE: dict[str, Any] = {"block_bytes": 256, "capacity_bytes": 64 * 256}
         ("redis_ca_file", ""),
         ("events_url", b"nats://x"),
         ("events_queue", 0),
+        ("redis_auth_key", SECRET),  # without redis_url
         ("disk_shared", "yes"),
         ("redis_timeout", "20ms"),
     ],
@@ -206,3 +208,30 @@ def test_an_adapter_configs_repr_hides_its_secrets() -> None:
     )
     assert SECRET not in repr(a) and "h:1" in repr(a)
     assert a.config["remote_auth_key"] == SECRET  # still there for the engine
+
+
+def test_an_inline_auth_key_is_not_put_into_vllms_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM may print its kv_transfer_config: the autopatch moves an inline secret into the
+    environment the engine processes inherit, and names it there."""
+    from xconnector.integrations.dynamo.worker_injector import AUTH_KEY_ENV, v1_transfer_config
+    from xconnector.sdk.config import SDKConfig
+
+    monkeypatch.delenv(AUTH_KEY_ENV, raising=False)
+    section = SDKConfig.from_dict(
+        {
+            "enabled": True,
+            "mode": "hybrid",
+            "adapters": [
+                {
+                    "name": "lmcache",
+                    "config": {"remote_url": "redis://127.0.0.1:6379", "remote_auth_key": SECRET},
+                }
+            ],
+        }
+    ).to_dict()
+    out = v1_transfer_config(None, section)
+    assert out is not None and SECRET not in json.dumps(out)
+    cfg = out["kv_connector_extra_config"]["xconnector"]["adapters"][0]["config"]
+    assert cfg["remote_auth_key_env"] == AUTH_KEY_ENV and os.environ[AUTH_KEY_ENV] == SECRET
+    # What the worker reads back from it is a valid config that finds the same secret.
+    SDKConfig.from_dict(out["kv_connector_extra_config"]["xconnector"])

@@ -86,6 +86,12 @@ impl Engine {
         });
         let timeout = detached(py, || redis_tier::timeout_from_secs(redis_timeout))?;
         // Only the key derived from the secret is kept; the secret is never formatted.
+        if redis_auth_key.is_some() && redis_url.is_none() {
+            return Err(crate::errors::config_error(
+                py,
+                "redis_auth_key is for the Redis tier: pass redis_url too, or leave redis_auth_key out",
+            ));
+        }
         let auth_key = match redis_auth_key {
             None => None,
             Some(secret) => Some(detached(py, || {

@@ -270,6 +270,29 @@ def _v0_connector_hook(module: ModuleType) -> None:
         base.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]
 
 
+#: Where an inline `remote_auth_key` travels to vLLM's engine processes (they inherit the
+#: environment), instead of inside vLLM's config, which vLLM may print.
+AUTH_KEY_ENV = "XCONNECTOR_REDIS_AUTH_KEY"
+
+
+def _without_inline_secrets(section: dict[str, Any]) -> dict[str, Any]:
+    """`section` with an inline `remote_auth_key` moved into this process's environment
+    (`AUTH_KEY_ENV`) and named by `remote_auth_key_env`."""
+    adapters = section.get("adapters")
+    if not isinstance(adapters, list):
+        return section
+    out = []
+    for a in adapters:
+        cfg = a.get("config") if isinstance(a, dict) else None
+        if isinstance(cfg, dict) and isinstance(cfg.get("remote_auth_key"), str):
+            cfg = {k: v for k, v in cfg.items() if k != "remote_auth_key"}
+            os.environ[AUTH_KEY_ENV] = a["config"]["remote_auth_key"]
+            cfg["remote_auth_key_env"] = AUTH_KEY_ENV
+            a = {**a, "config": cfg}
+        out.append(a)
+    return {**section, "adapters": out}
+
+
 def v1_transfer_config(existing: Any, section: dict[str, Any]) -> dict[str, Any] | None:
     """The `kv_transfer_config` an engine should run with: XConnector's connector when it has
     none, vLLM's MultiConnector over its own connector (first: it serves P/D transfers) and
@@ -278,7 +301,7 @@ def v1_transfer_config(existing: Any, section: dict[str, Any]) -> dict[str, Any]
         "kv_connector": V1_CONNECTOR,
         "kv_connector_module_path": V1_CONNECTOR_MODULE,
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"xconnector": section},
+        "kv_connector_extra_config": {"xconnector": _without_inline_secrets(section)},
     }
     if existing is None:
         return {**ours, "kv_load_failure_policy": "recompute"}
