@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from xconnector import Engine, native
+from xconnector.logs import set_level
 
 BLOCK = 16
 BLOCK_BYTES = 256
@@ -37,3 +39,15 @@ def no_faults() -> Iterator[None]:
     yield
     for point in ("lookup", "store", "load", "store_copy", "load_copy"):
         native()._inject_fault(point, "none")
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """XConnector's native records at INFO and above, captured (the fault-matrix tests count
+    the lines a fault writes)."""
+    set_level(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="xconnector"):
+            yield caplog
+    finally:
+        set_level(logging.NOTSET)

@@ -24,7 +24,6 @@ from conftest import BLOCK, block_payload
 from watchdog import returns
 
 from xconnector import Engine, native
-from xconnector.logs import set_level
 
 BLOCK_BYTES = 256
 HEADER = 64  # disk_tier::HEADER
@@ -58,16 +57,6 @@ def space(disk: Path, **kw: object) -> Path:
 def block_file(disk: Path, e: Engine, tokens: list[int], i: int) -> Path:
     h = native().sequence_hashes(tokens, BLOCK)[i]
     return disk / f"{e.namespace:016x}" / f"{h >> 56:02x}" / f"{e.namespace:016x}-{h:016x}.xcb"
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    set_level(logging.INFO)
-    try:
-        with caplog.at_level(logging.INFO, logger="xconnector"):
-            yield caplog
-    finally:
-        set_level(logging.NOTSET)
 
 
 def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:

@@ -31,7 +31,6 @@ from watchdog import returns
 
 from xconnector import native
 from xconnector.integrations.vllm import lookup_service
-from xconnector.logs import set_level
 
 if TYPE_CHECKING:
     from xconnector._native import Engine, LookupClient
@@ -50,16 +49,6 @@ def timed_lookup(client: LookupClient, tokens: list[int], what: str) -> tuple[in
         return hit, time.perf_counter() - t0
 
     return returns(timed, what)
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    set_level(logging.INFO)
-    try:
-        with caplog.at_level(logging.INFO, logger="xconnector"):
-            yield caplog
-    finally:
-        set_level(logging.NOTSET)
 
 
 def said(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:

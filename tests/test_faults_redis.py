@@ -28,7 +28,6 @@ from services import NatsServer, RedisServer
 from watchdog import returns
 
 from xconnector import Engine, sequence_hashes
-from xconnector.logs import set_level
 from xconnector.sdk import XConnectorSDK
 from xconnector.sdk.exceptions import ConfigError, XConnectorError
 
@@ -90,17 +89,6 @@ def redis_records(caplog: pytest.LogCaptureFixture, level: int, text: str) -> li
         for r in caplog.records
         if r.name.startswith("xconnector") and r.levelno == level and text in r.getMessage()
     ]
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Native records at INFO and above, captured."""
-    set_level(logging.INFO)
-    try:
-        with caplog.at_level(logging.INFO, logger="xconnector"):
-            yield caplog
-    finally:
-        set_level(logging.NOTSET)
 
 
 @pytest.fixture

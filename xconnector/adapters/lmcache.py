@@ -18,12 +18,6 @@ from xconnector.adapters.base import Adapter
 from xconnector.sdk.config import AdapterConfig, SDKConfig
 from xconnector.sdk.exceptions import ConfigError
 
-
-def redact(url: str) -> str:
-    """`url` without its password, for logs and health reports (the core's one redactor)."""
-    return str(load_native().config_redact(url))
-
-
 DEFAULT_CAPACITY = 2 << 30
 DEFAULT_DISK_CAPACITY = 20 << 30
 DEFAULT_REDIS_TIMEOUT_MS = 20
@@ -216,6 +210,8 @@ class LMCacheAdapter(Adapter):
         out = super().health()
         out["capacity_bytes"] = self.capacity_bytes
         out["disk_path"] = self.disk_path
-        out["remote"] = None if self.redis_url is None else redact(self.redis_url)
+        out["remote"] = (
+            None if self.redis_url is None else load_native().config_redact(self.redis_url)
+        )
         out["engines"] = [e.stats() for e in self.engines()]
         return out

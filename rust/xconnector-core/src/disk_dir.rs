@@ -42,9 +42,6 @@ fn refused(dir: &Path, why: String) -> CoreError {
 
 /// Creates `dir` (and missing parents) and checks it can be trusted; returns its canonical path.
 pub fn prepare(dir: &Path, shared: bool) -> Result<PathBuf> {
-    if dir.as_os_str().is_empty() {
-        return Err(CoreError::config("disk_path is empty: give the disk tier's directory, or leave it out"));
-    }
     create(dir, modes(shared).dir)?;
     // A symlink at the top is the user's choice (e.g. onto a larger disk); inside, none is followed.
     let real = fs::canonicalize(dir).map_err(|e| io(dir, "resolving", e))?;

@@ -297,6 +297,7 @@ impl DiskTier {
     /// Leading blocks of `hashes` present (another process's files count once seen on disk).
     pub fn contains_prefix(&self, ns: u64, hashes: &[u64]) -> usize {
         let mut n = 0;
+        let mut admitted = false;
         for &h in hashes {
             let key = (ns, h);
             let known = self.index.lock().entries.contains_key(&key);
@@ -309,7 +310,11 @@ impl DiskTier {
                 break;
             }
             self.admit(key, self.file_len(), n as u32);
+            admitted = true;
             n += 1;
+        }
+        if !admitted {
+            return n;
         }
         // Admitting may have evicted an earlier block of this very prefix: promise only what is
         // still indexed.

@@ -54,6 +54,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
 use breaker::Breaker;
 use calls::Helpers;
@@ -105,7 +106,7 @@ impl std::fmt::Debug for RedisConfig {
     /// The URL without its password: a config printed while debugging must not leak it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &redact(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("key_prefix", &self.key_prefix)
             .field("queue_blocks", &self.queue_blocks)
             .field("batch_blocks", &self.batch_blocks)
@@ -226,11 +227,6 @@ struct Shared {
 pub struct RedisTier {
     shared: Arc<Shared>,
     queue: SyncSender<Write>,
-}
-
-/// The URL with any password replaced, for messages and logs.
-pub fn redact(url: &str) -> String {
-    crate::config::secrets::redact_url(url)
 }
 
 fn is_auth_error(e: &redis::RedisError) -> bool {
@@ -480,7 +476,7 @@ impl RedisTier {
     /// the prober waits for it); a refused password, a server that is not Redis or a malformed
     /// URL is.
     pub fn open(cfg: RedisConfig, block_bytes: usize) -> Result<Self> {
-        let shown = redact(&cfg.url);
+        let shown = redact_url(&cfg.url);
         if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&cfg.timeout) {
             return Err(CoreError::config(format!(
                 "the Redis timeout must be from 1 ms to 60 s (remote_timeout_ms), got {:?}",

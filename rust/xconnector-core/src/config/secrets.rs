@@ -69,15 +69,7 @@ pub fn redact(value: &Value) -> Value {
 }
 
 fn redact_map(m: &Map<String, Value>) -> Map<String, Value> {
-    m.iter()
-        .map(|(k, v)| {
-            let shown = match v {
-                Value::String(s) if is_secret_key(k) && !s.is_empty() => Value::String(HIDDEN.into()),
-                _ => redact(v),
-            };
-            (k.clone(), shown)
-        })
-        .collect()
+    m.iter().map(|(k, v)| (k.clone(), redact_at(k, v))).collect()
 }
 
 /// A value at `key` as it may be shown.
