@@ -279,7 +279,7 @@ def events_engine(url: str, **kw: object) -> Engine:
     )
 
 
-def test_kv_events_published_are_the_events_received() -> None:
+def test_peer_events_published_are_the_events_received() -> None:
     nats = NatsServer()
     try:
         sub = native().EventSubscriber(nats.url, "test.metrics.kv_events")
@@ -289,8 +289,8 @@ def test_kv_events_published_are_the_events_received() -> None:
         e.store(a, block_payload(a))  # nothing new: no event
         e.store(b, block_payload(b))  # 4 slots: removed (one block of a), then stored
         assert e.flush(30)
-        assert metric(e, "xconnector_kv_events_published_total") == 3
-        assert metric(e, "xconnector_kv_events_dropped_total") == 0
+        assert metric(e, "xconnector_peer_events_published_total") == 3
+        assert metric(e, "xconnector_peer_events_dropped_total") == 0
         received: list[str] = []
         for _ in range(100):
             batch = sub.next(0.1)
@@ -312,5 +312,5 @@ def test_kv_events_nats_cannot_take_are_dropped_and_counted() -> None:
         assert e.store(toks, block_payload(toks)) == 1  # one stored event each (no evictions)
     # The first 4 fit in memory; each later store also evicts a block: a removed event more.
     assert e.flush(30)
-    assert metric(e, "xconnector_kv_events_published_total") == 0
-    assert metric(e, "xconnector_kv_events_dropped_total") == 10 + 6
+    assert metric(e, "xconnector_peer_events_published_total") == 0
+    assert metric(e, "xconnector_peer_events_dropped_total") == 10 + 6

@@ -23,10 +23,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::block_journal::{BlockChange, BlockJournal, Medium};
 use crate::disk_dir;
 use crate::disk_files::{self, Found};
 use crate::error::{CoreError, Result};
@@ -68,6 +70,8 @@ struct Entry {
     bytes: u64,
     tick: u64,
     depth: u32,
+    /// Its storing was reported as a block event, so its removal is too.
+    reported: bool,
 }
 
 #[derive(Default)]
@@ -77,13 +81,18 @@ struct Index {
     lru: BTreeSet<(u64, u32, Key)>,
     used: u64,
     tick: u64,
+    /// Where block events go, once the host asked for them. Pushed to under the index lock, so
+    /// a block's stored and removed events are in the order they happened.
+    journal: Option<Arc<BlockJournal>>,
 }
 
 impl Index {
-    fn insert(&mut self, key: Key, bytes: u64, depth: u32) {
+    /// Indexes a block; `change` (its stored event) is reported now.
+    fn insert(&mut self, key: Key, bytes: u64, depth: u32, change: Option<BlockChange>) {
         self.remove(&key);
         self.tick += 1;
-        let e = Entry { bytes, tick: self.tick, depth };
+        let reported = self.report(change);
+        let e = Entry { bytes, tick: self.tick, depth, reported };
         self.lru.insert((e.tick, u32::MAX - depth, key));
         self.used += bytes;
         self.entries.insert(key, e);
@@ -93,7 +102,21 @@ impl Index {
         let e = self.entries.remove(key)?;
         self.lru.remove(&(e.tick, u32::MAX - e.depth, *key));
         self.used -= e.bytes;
+        if e.reported {
+            self.report(Some(BlockChange::Removed { medium: Medium::Disk, hashes: vec![key.1] }));
+        }
         Some(e.bytes)
+    }
+
+    /// Hands `change` to the journal; true if there is one to take it.
+    fn report(&self, change: Option<BlockChange>) -> bool {
+        match (&self.journal, change) {
+            (Some(journal), Some(change)) => {
+                journal.push(change);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn touch(&mut self, key: &Key, tick: u64) {
@@ -231,7 +254,7 @@ impl DiskTier {
         found.sort();
         let mut index = self.index.lock();
         for (_, key, len) in found {
-            index.insert(key, len, 0);
+            index.insert(key, len, 0, None);
         }
         let victims = Self::over_budget(&mut index, self.capacity);
         drop(index);
@@ -309,7 +332,7 @@ impl DiskTier {
             if !disk_files::is_block_file(&self.path(key), self.file_len()) {
                 break;
             }
-            self.admit(key, self.file_len(), n as u32);
+            self.admit(key, self.file_len(), n as u32, None);
             admitted = true;
             n += 1;
         }
@@ -383,10 +406,27 @@ impl DiskTier {
     /// Writes one block (`depth`: its index in the chain, deeper ones are evicted first; `digest`:
     /// of its tokens and parent). On a full filesystem, makes room by evicting and retries once;
     /// still full, the budget is lowered to what the tier holds.
-    pub fn put(&self, ns: u64, hash: u64, digest: u128, depth: u32, data: &[u8]) -> Result<()> {
+    /// `change`, its stored event, is reported once the block is on disk (or now, if it already
+    /// was but had not been reported: found there from an earlier run).
+    pub fn put(
+        &self,
+        ns: u64,
+        hash: u64,
+        digest: u128,
+        depth: u32,
+        data: &[u8],
+        change: Option<BlockChange>,
+    ) -> Result<()> {
         let key = (ns, hash);
-        if self.index.lock().entries.contains_key(&key) {
-            return Ok(());
+        {
+            let mut index = self.index.lock();
+            let unreported = index.entries.get(&key).map(|e| !e.reported);
+            if let Some(unreported) = unreported {
+                if unreported && index.report(change) {
+                    index.entries.get_mut(&key).expect("looked up under this lock").reported = true;
+                }
+                return Ok(());
+            }
         }
         let size = self.file_len();
         if self.degraded.load(Relaxed) {
@@ -415,7 +455,7 @@ impl DiskTier {
             return Err(io_err(format!("writing {}", path.display()), e));
         }
         self.failing.store(false, Relaxed);
-        self.admit(key, size, depth);
+        self.admit(key, size, depth, change);
         self.written.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -504,10 +544,10 @@ impl DiskTier {
     /// Indexes a block and, under the same lock, takes the least recently used entries out
     /// until the budget holds again, so the index never counts more than the budget (their
     /// files are deleted after the lock is released).
-    fn admit(&self, key: Key, bytes: u64, depth: u32) {
+    fn admit(&self, key: Key, bytes: u64, depth: u32, change: Option<BlockChange>) {
         let victims = {
             let mut index = self.index.lock();
-            index.insert(key, bytes, depth);
+            index.insert(key, bytes, depth, change);
             Self::over_budget(&mut index, self.budget.load(Relaxed))
         };
         self.delete(victims);
@@ -528,6 +568,11 @@ impl DiskTier {
             let _ = fs::remove_file(self.path(key));
             self.evicted.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Reports blocks written from now on (and their removal) to `journal`.
+    pub fn report_to(&self, journal: Arc<BlockJournal>) {
+        self.index.lock().journal = Some(journal);
     }
 
     pub fn stats(&self) -> DiskStats {

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::arena::SlotId;
+use crate::block_journal::{BlockChange, BlockJournal, JournalStats, Medium};
 use crate::disk_tier::DiskTier;
 use crate::error::{CoreError, Result};
 use crate::events::{EventData, EventPublisher, EventsConfig, StoredBlock};
@@ -57,6 +58,8 @@ struct Pending {
     digest: u128,
     depth: u32,
     data: Vec<u8>,
+    /// What to report once the block is on disk (block events on).
+    change: Option<BlockChange>,
 }
 
 /// The disk tier and the thread that writes to it behind stores.
@@ -81,6 +84,8 @@ pub struct Engine {
     lower: Option<Lower>,
     redis: Option<RedisTier>,
     events: Option<EventPublisher>,
+    /// Block events for the host (vLLM's KV events), once it asks for them.
+    journal: OnceLock<Arc<BlockJournal>>,
     /// Tier order for lookups and promotion, and each tier's write policy (DESIGN section 6).
     router: Router,
     counters: Arc<Counters>,
@@ -249,7 +254,7 @@ impl Engine {
         if redis.is_some() {
             router.add("redis", "tier", 2, WritePolicy::WriteBehind)?;
         }
-        Ok(Self { cfg, namespace_id, tier, lower, redis, events, router, counters })
+        Ok(Self { cfg, namespace_id, tier, lower, redis, events, journal: OnceLock::new(), router, counters })
     }
 
     /// The tiers below memory in the router's order (for lookups and promotion).
@@ -281,7 +286,7 @@ impl Engine {
                 // Ends when the engine (the only sender) is dropped.
                 for p in rx {
                     // Failures are counted and logged once per episode by the tier.
-                    let _ = writer.put(p.ns, p.hash, p.digest, p.depth, &p.data);
+                    let _ = writer.put(p.ns, p.hash, p.digest, p.depth, &p.data, p.change);
                     pending.fetch_sub(1, Relaxed);
                 }
             })
@@ -317,6 +322,24 @@ impl Engine {
 
     pub fn namespace_id(&self) -> u64 {
         self.namespace_id
+    }
+
+    /// Starts recording what the memory and disk tiers gain and lose (see [`BlockJournal`]), at
+    /// most `capacity` blocks between two [`Self::take_block_events`]. Idempotent.
+    pub fn enable_block_events(&self, capacity: usize) {
+        let journal = self.journal.get_or_init(|| Arc::new(BlockJournal::new(capacity)));
+        if let Some(lower) = &self.lower {
+            lower.disk.report_to(Arc::clone(journal));
+        }
+    }
+
+    /// The block changes since the last call (empty while block events are off).
+    pub fn take_block_events(&self) -> Vec<BlockChange> {
+        self.journal.get().map_or_else(Vec::new, |j| j.take())
+    }
+
+    pub fn block_events_stats(&self) -> Option<JournalStats> {
+        self.journal.get().map(|j| j.stats())
     }
 
     fn namespace_for(&self, extras: HashExtras<'_>) -> u64 {
@@ -412,7 +435,10 @@ impl Engine {
                 .map(|&(i, slot)| {
                     let mut data = Vec::new();
                     self.tier.fill_reserved(slot, |b| data = b.to_vec());
-                    Pending { ns, hash: hashes[i], digest: digests[i], depth: i as u32, data }
+                    let change = self.journal.get().map(|_| {
+                        BlockChange::stored(Medium::Disk, &hashes, tokens, self.cfg.block_size, i..i + 1, extras)
+                    });
+                    Pending { ns, hash: hashes[i], digest: digests[i], depth: i as u32, data, change }
                 })
                 .collect(),
         };
@@ -436,6 +462,7 @@ impl Engine {
         if let Some(events) = &self.events {
             self.announce(events, tokens, extras, &hashes, &res);
         }
+        self.journal_memory(tokens, extras, &hashes, &res);
         let out = StoreOutcome { stored: res.new_blocks.len(), existing: res.existing, rejected: res.rejected };
         let c = &self.counters;
         c.stores.fetch_add(1, Relaxed);
@@ -477,7 +504,7 @@ impl Engine {
         let ns = self.namespace_for(extras);
         let max_blocks = max_blocks.min(hashes.len());
         if self.lower.is_some() || self.redis.is_some() {
-            self.promote(ns, &hashes[..max_blocks], &digests[..max_blocks]);
+            self.promote(ns, &hashes[..max_blocks], &digests[..max_blocks], tokens, extras);
         }
         let mut pins = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, &hashes, &digests, max_blocks) };
         self.tier.verify_exported(&mut pins.slots, false);
@@ -523,10 +550,43 @@ impl Engine {
         events.emit(EventData::Stored { parent_hash, blocks });
     }
 
+    /// Block events for what a reservation did to the memory tier: the blocks it evicted, then
+    /// each run of consecutive new blocks (their parents are held: earlier blocks of the request).
+    fn journal_memory(
+        &self,
+        tokens: &[u32],
+        extras: HashExtras<'_>,
+        hashes: &[u64],
+        res: &crate::memory_tier::Reservation,
+    ) {
+        let Some(journal) = self.journal.get() else { return };
+        if !res.evicted.is_empty() {
+            let hashes = res.evicted.iter().map(|&(_, h)| h).collect();
+            journal.push(BlockChange::Removed { medium: Medium::Memory, hashes });
+        }
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for &(i, _) in &res.new_blocks {
+            match runs.last_mut() {
+                Some(run) if run.end == i => run.end += 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        for run in runs {
+            journal.push(BlockChange::stored(Medium::Memory, hashes, tokens, self.cfg.block_size, run, extras));
+        }
+    }
+
     /// Queues newly stored blocks for the disk tier; a full queue drops them (counted).
     fn write_behind(&self, lower: &Lower, blocks: &[Pending]) {
         for p in blocks {
-            let p = Pending { ns: p.ns, hash: p.hash, digest: p.digest, depth: p.depth, data: p.data.clone() };
+            let p = Pending {
+                ns: p.ns,
+                hash: p.hash,
+                digest: p.digest,
+                depth: p.depth,
+                data: p.data.clone(),
+                change: p.change.clone(),
+            };
             lower.in_flight.fetch_add(1, Relaxed);
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = lower.queue.try_send(p) {
                 lower.in_flight.fetch_sub(1, Relaxed);
@@ -538,7 +598,7 @@ impl Engine {
     /// Copies the blocks after the memory tier's prefix that lower tiers hold (in the router's
     /// order: disk, then Redis) up into memory. Each tier checks that what it returns is the KV of
     /// the block with that digest.
-    fn promote(&self, ns: u64, hashes: &[u64], digests: &[u128]) {
+    fn promote(&self, ns: u64, hashes: &[u64], digests: &[u128], tokens: &[u32], extras: HashExtras<'_>) {
         // The memory prefix stays pinned meanwhile, so the reservation below finds it all present
         // and only ever reserves blocks read from below.
         let pinned = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, hashes, digests, hashes.len()) };
@@ -584,6 +644,7 @@ impl Engine {
                 });
                 let res = reserved.publish(filled);
                 self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
+                self.journal_memory(tokens, extras, hashes, &res);
             }
         }
         drop(pinned);
@@ -606,6 +667,7 @@ impl Engine {
             self.lower.as_ref().map(|l| l.disk.stats()),
             self.redis.as_ref().map(RedisTier::stats),
             self.events.as_ref().map(EventPublisher::stats),
+            self.block_events_stats(),
         )
     }
 

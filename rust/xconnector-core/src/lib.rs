@@ -3,6 +3,7 @@
 //! everything is testable with `cargo test`; `xconnector-py` is the thin binding.
 
 pub mod arena;
+pub mod block_journal;
 pub mod config;
 pub mod disk_dir;
 pub mod disk_files;

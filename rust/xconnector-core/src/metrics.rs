@@ -247,12 +247,32 @@ pub fn render(s: &EngineStats, hists: &[(&str, &str, HistogramSnapshot)], base: 
     );
     if let Some(e) = s.events {
         family(
-            "xconnector_kv_events_published_total",
+            "xconnector_peer_events_published_total",
             "counter",
-            "KV events sent to NATS.",
+            "XConnector's own block events sent to NATS (for other XConnector workers' overlap scoring).",
             vec![(l(&[]), c(e.published))],
         );
-        family("xconnector_kv_events_dropped_total", "counter", "KV events not sent.", vec![(l(&[]), c(e.dropped))]);
+        family(
+            "xconnector_peer_events_dropped_total",
+            "counter",
+            "XConnector's own block events not sent to NATS.",
+            vec![(l(&[]), c(e.dropped))],
+        );
+    }
+    if let Some(j) = s.block_events {
+        family(
+            "xconnector_block_events_reported_total",
+            "counter",
+            "Blocks reported to the host as stored in or removed from host memory or disk (vLLM KV events, \
+             which Dynamo's KV router reads).",
+            vec![(l(&[]), c(j.reported_blocks))],
+        );
+        family(
+            "xconnector_block_events_dropped_total",
+            "counter",
+            "Block changes not reported: the host did not take them fast enough.",
+            vec![(l(&[]), c(j.dropped_blocks))],
+        );
     }
     for (name, help, h) in hists {
         let mut samples = Vec::new();

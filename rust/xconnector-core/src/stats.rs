@@ -70,6 +70,7 @@ pub struct EngineStats {
     pub disk: Option<DiskStats>,
     pub redis: Option<RedisStats>,
     pub events: Option<EventStats>,
+    pub block_events: Option<crate::block_journal::JournalStats>,
 }
 
 impl Counters {
@@ -79,6 +80,7 @@ impl Counters {
         disk: Option<DiskStats>,
         redis: Option<RedisStats>,
         events: Option<EventStats>,
+        block_events: Option<crate::block_journal::JournalStats>,
     ) -> EngineStats {
         EngineStats {
             lookups: self.lookups.load(Relaxed),
@@ -102,6 +104,7 @@ impl Counters {
             disk,
             redis,
             events,
+            block_events,
         }
     }
 }

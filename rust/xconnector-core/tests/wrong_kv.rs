@@ -121,12 +121,12 @@ fn a_disk_block_with_the_right_key_and_another_digest_is_a_miss() {
     let (a, other): (Vec<u32>, Vec<u32>) = ((1..=BS as u32).collect(), (900..900 + BS as u32).collect());
     let hash = sequence_hashes(&a, BS, X)[0];
     let (da, d_other) = (block_digests(&a, BS)[0], block_digests(&other, BS)[0]);
-    tier.put(7, hash, d_other, 0, &payload(&other)).unwrap();
+    tier.put(7, hash, d_other, 0, &payload(&other), None).unwrap();
     let mut out = vec![0u8; BB];
     assert!(!tier.get(7, hash, da, &mut out), "another prefix's block under the same key");
     let s = tier.stats();
     assert_eq!((s.mismatched_blocks, s.corrupt_blocks, s.entries), (1, 0, 0));
-    tier.put(7, hash, da, 0, &payload(&a)).unwrap();
+    tier.put(7, hash, da, 0, &payload(&a), None).unwrap();
     assert!(tier.get(7, hash, da, &mut out));
     assert_eq!(out, payload(&a));
 }

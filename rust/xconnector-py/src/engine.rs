@@ -11,6 +11,7 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use xconnector_core::block_journal::BlockChange;
 use xconnector_core::redis_tier::{self, AuthKey};
 use xconnector_core::{
     CoreError, DiskConfig, Engine as CoreEngine, EngineConfig, EventsConfig, HashExtras, Namespace, PinnedBlock,
@@ -20,6 +21,9 @@ use xconnector_core::{
 use crate::buffers::{self, ByteRegion};
 use crate::call::{detached, guarded};
 use crate::errors::internal;
+
+/// A block change as Python sees it (see `Engine.take_block_events`).
+type BlockEventTuple = (&'static str, &'static str, Option<u64>, Vec<u64>, Vec<u32>, Option<String>, Option<String>);
 
 /// The native KV engine: block hashing, the memory tier and its eviction, for one namespace.
 #[pyclass(module = "xconnector._native", frozen)]
@@ -215,6 +219,36 @@ impl Engine {
         Ok(pinned.into_iter().map(BlockView::new).collect())
     }
 
+    /// Starts recording what host memory and the disk tier gain and lose, for the host's KV
+    /// events (see `take_block_events`); at most `capacity` blocks wait between two takes (more
+    /// are dropped, counted in `block_events_dropped`). Idempotent.
+    #[pyo3(signature = (capacity = 65536))]
+    fn enable_block_events(&self, py: Python<'_>, capacity: usize) -> PyResult<()> {
+        if capacity == 0 {
+            return Err(crate::errors::config_error(py, "enable_block_events: capacity must be at least 1 block"));
+        }
+        self.inner.enable_block_events(capacity);
+        Ok(())
+    }
+
+    /// Block changes since the last call, in order: `("stored", medium, parent, hashes, tokens,
+    /// lora_name, cache_salt)` or `("removed", medium, None, hashes, [], None, None)`; `medium`
+    /// is "memory" or "disk", blocks are named by their sequence hash.
+    fn take_block_events(&self, py: Python<'_>) -> PyResult<Vec<BlockEventTuple>> {
+        let changes = detached(py, || Ok(self.inner.take_block_events()))?;
+        Ok(changes
+            .into_iter()
+            .map(|c| match c {
+                BlockChange::Stored { medium, parent, hashes, tokens, lora_name, cache_salt } => {
+                    ("stored", medium.as_str(), parent, hashes, tokens, lora_name, cache_salt)
+                }
+                BlockChange::Removed { medium, hashes } => {
+                    ("removed", medium.as_str(), None, hashes, Vec::new(), None, None)
+                }
+            })
+            .collect())
+    }
+
     /// Counters and occupancy: lookups, hit/miss tokens, stored/evicted blocks, bytes, and timing.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = detached(py, || Ok(self.inner.stats()))?;
@@ -252,6 +286,10 @@ impl Engine {
         if let Some(ev) = s.events {
             d.set_item("events_published", ev.published)?;
             d.set_item("events_dropped", ev.dropped)?;
+        }
+        if let Some(j) = s.block_events {
+            d.set_item("block_events_reported", j.reported_blocks)?;
+            d.set_item("block_events_dropped", j.dropped_blocks)?;
         }
         if let Some(r) = s.redis {
             for (k, v) in [
