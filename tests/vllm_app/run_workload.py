@@ -6,6 +6,9 @@ this process, the worker connector's own counts (loaded tokens, load failures, f
     python run_workload.py MODEL_DIR SPEC.json
 
 SPEC: {"xconnector": section | null, "engine": {extra LLM kwargs}, "in_process": bool,
+       "kv_events": bool (vLLM's KV events on; in process, each phase's published events are
+       in "kv_events", and the tokens XConnector holds of every prompt of the spec after it,
+       in spec order, in "held"),
        "phases": [{"requests": [{"prompt": [ids], "cache_salt": str?,
                                   "lora": [name, int_id, path]?}], "fault": {...}?}]}
 In process, the result also has the connector's counts after each phase ("worker_phases"; not
@@ -87,6 +90,20 @@ def stepped(llm: Any, prompts: list[Any], params: Any, after: int, aborted: set[
     ]
 
 
+def event_json(event: Any) -> dict[str, Any]:
+    def name(h: Any) -> Any:
+        return h.hex() if isinstance(h, bytes) else h
+
+    out = {"type": type(event).__name__, "medium": getattr(event, "medium", None)}
+    out["block_hashes"] = [name(h) for h in getattr(event, "block_hashes", [])]
+    if out["type"] == "BlockStored":
+        out["parent"] = name(event.parent_block_hash)
+        out["token_ids"] = list(event.token_ids)
+        out["block_size"] = event.block_size
+        out["lora_name"] = event.lora_name
+    return out
+
+
 def main() -> None:
     model, spec_path = sys.argv[1], sys.argv[2]
     spec = json.loads(Path(spec_path).read_text())
@@ -103,6 +120,8 @@ def main() -> None:
     kwargs = engine_kwargs(model, **{"max_model_len": 1024, **spec.get("engine", {})})
     if spec.get("xconnector") is not None:
         kwargs["kv_transfer_config"] = xconnector_transfer_config(spec["xconnector"])
+    if spec.get("kv_events"):
+        kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "null"}
     llm = LLM(**kwargs)
     params = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0.0, logprobs=0)
     connector = None
@@ -116,12 +135,24 @@ def main() -> None:
             return preempt(*args, **kw)
 
         scheduler._preempt_request = counted
+        published: list[Any] = []
+        if spec.get("kv_events"):
+            # What the scheduler hands its publisher (the stream dynamo.vllm relays to its router).
+            publish = scheduler.kv_event_publisher.publish
+
+            def recorded(batch: Any) -> None:
+                published.extend(batch.events)
+                publish(batch)
+
+            scheduler.kv_event_publisher.publish = recorded
         if spec.get("xconnector") is not None and not spec.get("workers_elsewhere"):
             from vllm.distributed.kv_transfer import get_kv_transfer_group
 
             connector = get_kv_transfer_group()
     phases = []
     worker_phases = []
+    kv_events: list[list[dict[str, Any]]] = []
+    held: list[list[int]] = []
     for phase in spec["phases"]:
         apply(phase.get("fault", {}))
         prompts = []
@@ -146,6 +177,12 @@ def main() -> None:
         phases.append(results)
         if connector is not None:
             worker_phases.append(connector.stats())
+        if spec.get("kv_events") and in_process:
+            kv_events.append([event_json(e) for e in published])
+            published.clear()
+            engine = getattr(connector, "_engine", None)
+            every = [r["prompt"] for ph in spec["phases"] for r in ph["requests"]]
+            held.append([engine.lookup(p) if engine else 0 for p in every])
     apply({"inject": ["load_copy", "none"]} if in_process else {})
     kv = llm.llm_engine.vllm_config.kv_transfer_config
     result = {
@@ -154,6 +191,8 @@ def main() -> None:
         "worker_phases": worker_phases,
         "preemptions": preemptions[0],
         "kv_connector": kv.kv_connector if kv else None,
+        "kv_events": kv_events,
+        "held": held,
     }
     print("XCONNECTOR_RESULT " + json.dumps(result), flush=True)
 

@@ -54,11 +54,20 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
 from xconnector.integrations.vllm import lookup_service
+from xconnector.integrations.vllm.kv_events import (
+    BlockNames,
+    XConnectorKVEvents,
+    events_for_vllm,
+    vllm_names,
+)
 from xconnector.sdk.config import SDKConfig
 from xconnector.sdk.exceptions import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -72,6 +81,10 @@ log = logging.getLogger("xconnector.vllm")
 
 #: Steps after which loads the workers never confirmed mean they never will: loads are turned off.
 _UNCONFIRMED_STEPS = 256
+#: Block changes a worker holds between two steps, and events the scheduler holds between two
+#: publications, for vLLM's KV events; past these they are dropped (counted).
+_EVENT_BLOCKS = 65536
+_EVENTS_WAITING = 65536
 
 
 def _share_vllms_log_output() -> None:
@@ -109,6 +122,9 @@ class Transfer:
     #: A save planned in the step of a load it depends on (one worker only): done only if no
     #: load of that step failed.
     if_loads_ok: bool = False
+    #: vLLM's names (block hashes, as its KV events carry them) of the blocks of `tokens`, for
+    #: XConnector's KV events; None when vLLM has none at this block size.
+    names: list[Any] | None = None
 
     def extras(self) -> dict[str, str | None]:
         return {"lora_name": self.lora_name, "cache_salt": self.cache_salt, "lora_id": self.lora_id}
@@ -143,6 +159,7 @@ class _Key:
     lora_name: str | None
     cache_salt: str | None
     lora_id: str | None
+    names: list[Any] | None = None
 
 
 @dataclass
@@ -208,6 +225,14 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             chunk = cache.config.get("chunk_size") if cache is not None else None
         self._engine_block = int(chunk or self._block_size)
         self._encoder_decoder = bool(getattr(vllm_config.model_config, "is_encoder_decoder", False))
+        # vLLM publishes KV events (and `dynamo.vllm` relays them to Dynamo's router): report
+        # what XConnector holds with them.
+        events_config = getattr(vllm_config, "kv_events_config", None)
+        self._report_events = self._config is not None and bool(
+            getattr(events_config, "enable_kv_cache_events", False)
+        )
+        self._events: list[KVCacheEvent] = []
+        self._events_dropped = 0
         # Scheduler side.
         self._tracked: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, Transfer] = {}
@@ -233,6 +258,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._failed_reqs: set[str] = set()
         self._loaded_steps: set[int] = set()
         self._failed_steps: set[int] = set()
+        self._names = BlockNames()
         self._totals = {"loads": 0, "loaded_tokens": 0, "load_failures": 0, "saved_blocks": 0}
         self._logged: set[str] = set()
 
@@ -289,6 +315,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             lora_name=lora.lora_name if lora is not None else None,
             cache_salt=getattr(request, "cache_salt", None),
             lora_id=lora_identity(lora) if lora is not None else None,
+            names=vllm_names(request, self._block_size) if self._report_events else None,
         )
 
     def get_num_new_matched_tokens(
@@ -331,6 +358,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             lora_name=key.lora_name,
             cache_salt=key.cache_salt,
             lora_id=key.lora_id,
+            names=key.names[: total // bs] if key.names is not None else None,
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -394,6 +422,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 cache_salt=key.cache_salt,
                 lora_id=key.lora_id,
                 if_loads_ok=conditional,
+                names=key.names[: len(save_blocks)] if key.names is not None else None,
             )
         )
 
@@ -410,6 +439,9 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             )
 
     def update_connector_output(self, connector_output: Any) -> None:
+        events = getattr(connector_output, "kv_cache_events", None)
+        if isinstance(events, XConnectorKVEvents):
+            self._collect_events(events)
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if not isinstance(meta, XConnectorWorkerMetadata):
             return
@@ -422,6 +454,28 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 # first failed block, and the prompt is saved once that is done (the save
                 # condition sees the recomputed count), never before.
                 failed.saved = False
+
+    def _collect_events(self, events: XConnectorKVEvents) -> None:
+        """Keeps what every worker reported this step, for `take_events`."""
+        if events.get_number_of_workers() != self._world:
+            # A rank reported nothing (its XConnector is off): no block is held by all of them.
+            self._events_dropped += len(events.get_all_events())
+            return
+        common = events.common_events()
+        room = _EVENTS_WAITING - len(self._events)
+        if len(common) > room:
+            self._events_dropped += len(common) - max(room, 0)
+            common = common[: max(room, 0)]
+            if "events_dropped" not in self._logged:
+                self._logged.add("events_dropped")
+                log.warning(
+                    "XConnector: KV events are not being published; dropping them (counted)"
+                )
+        self._events.extend(common)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        events, self._events = self._events, []
+        return events
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -456,6 +510,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             io, engine = sdk.get_kv_handler().bind(
                 kv_caches, namespace=namespace, block_size=self._block_size
             )
+            if self._report_events:
+                engine.enable_block_events(_EVENT_BLOCKS)
             self._io, self._engine = io, engine
             with _engines_lock:
                 _engines[self._engine_id] = engine
@@ -479,6 +535,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         for t in meta.loads:
             loaded = 0
             try:
+                self._name_blocks(t)
                 if self._io is not None and self._engine is not None:
                     loaded = self._io.load(
                         self._engine, t.tokens, t.block_ids, t.first_block, **t.extras()
@@ -518,6 +575,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 self._failed_reqs.add(t.req_id)  # computed over a failed load: not kept
                 continue
             try:
+                self._name_blocks(t)
                 stored = self._io.store(self._engine, t.tokens, t.block_ids, **t.extras())
                 self._totals["saved_blocks"] += stored
                 if self._sdk is not None:
@@ -528,6 +586,27 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def get_kv_connector_kv_cache_events(self) -> XConnectorKVEvents | None:
+        """What this worker's host memory and disk tier gained and lost since the last step.
+        With vLLM's KV events on, a container every step, empty included: vLLM's aggregator counts
+        the workers by the containers it gets."""
+        if not self._report_events:
+            return None
+        events: list[KVCacheEvent] = []
+        try:
+            if self._engine is not None:
+                changes = self._engine.take_block_events()
+                events = events_for_vllm(changes, self._block_size, self._engine_block, self._names)
+        except Exception as e:
+            self._fail("kv_events", e)
+        return XConnectorKVEvents(events)
+
+    def _name_blocks(self, t: Transfer) -> None:
+        """Remembers vLLM's names for the blocks a transfer may add to a tier, for the events
+        that report them (a router continues a GPU match into host memory by these names)."""
+        if self._report_events and t.names is not None:
+            self._names.learn(self._engine_block, self._block_size, t.tokens, t.names, t.extras())
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if not self._loaded_steps:
@@ -564,6 +643,10 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
 
     def stats(self) -> dict[str, Any]:
         out = {} if self._sdk is None else self._sdk.get_monitoring_handler().snapshot()
+        if self._engine is not None and self._report_events:
+            engine = self._engine.stats()
+            out["block_events_reported"] = engine.get("block_events_reported", 0)
+            out["block_events_dropped"] = engine.get("block_events_dropped", 0)
         return {**out, **self._totals, "skipped": dict(self._skipped)}
 
 
