@@ -1,6 +1,7 @@
 """The distributed adapter: who this worker is among Dynamo's workers (`namespace`,
-`component`, `worker_id`), and where KV events go (`nats_url`, `kv_events_subject`): this
-worker's engine publishes stored/removed blocks there, and its distributed handler reads the
+`component`, `worker_id`), and where XConnector's peer events go (`nats_url`,
+`kv_events_subject`; XConnector's own channel, not Dynamo's event plane): this worker's engine
+publishes stored/removed blocks there, and its distributed handler reads the
 other workers' events for prefix-overlap scoring."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class DynamoAdapter(Adapter):
         self.component: str = self.settings.get("component", "VllmWorker")
         #: Unique among the deployment's workers; defaults to host and process.
         self.worker_id: str = self.settings.get("worker_id") or default_worker_id()
-        #: Where KV events are published and read (NATS), if anywhere.
+        #: Where peer events are published and read (NATS), if anywhere.
         self.nats_url: str | None = self.settings.get("nats_url")
         self.kv_events_subject: str = self.settings.get(
             "kv_events_subject", f"{self.namespace}.xconnector.kv_events"

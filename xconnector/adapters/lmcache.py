@@ -126,7 +126,7 @@ class LMCacheAdapter(Adapter):
                 self.capacity_bytes = native.config_setting_bytes(self.name, key, s[key])
         #: Tokens per cached block; None: one KV block (vLLM's block size).
         self.chunk_size: int | None = s.get("chunk_size")
-        #: (NATS URL, subject, worker id) to publish KV events to; set by the SDK from the
+        #: (NATS URL, subject, worker id) to publish peer events to; set by the SDK from the
         #: distributed adapter.
         self.events: tuple[str, str, str] | None = None
         self._engines: dict[tuple[Any, ...], Engine] = {}

@@ -8,10 +8,10 @@ mod config;
 mod convert;
 mod engine;
 mod errors;
-mod events;
 mod logging;
 mod lookup;
 mod paged;
+mod peer_events;
 mod router;
 
 use pyo3::exceptions::PyValueError;
@@ -87,7 +87,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<paged::PagedKv>()?;
     m.add_class::<router::Router>()?;
     m.add_class::<router::OverlapIndex>()?;
-    m.add_class::<events::EventSubscriber>()?;
+    m.add_class::<peer_events::EventSubscriber>()?;
     m.add_class::<lookup::LookupServer>()?;
     m.add_class::<lookup::LookupClient>()?;
     m.add_function(wrap_pyfunction!(lookup::lookup_socket_path, m)?)?;

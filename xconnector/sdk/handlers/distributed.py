@@ -1,6 +1,6 @@
 """Where KV lives among workers: prefix-overlap scoring, the quantity Dynamo's KV router routes
 by. This worker's own overlap is exact (a lookup in its engine); other workers' comes from the
-blocks they announced (`record_stored`/`record_removed`, fed by KV events once the event plane is
+blocks they announced (`record_stored`/`record_removed`, fed by peer events once the event plane is
 connected)."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class DistributedHandler:
         self.events_applied = 0
 
     def follow_events(self, url: str, subject: str) -> bool:
-        """Feeds the overlap index from other workers' KV events on NATS, in a daemon thread.
+        """Feeds the overlap index from other workers' peer events on NATS (XConnector's own
+        channel), in a daemon thread.
         False (logged) when NATS cannot be reached now."""
         if self._follow is not None:
             return True
@@ -36,7 +37,7 @@ class DistributedHandler:
         except Exception as e:
             native = load_native()
             log.warning(
-                "not following KV events at %s: %s",
+                "not following peer events at %s: %s",
                 native.config_redact(url),
                 native.config_redact(str(e)),
             )

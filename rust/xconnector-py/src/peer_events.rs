@@ -1,10 +1,11 @@
-//! `xconnector._native.EventSubscriber`: KV event batches from NATS as Python dicts.
+//! `xconnector._native.EventSubscriber`: XConnector's peer event batches from NATS as Python
+//! dicts (its own channel between XConnector workers, not Dynamo's event plane).
 
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use xconnector_core::events::{EventData, EventSubscriber as CoreSubscriber};
+use xconnector_core::peer_events::{EventData, EventSubscriber as CoreSubscriber};
 
 use crate::call::detached;
 use crate::errors::invalid_input;

@@ -1,11 +1,15 @@
-//! KV events on NATS: which blocks a worker stored and which it dropped, with Dynamo-compatible
-//! hashes (sequence hash as `block_hash`, local hash as `tokens_hash`), so a KV-aware router (or
-//! XConnector's overlap index on another worker) knows where KV is.
+//! Peer events on NATS: XConnector's own channel between XConnector workers, telling each
+//! other which blocks a worker stored in host memory and which it dropped, for XConnector's
+//! overlap scoring (`overlap.rs`, the router's `score`). It is not Dynamo's event plane and no
+//! Dynamo router reads it: Dynamo 1.6's router learns about XConnector's blocks from vLLM's KV
+//! events (see `block_journal.rs` and the vLLM connector), and reads MessagePack
+//! `Vec<RouterEvent>` from publishers bound in its discovery, which this is not.
 //!
-//! Message on `<subject>`: one JSON object per batch,
+//! Message on `<subject>` (default `xconnector.kv_events`): one JSON object per batch,
 //! `{"worker_id": "...", "events": [{"event_id": n, "data": {"stored": {"parent_hash": h|null,
 //! "blocks": [{"block_hash": h, "tokens_hash": t}, ...]}}} | {"event_id": n, "data": {"removed":
-//! {"block_hashes": [h, ...]}}}]}`, the shapes of Dynamo's `KvCacheEvent`.
+//! {"block_hashes": [h, ...]}}}]}`, with Dynamo's hash definitions (sequence hash as
+//! `block_hash`, local hash as `tokens_hash`).
 //!
 //! Publishing never blocks or fails a store: events go through a bounded queue (full = dropped,
 //! counted) to a task that batches them; with NATS down the client reconnects in the background

@@ -1,6 +1,7 @@
-"""KV events on a real nats-server on loopback: stored and removed block events with the
-Dynamo-compatible hashes, stores that never wait on NATS (even when it is absent), and a
-distributed handler scoring another worker from its events."""
+"""XConnector's peer events (its own NATS channel between XConnector workers, not Dynamo's event
+plane) on a real nats-server on loopback: stored and removed block events with Dynamo's hash
+definitions, stores that never wait on NATS (even when it is absent), and a distributed handler
+scoring another worker from its events."""
 
 from __future__ import annotations
 
