@@ -46,3 +46,9 @@ if ! "$VLLM_PYTHON" -c "import torch, vllm"; then
 fi
 PYTHONPATH="$PWD:$PWD/tests" run_pytest "$VLLM_PYTHON" -m pytest -p no:cacheprovider -p no_skips \
     -m "torch or vllm" "$@"
+
+echo "== pytest in .venv-dynamo (a real Dynamo 1.6.1 deployment: KV router + dynamo.vllm workers)"
+bash scripts/dynamo_env.sh
+DYNAMO_PYTHON="${XCONNECTOR_DYNAMO_VENV:-.venv-dynamo}/bin/python"
+PYTHONPATH="$PWD:$PWD/tests" run_pytest "$DYNAMO_PYTHON" -m pytest -p no:cacheprovider -p no_skips \
+    -m dynamo "$@"

@@ -10,6 +10,11 @@ path to a YAML file (`"xconnector": "/etc/xconnector.yaml"`); without either, th
 (`XCONNECTOR_CONFIG`, `DYNAMO_SERVICE_CONFIG`, ...) applies, and with nothing found the connector
 runs with defaults: naming it is opting in.
 
+KV events: with vLLM's `--kv-events-config '{"enable_kv_cache_events": true, ...}'`, the blocks
+XConnector holds in host memory and on disk are reported in vLLM's event stream (`kv_events.py`),
+which `dynamo.vllm` relays to Dynamo's KV router; `"report_kv_events": false` in
+`kv_connector_extra_config` leaves them out.
+
 Scheduler side: `get_num_new_matched_tokens` looks the prompt up (no side effects on the cache,
 cheap, at most the last whole block before the final prompt token); `update_state_after_alloc`
 plans the load into the blocks vLLM allocated; `build_connector_meta` hands the worker the
@@ -227,9 +232,13 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._encoder_decoder = bool(getattr(vllm_config.model_config, "is_encoder_decoder", False))
         # vLLM publishes KV events (and `dynamo.vllm` relays them to Dynamo's router): report
         # what XConnector holds with them.
+        # `"report_kv_events": false` in kv_connector_extra_config keeps XConnector out of them.
         events_config = getattr(vllm_config, "kv_events_config", None)
-        self._report_events = self._config is not None and bool(
-            getattr(events_config, "enable_kv_cache_events", False)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self._report_events = (
+            self._config is not None
+            and bool(getattr(events_config, "enable_kv_cache_events", False))
+            and extra.get("report_kv_events", True) is not False
         )
         self._events: list[KVCacheEvent] = []
         self._events_dropped = 0
