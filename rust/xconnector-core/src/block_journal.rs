@@ -112,14 +112,17 @@ impl BlockJournal {
         }
     }
 
-    /// Records a change, or drops it (counted) when the journal is full.
+    /// Records a change. A store is dropped (counted) when the journal is full; a removal never
+    /// is: it names blocks the host was told of (so removals are bounded by what the tiers
+    /// held), and a lost one would leave the receiver believing in a block forever.
     pub fn push(&self, change: BlockChange) {
         let n = change.blocks();
         if n == 0 {
             return;
         }
         let mut waiting = self.waiting.lock();
-        if waiting.1 + n > self.capacity {
+        let is_store = matches!(change, BlockChange::Stored { .. });
+        if is_store && waiting.1 + n > self.capacity {
             drop(waiting);
             if self.dropped.fetch_add(n as u64, Relaxed) == 0 {
                 tracing::warn!(
@@ -166,16 +169,22 @@ mod tests {
         assert_eq!(j.stats(), JournalStats { reported_blocks: 3, dropped_blocks: 0 });
     }
 
+    fn stored(hashes: &[u64]) -> BlockChange {
+        let tokens: Vec<u32> = (0..hashes.len() as u32).collect();
+        BlockChange::stored(Medium::Memory, hashes, &tokens, 1, 0..hashes.len(), HashExtras::default())
+    }
+
     #[test]
-    fn a_full_journal_drops_and_counts_and_takes_again_after_a_take() {
+    fn a_full_journal_drops_stores_counted_but_never_a_removal() {
         let j = BlockJournal::new(3);
-        j.push(removed(&[1, 2]));
-        j.push(removed(&[3, 4])); // 4 > 3: dropped whole
-        j.push(removed(&[5]));
-        assert_eq!(j.take(), vec![removed(&[1, 2]), removed(&[5])]);
-        j.push(removed(&[6, 7, 8]));
-        assert_eq!(j.take(), vec![removed(&[6, 7, 8])]);
-        assert_eq!(j.stats(), JournalStats { reported_blocks: 6, dropped_blocks: 2 });
+        j.push(stored(&[1, 2]));
+        j.push(stored(&[3, 4])); // 4 > 3: dropped whole
+        j.push(removed(&[9, 8])); // 4 > 3, but a removal: kept
+        j.push(stored(&[5])); // 5 > 3: dropped
+        assert_eq!(j.take(), vec![stored(&[1, 2]), removed(&[9, 8])]);
+        j.push(stored(&[6, 7, 8]));
+        assert_eq!(j.take(), vec![stored(&[6, 7, 8])]);
+        assert_eq!(j.stats(), JournalStats { reported_blocks: 7, dropped_blocks: 3 });
     }
 
     #[test]

@@ -87,8 +87,15 @@ struct Index {
 }
 
 impl Index {
-    /// Indexes a block; `change` (its stored event) is reported now.
+    /// Indexes a block; `change` (its stored event) is reported now. A block indexed already
+    /// (another thread found its file meanwhile) keeps its entry, and is reported if it was not.
     fn insert(&mut self, key: Key, bytes: u64, depth: u32, change: Option<BlockChange>) {
+        if self.entries.get(&key).is_some_and(|e| e.bytes == bytes) {
+            if self.entries.get(&key).is_some_and(|e| !e.reported) && self.report(change) {
+                self.entries.get_mut(&key).expect("looked up under this lock").reported = true;
+            }
+            return;
+        }
         self.remove(&key);
         self.tick += 1;
         let reported = self.report(change);

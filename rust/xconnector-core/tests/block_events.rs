@@ -59,7 +59,10 @@ impl Replay {
                     if parent.is_some_and(|p| !set.contains(&p)) {
                         self.orphans += 1;
                     }
-                    self.set(medium).extend(hashes);
+                    for h in hashes {
+                        // A router counts stores: a second one would need a second removal.
+                        assert!(self.set(medium).insert(h), "{h:x} stored twice in {medium:?}");
+                    }
                 }
                 BlockChange::Removed { medium, hashes } => {
                     for h in hashes {

@@ -49,6 +49,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vllm.distributed.kv_events import BlockStored
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -61,6 +62,7 @@ from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
 from xconnector.integrations.vllm import lookup_service
 from xconnector.integrations.vllm.kv_events import (
     BlockNames,
+    RankAgreement,
     XConnectorKVEvents,
     events_for_vllm,
     vllm_names,
@@ -90,6 +92,8 @@ _UNCONFIRMED_STEPS = 256
 #: publications, for vLLM's KV events; past these they are dropped (counted).
 _EVENT_BLOCKS = 65536
 _EVENTS_WAITING = 65536
+#: Steps after which a worker whose events vLLM never took stops recording them.
+_UNDRAINED_STEPS = 16
 
 
 def _share_vllms_log_output() -> None:
@@ -255,6 +259,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         # with a request that loaded) is not saved until that step is confirmed.
         self._inflight: dict[int, set[int]] = {}
         self._world = self._tp * int(vllm_config.parallel_config.pipeline_parallel_size)
+        self._agreement = RankAgreement(self._world)
         self._loads_off = False
         self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
@@ -268,6 +273,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._loaded_steps: set[int] = set()
         self._failed_steps: set[int] = set()
         self._names = BlockNames()
+        self._steps_undrained = 0
         self._totals = {"loads": 0, "loaded_tokens": 0, "load_failures": 0, "saved_blocks": 0}
         self._logged: set[str] = set()
 
@@ -465,22 +471,25 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 failed.saved = False
 
     def _collect_events(self, events: XConnectorKVEvents) -> None:
-        """Keeps what every worker reported this step, for `take_events`."""
-        if events.get_number_of_workers() != self._world:
-            # A rank reported nothing (its XConnector is off): no block is held by all of them.
-            self._events_dropped += len(events.get_all_events())
-            return
-        common = events.common_events()
-        room = _EVENTS_WAITING - len(self._events)
-        if len(common) > room:
-            self._events_dropped += len(common) - max(room, 0)
-            common = common[: max(room, 0)]
-            if "events_dropped" not in self._logged:
-                self._logged.add("events_dropped")
-                log.warning(
-                    "XConnector: KV events are not being published; dropping them (counted)"
-                )
-        self._events.extend(common)
+        """What the workers reported this step, as the router should see it, for `take_events`.
+        Removals are always kept (each names a block the router was told of, so they are
+        bounded by what the tiers hold); stores past `_EVENTS_WAITING` are dropped, counted."""
+        try:
+            batches = events.batches()
+            if len(batches) != self._world:
+                # A rank reported nothing (its XConnector is off): no block is held by all.
+                self._events_dropped += sum(len(b) for b in batches)
+                return
+            for event in self._agreement.merge(batches):
+                if isinstance(event, BlockStored) and len(self._events) >= _EVENTS_WAITING:
+                    self._events_dropped += 1
+                    if "events_dropped" not in self._logged:
+                        self._logged.add("events_dropped")
+                        log.warning("XConnector: KV events are not being published; dropping")
+                    continue
+                self._events.append(event)
+        except Exception as e:
+            self._fail("kv_events", e)
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         events, self._events = self._events, []
@@ -576,6 +585,14 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         return None  # every layer of a block is saved at once in wait_for_save
 
     def wait_for_save(self) -> None:
+        if self._report_events and self._engine is not None:
+            self._steps_undrained += 1
+            if self._steps_undrained > _UNDRAINED_STEPS:
+                # vLLM does not ask this connector for its events (it runs under vLLM's
+                # MultiConnector, which does not pass them up): stop recording them.
+                self._report_events = False
+                self._engine.take_block_events()
+                log.info("XConnector: vLLM does not take this connector's KV events; not reported")
         meta = self._get_connector_metadata()
         if not isinstance(meta, XConnectorMetadata) or self._io is None or self._engine is None:
             return
@@ -602,6 +619,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         the workers by the containers it gets."""
         if not self._report_events:
             return None
+        self._steps_undrained = 0
         events: list[KVCacheEvent] = []
         try:
             if self._engine is not None:
@@ -613,9 +631,14 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _name_blocks(self, t: Transfer) -> None:
         """Remembers vLLM's names for the blocks a transfer may add to a tier, for the events
-        that report them (a router continues a GPU match into host memory by these names)."""
-        if self._report_events and t.names is not None:
+        that report them (a router continues a GPU match into host memory by these names).
+        Bookkeeping for events only: a failure here never touches the transfer."""
+        if not self._report_events or t.names is None:
+            return
+        try:
             self._names.learn(self._engine_block, self._block_size, t.tokens, t.names, t.extras())
+        except Exception as e:
+            self._fail("kv_events", e)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if not self._loaded_steps:
@@ -632,8 +655,10 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 "XConnector worker summary: %s",
                 json.dumps({**self._totals, "fallbacks": fallbacks}, sort_keys=True),
             )
-        elif self._skipped or self._client is not None:
+        elif self._skipped or self._client is not None or self._events_dropped:
             summary: dict[str, Any] = {"skipped": self._skipped}
+            if self._events_dropped:
+                summary["kv_events_dropped"] = self._events_dropped
             if self._client is not None:  # the ranks' answers: answered, missed, and why
                 summary["lookup_service"] = self._client.stats()
             log.info("XConnector scheduler summary: %s", json.dumps(summary, sort_keys=True))

@@ -25,10 +25,10 @@ it alike, so it is no reason to prefer one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 from vllm.distributed.kv_events import (
     MEDIUM_CPU,
     MEDIUM_STORAGE,
@@ -43,8 +43,8 @@ from xconnector import native
 
 #: vLLM's `medium` for each of XConnector's tiers.
 MEDIUMS = {"memory": MEDIUM_CPU, "disk": MEDIUM_STORAGE}
-#: Names remembered at most (blocks held in memory and on disk, with room for churn).
-_MAX_NAMES = 1 << 20
+#: vLLM names learnt and remembered at most (least recently used forgotten first).
+_MAX_NAMES = 1 << 17
 
 #: One engine change, as `Engine.take_block_events` returns it.
 Change = tuple[str, str, "int | None", list[int], list[int], "str | None", "str | None"]
@@ -68,12 +68,15 @@ def vllm_names(request: Any, block_size: int) -> list[Any] | None:
 
 
 class BlockNames:
-    """vLLM's names of the blocks XConnector holds, by XConnector's hash, while a tier holds
-    them (learnt before a transfer, forgotten once no tier reports holding the block)."""
+    """vLLM's names for XConnector's blocks. Learnt from the transfers that store or load them
+    (least recently used forgotten past a bound); a block reported stored keeps the names it
+    was reported under until it is reported removed from that medium, so a removal always names
+    exactly what the router was told."""
 
-    def __init__(self) -> None:
-        self._names: dict[int, list[Any]] = {}
-        self._holders: dict[int, int] = {}
+    def __init__(self, capacity: int = _MAX_NAMES) -> None:
+        self._capacity = capacity
+        self._learnt: OrderedDict[int, list[Any]] = OrderedDict()
+        self._reported: dict[tuple[str, int], list[Any]] = {}
 
     def learn(
         self,
@@ -90,20 +93,25 @@ class BlockNames:
         for i, h in enumerate(ours):
             if (i + 1) * k > len(names):
                 break
-            if h not in self._names and len(self._names) >= _MAX_NAMES:
-                del self._names[next(iter(self._names))]  # the oldest: a leak's bound
-            self._names[h] = names[i * k : (i + 1) * k]
+            self._learnt[h] = names[i * k : (i + 1) * k]
+            self._learnt.move_to_end(h)
+        while len(self._learnt) > self._capacity:
+            self._learnt.popitem(last=False)
 
-    def of(self, h: int, k: int) -> list[Any]:
-        return self._names.get(h) or [_sub_id(h, j, k) for j in range(k)]
+    def of(self, h: int, k: int, medium: str | None = None) -> list[Any]:
+        """The names block `h` goes by (in `medium`, if it was reported stored there)."""
+        if medium is not None and (medium, h) in self._reported:
+            return self._reported[(medium, h)]
+        learnt = self._learnt.get(h)
+        return learnt if learnt is not None else [_sub_id(h, j, k) for j in range(k)]
 
-    def held(self, h: int, delta: int) -> None:
-        n = self._holders.get(h, 0) + delta
-        if n > 0:
-            self._holders[h] = n
-        else:
-            self._holders.pop(h, None)
-            self._names.pop(h, None)
+    def stored(self, medium: str, h: int, k: int) -> list[Any]:
+        names = self.of(h, k, medium)
+        self._reported[(medium, h)] = names
+        return names
+
+    def removed(self, medium: str, h: int, k: int) -> list[Any]:
+        return self._reported.pop((medium, h), None) or self.of(h, k)
 
 
 def _extra_keys(n: int, first: bool, lora_name: str | None, salt: str | None) -> Any:
@@ -125,16 +133,15 @@ def events_for_vllm(
     names = names if names is not None else BlockNames()
     out: list[KVCacheEvent] = []
     for kind, medium, parent, hashes, tokens, lora_name, salt in changes:
-        ids = [n for h in hashes for n in names.of(h, k)]
         if kind == "removed":
+            ids = [n for h in hashes for n in names.removed(medium, h, k)]
             out.append(BlockRemoved(block_hashes=ids, medium=MEDIUMS[medium]))
-            for h in hashes:
-                names.held(h, -1)
             continue
+        ids = [n for h in hashes for n in names.stored(medium, h, k)]
         out.append(
             BlockStored(
                 block_hashes=ids,
-                parent_block_hash=None if parent is None else names.of(parent, k)[-1],
+                parent_block_hash=None if parent is None else names.of(parent, k, medium)[-1],
                 token_ids=list(tokens),
                 block_size=block_size,
                 lora_id=None,
@@ -143,16 +150,13 @@ def events_for_vllm(
                 extra_keys=_extra_keys(len(ids), parent is None, lora_name, salt),
             )
         )
-        for h in hashes:
-            names.held(h, 1)
     return out
 
 
 class XConnectorKVEvents(KVConnectorKVEvents):  # type: ignore[misc]
-    """One batch of events per worker. vLLM's aggregator starts from the first worker's container
-    and adds each other worker's events with `add_events` + `increment_workers`; the scheduler
-    then keeps the events every worker reported, in order, once each (vLLM's own counting
-    aggregator would drop an event a worker reports twice in one step)."""
+    """One batch of events per worker, in rank order. vLLM's aggregator starts from the first
+    worker's container and adds each other worker's events with `add_events`; the scheduler
+    decides what they mean together (`RankAgreement`)."""
 
     def __init__(self, events: list[KVCacheEvent] | None = None) -> None:
         self._batches: list[list[KVCacheEvent]] = [list(events or [])]
@@ -164,7 +168,6 @@ class XConnectorKVEvents(KVConnectorKVEvents):  # type: ignore[misc]
         return None  # every add_events is one worker's batch
 
     def aggregate(self) -> XConnectorKVEvents:
-        self._batches = [self.common_events()]
         return self
 
     def get_all_events(self) -> list[KVCacheEvent]:
@@ -176,28 +179,78 @@ class XConnectorKVEvents(KVConnectorKVEvents):  # type: ignore[misc]
     def clear_events(self) -> None:
         self._batches = [[]]
 
-    def common_events(self) -> list[KVCacheEvent]:
-        """The first worker's events that every other worker reported too."""
-        first, *others = self._batches
-        if not others:
-            return list(first)
-        remaining = [_multiset(b) for b in others]
-        kept = []
-        for event in first:
-            key = _key(event)
-            if all(r.get(key, 0) > 0 for r in remaining):
-                for r in remaining:
-                    r[key] -= 1
-                kept.append(event)
-        return kept
+    def batches(self) -> list[list[KVCacheEvent]]:
+        return self._batches
 
 
-def _key(event: KVCacheEvent) -> bytes:
-    return bytes(msgspec.msgpack.encode(event))  # tagged: equal bytes, equal events
+class RankAgreement:
+    """What the router should be told, given what each rank says: each tensor/pipeline rank
+    holds its own part of every block, so a block is a hit only while every rank holds it. A
+    block is announced stored when the last rank reports it (whatever step each rank's copy
+    landed in: disk writes finish on their own threads), and removed as soon as the first rank
+    drops it. A rank reporting a block twice counts once, so the router (which counts stores)
+    never needs two removals. Remembers the blocks some rank holds: bounded by the tiers."""
 
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self._holders: dict[tuple[Any, Any], set[int]] = {}
+        self._announced: set[tuple[Any, Any]] = set()
 
-def _multiset(events: Iterable[KVCacheEvent]) -> dict[bytes, int]:
-    out: dict[bytes, int] = {}
-    for e in events:
-        out[_key(e)] = out.get(_key(e), 0) + 1
-    return out
+    def merge(self, batches: list[list[KVCacheEvent]]) -> list[KVCacheEvent]:
+        out: list[KVCacheEvent] = []
+        for rank, batch in enumerate(batches):
+            for event in batch:
+                if isinstance(event, BlockStored):
+                    self._stored(rank, event, out)
+                elif isinstance(event, BlockRemoved):
+                    gone = []
+                    for name in event.block_hashes:
+                        key = (event.medium, name)
+                        holders = self._holders.get(key)
+                        if holders is None:
+                            continue
+                        holders.discard(rank)
+                        if key in self._announced:
+                            self._announced.discard(key)
+                            gone.append(name)
+                        if not holders:
+                            del self._holders[key]
+                    if gone:
+                        out.append(BlockRemoved(block_hashes=gone, medium=event.medium))
+        return out
+
+    def _stored(self, rank: int, event: BlockStored, out: list[KVCacheEvent]) -> None:
+        """Announces the blocks of `event` all ranks now hold, one event per consecutive run."""
+        bs = event.block_size
+        run: list[int] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            a, b = run[0], run[-1] + 1
+            names = event.block_hashes
+            keys = event.extra_keys
+            out.append(
+                BlockStored(
+                    block_hashes=names[a:b],
+                    parent_block_hash=event.parent_block_hash if a == 0 else names[a - 1],
+                    token_ids=event.token_ids[a * bs : b * bs],
+                    block_size=bs,
+                    lora_id=event.lora_id,
+                    medium=event.medium,
+                    lora_name=event.lora_name,
+                    extra_keys=keys[a:b] if keys is not None else None,
+                )
+            )
+            run.clear()
+
+        for i, name in enumerate(event.block_hashes):
+            key = (event.medium, name)
+            holders = self._holders.setdefault(key, set())
+            holders.add(rank)
+            if len(holders) >= self.world and key not in self._announced:
+                self._announced.add(key)
+                if run and run[-1] != i - 1:
+                    flush()
+                run.append(i)
+        flush()
