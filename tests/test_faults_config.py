@@ -103,7 +103,7 @@ def test_a_nats_url_with_credentials_is_not_logged(caplog: pytest.LogCaptureFixt
         assert DistributedHandler("w", None, 16).follow_events(url, "xconnector.kv_events") is False
     said = [r.getMessage() for r in caplog.records]
     assert (
-        len(said) == 1 and "not following KV events" in said[0] and "app:***@127.0.0.1" in said[0]
+        len(said) == 1 and "not following peer events" in said[0] and "app:***@127.0.0.1" in said[0]
     ), said
     assert SECRET not in caplog.text
     with pytest.raises(XConnectorError) as err:

@@ -1,8 +1,8 @@
 """Forking a worker whose SDK is live: its engine has a Redis writer and a NATS publisher running
-on XConnector's I/O runtime, and its distributed handler follows the KV events subject. The
+on XConnector's I/O runtime, and its distributed handler follows the peer events subject. The
 forked child gets its own SDK (the autopatch's `minimal_sdk` re-creates it), and with it a new
 runtime; both processes keep working: the child reads what the parent wrote before the fork and
-stores its own blocks, the parent reads those back from Redis, and both publish KV events (the
+stores its own blocks, the parent reads those back from Redis, and both publish peer events (the
 parent's handler scores the child from them). Real processes, real redis-server and nats-server
 on loopback; a hang fails the test through the subprocess timeout."""
 

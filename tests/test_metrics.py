@@ -3,7 +3,7 @@ parser, counters move as expected after known operations, histograms count every
 SDK's collector merges engines and its own counters, refusing to be registered twice. Beyond the
 memory tier: miss tokens and bytes stored, each histogram's count and sum, promotions, damaged
 disk and Redis blocks, Redis up and errors across a `kill -9`, full write-behind queues (disk and
-Redis) dropping and counting every block, and KV events published (= received) or dropped, on a
+Redis) dropping and counting every block, and peer events published (= received) or dropped, on a
 real redis-server and nats-server on loopback."""
 
 from __future__ import annotations

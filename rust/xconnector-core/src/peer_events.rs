@@ -158,7 +158,7 @@ impl EventPublisher {
                 Ok(client) => Some(client),
                 Err(e) => {
                     let e = redact_url(&e.to_string());
-                    tracing::warn!(error = %e, "KV events: cannot connect to NATS; events are dropped");
+                    tracing::warn!(error = %e, "peer events: cannot connect to NATS; events are dropped");
                     None
                 }
             };
@@ -246,9 +246,9 @@ impl EventSubscriber {
         };
         let (client, mut sub) = rt
             .block_on(async { tokio::time::timeout(timeout, connect).await })
-            .map_err(|_| CoreError::Cache(format!("KV events: NATS at {shown} did not answer in {timeout:?}")))?
+            .map_err(|_| CoreError::Cache(format!("peer events: NATS at {shown} did not answer in {timeout:?}")))?
             .map_err(|e| {
-                CoreError::Cache(format!("KV events: cannot subscribe at {shown}: {}", redact_url(&e.to_string())))
+                CoreError::Cache(format!("peer events: cannot subscribe at {shown}: {}", redact_url(&e.to_string())))
             })?;
         let (tx, rx) = std::sync::mpsc::channel();
         rt.spawn(async move {
@@ -261,7 +261,7 @@ impl EventSubscriber {
                             return;
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "KV events: ignoring a message that is not an event batch"),
+                    Err(e) => tracing::debug!(error = %e, "peer events: ignoring a message that is not an event batch"),
                 }
             }
         });
