@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod hashing;
+pub mod histogram;
 pub mod kv_layout;
 pub mod lookup_service;
 pub mod memory_tier;

@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::disk_tier::DiskStats;
+use crate::histogram::Histogram;
 use crate::memory_tier::TierStats;
-use crate::metrics::Histogram;
 use crate::peer_events::EventStats;
 use crate::redis_tier::RedisStats;
 

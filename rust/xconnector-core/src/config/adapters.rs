@@ -3,8 +3,8 @@
 
 use serde_json::{Map, Value};
 
+use super::problem::{join_path, kind, Problem};
 use super::size::{mib_to_bytes, parse_size};
-use super::validate::{join_path, kind, Problem};
 
 /// What a setting's value must be.
 #[derive(Clone, Copy, Debug)]

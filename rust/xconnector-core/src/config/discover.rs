@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use super::document::parse_document;
 use super::locate::{resolve_document, Resolved};
-use super::parse_document;
 use super::source::{check_text, read_config_file};
 use crate::error::Result;
 

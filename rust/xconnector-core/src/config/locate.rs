@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use super::validate::{join_path, parse_section_traced, Problem};
-use super::{report, SdkConfig};
+use super::problem::{join_path, report, Problem};
+use super::schema::SdkConfig;
+use super::validate::parse_section_traced;
 use crate::error::Result;
 
 /// A config as found in one source.

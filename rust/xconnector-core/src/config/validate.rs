@@ -4,13 +4,10 @@
 use serde_json::{Map, Value};
 
 use super::adapters::check_settings;
-use super::{AdapterConfig, AdapterType, IntegrationConfig, Mode, PerformanceConfig, SdkConfig, KNOWN_ADAPTERS};
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub path: String,
-    pub message: String,
-}
+use super::problem::{join_path, kind, Problem};
+use super::schema::{
+    AdapterConfig, AdapterType, IntegrationConfig, Mode, PerformanceConfig, SdkConfig, KNOWN_ADAPTERS,
+};
 
 const TOP_KEYS: &[&str] =
     &["enabled", "mode", "enable_distributed", "enable_caching", "adapters", "integration", "performance"];
@@ -22,27 +19,6 @@ struct Walker {
     problems: Vec<Problem>,
     /// Where each adapter of the result was read from (aligned with `SdkConfig::adapters`).
     adapter_paths: Vec<String>,
-}
-
-/// `path.key`, or just `key` at the top level (a bare section has the empty path).
-pub fn join_path(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-/// How a value reads in an error message ("a list", "a string", ...).
-pub(super) fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
-    }
 }
 
 /// Edit distance, for "did you mean" hints on misspelt keys.
