@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xconnector.sdk.config import AdapterConfig, IntegrationConfig, PerformanceConfig, SDKConfig
-from xconnector.sdk.exceptions import ConfigError
+from xconnector.config.schema import AdapterConfig, IntegrationConfig, PerformanceConfig, SDKConfig
+from xconnector.exceptions import ConfigError
 
 DESIGN_SECTION: dict[str, Any] = {
     "enabled": True,

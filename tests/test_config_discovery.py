@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import yaml
 
-from xconnector.integrations.dynamo.config_detector import (
+from xconnector.config.discovery import (
     detect_config,
     load_config_file,
     load_config_from_dynamo,
     resolve_dynamo_config,
 )
-from xconnector.sdk.config import SDKConfig
-from xconnector.sdk.exceptions import ConfigError
+from xconnector.config.schema import SDKConfig
+from xconnector.exceptions import ConfigError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 DYNAMO_CONFIGS = sorted((FIXTURES / "dynamo-configs").rglob("*.yaml"))
@@ -44,7 +44,7 @@ CONFIG_VARS = ("XCONNECTOR_CONFIG", "DYNAMO_SERVICE_CONFIG", "DYN_DEPLOYMENT_CON
 # What a worker process started by `dynamo serve` reports about its config.
 PROBE = """
 import json, sys
-from xconnector.integrations.dynamo.config_detector import detect_config
+from xconnector.config.discovery import detect_config
 found = detect_config()
 print(json.dumps({"describe": found.describe(), "enabled": found.enabled, "source": found.source,
                   "section": found.section, "mode": found.config.mode,

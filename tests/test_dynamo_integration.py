@@ -167,7 +167,7 @@ def test_vllm_v0_connector_subclasses_are_patched(tmp_path: Path) -> None:
 
 
 def test_v1_engines_get_the_connector_or_a_multiconnector() -> None:
-    from xconnector.integrations.dynamo.worker_injector import v1_transfer_config
+    from xconnector.integrations.vllm.engine_config import v1_transfer_config
 
     section = {"enabled": True, "mode": "embedded"}
     ours = v1_transfer_config(None, section)

@@ -12,7 +12,7 @@ import pytest
 from conftest import BLOCK, BLOCK_BYTES, block_payload
 
 from xconnector import Engine, native
-from xconnector.sdk.exceptions import (
+from xconnector.exceptions import (
     ConfigError,
     InternalError,
     InvalidInputError,

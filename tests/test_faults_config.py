@@ -21,7 +21,7 @@ from services import NatsServer, free_port
 
 from xconnector import Engine, native
 from xconnector.logs import set_level
-from xconnector.sdk.exceptions import XConnectorError
+from xconnector.exceptions import XConnectorError
 from xconnector.sdk.handlers.distributed import DistributedHandler
 
 SECRET = "hunter2-do-not-print"
@@ -201,7 +201,7 @@ def test_nats_credentials_reach_the_server_but_no_log_line_even_at_debug(
 
 
 def test_an_adapter_configs_repr_hides_its_secrets() -> None:
-    from xconnector.sdk.config import AdapterConfig
+    from xconnector.config.schema import AdapterConfig
 
     a = AdapterConfig(
         name="lmcache", config={"remote_url": f"redis://:{SECRET}@h:1", "remote_auth_key": SECRET}
@@ -213,8 +213,8 @@ def test_an_adapter_configs_repr_hides_its_secrets() -> None:
 def test_an_inline_auth_key_is_not_put_into_vllms_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM may print its kv_transfer_config: the autopatch moves an inline secret into the
     environment the engine processes inherit, and names it there."""
-    from xconnector.integrations.dynamo.worker_injector import AUTH_KEY_ENV, v1_transfer_config
-    from xconnector.sdk.config import SDKConfig
+    from xconnector.integrations.vllm.engine_config import AUTH_KEY_ENV, v1_transfer_config
+    from xconnector.config.schema import SDKConfig
 
     monkeypatch.delenv(AUTH_KEY_ENV, raising=False)
     section = SDKConfig.from_dict(

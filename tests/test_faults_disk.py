@@ -501,7 +501,7 @@ def test_engines_sharing_a_directory_keep_their_own_blocks(tmp_path: Path) -> No
 
 
 def test_a_disk_budget_smaller_than_a_block_is_a_config_error(tmp_path: Path) -> None:
-    from xconnector.sdk.exceptions import ConfigError
+    from xconnector.exceptions import ConfigError
 
     with pytest.raises(ConfigError, match="disk_capacity_bytes"):
         Engine(block_bytes=BLOCK_BYTES, capacity_bytes=BLOCK_BYTES, disk_path=str(tmp_path / "kv"))

@@ -29,7 +29,7 @@ from watchdog import returns
 
 from xconnector import Engine, sequence_hashes
 from xconnector.sdk import XConnectorSDK
-from xconnector.sdk.exceptions import ConfigError, XConnectorError
+from xconnector.exceptions import ConfigError, XConnectorError
 
 BLOCK_BYTES = 256
 T = TypeVar("T")

@@ -27,8 +27,8 @@ SCRIPT = r"""
 import json, os, sys, time, traceback
 sys.path.insert(0, sys.argv[4])
 from v0_worker import BLOCK, new_kv_caches
-from xconnector.integrations.dynamo import minimal_sdk
-from xconnector.sdk.config import SDKConfig
+from xconnector.sdk import process as minimal_sdk
+from xconnector.config.schema import SDKConfig
 
 redis_url, nats_url, subject = sys.argv[1], sys.argv[2], sys.argv[3]
 minimal_sdk.configure(SDKConfig.from_dict({

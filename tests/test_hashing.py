@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from xconnector import local_block_hashes, sequence_hashes
-from xconnector.sdk.exceptions import InvalidInputError, XConnectorError
+from xconnector.exceptions import InvalidInputError, XConnectorError
 
 LOCAL = [0xEA06FC71A5EE6E88, 0x1FBF39BD106BE0B5, 0xA8562FE663B7A097, 0x4BAD57D34048B86A]
 SEQ = [0xEA06FC71A5EE6E88, 0xAD01835A37DD294C, 0x0D55E56C2BCCBD1A, 0x445502A8048D6688]

@@ -16,7 +16,7 @@ from lookup_ranks import PROMPT, Rank, socket_env
 
 from xconnector import native
 from xconnector.integrations.vllm import lookup_service
-from xconnector.sdk.exceptions import InvalidInputError
+from xconnector.exceptions import InvalidInputError
 
 #: Long enough that a busy test machine never turns an answer into a miss.
 PATIENT = 10.0

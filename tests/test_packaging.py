@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = r"""
 import importlib.resources, xconnector
 from xconnector import Engine, sequence_hashes
-from xconnector.sdk.exceptions import InvalidInputError, XConnectorError
+from xconnector.exceptions import InvalidInputError, XConnectorError
 assert sequence_hashes(list(range(1, 65)))[-1] == 0x445502a8048d6688
 e = Engine(block_bytes=8, capacity_bytes=64)
 assert e.store(list(range(32)), bytes(range(16))) == 2

@@ -17,7 +17,7 @@ from conftest import BLOCK, block_payload
 from services import RedisServer
 
 from xconnector import Engine, sequence_hashes
-from xconnector.sdk.exceptions import ConfigError
+from xconnector.exceptions import ConfigError
 
 BLOCK_BYTES = 256
 VALUE_HEADER = 56  # bytes before the payload in every value (redis_tier.rs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from xconnector._native import OverlapIndex, Router
-from xconnector.sdk.exceptions import CacheError, ConfigError, InvalidInputError
+from xconnector.exceptions import CacheError, ConfigError, InvalidInputError
 
 
 def test_priority_fallback_backoff_and_recovery() -> None:

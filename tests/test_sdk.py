@@ -24,7 +24,7 @@ from xconnector.sdk import (
     create_kv_cache_sdk,
     create_xconnector_sdk,
 )
-from xconnector.sdk.exceptions import CacheError, InvalidInputError
+from xconnector.exceptions import CacheError, InvalidInputError
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from xconnector import Engine, native
 from xconnector.adapters.vllm import HostKv, StagedKv
-from xconnector.sdk.exceptions import InvalidInputError
+from xconnector.exceptions import InvalidInputError
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 

@@ -19,7 +19,7 @@ from conftest import BLOCK, BLOCK_BYTES, block_payload
 from services import RedisServer
 
 from xconnector import Engine, sequence_hashes
-from xconnector.sdk.exceptions import InvalidInputError
+from xconnector.exceptions import InvalidInputError
 
 
 @pytest.fixture

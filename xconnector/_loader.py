@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from xconnector.sdk.exceptions import NativeModuleError
+from xconnector.exceptions import NativeModuleError
 
 _module: ModuleType | None = None
 

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from xconnector.sdk.exceptions import ConfigError, NativeModuleError
+from xconnector.exceptions import ConfigError, NativeModuleError
 
 if TYPE_CHECKING:
-    from xconnector.integrations.dynamo.config_detector import DetectedConfig
+    from xconnector.config.discovery import DetectedConfig
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -107,7 +107,7 @@ def check_config(
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    from xconnector.integrations.dynamo import config_detector
+    from xconnector.config import discovery as config_detector
 
     try:
         if path is None:

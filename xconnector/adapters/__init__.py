@@ -19,7 +19,7 @@ ADAPTERS = {
 
 
 def adapter_class(name: str) -> type[Adapter]:
-    from xconnector.sdk.exceptions import ConfigError
+    from xconnector.exceptions import ConfigError
 
     try:
         module, cls = ADAPTERS[name].split(":")

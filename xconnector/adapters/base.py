@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from xconnector.sdk.config import AdapterConfig, SDKConfig
+from xconnector.config.schema import AdapterConfig, SDKConfig
 
 
 class Adapter:

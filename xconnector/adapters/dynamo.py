@@ -11,7 +11,7 @@ import socket
 from typing import Any, ClassVar
 
 from xconnector.adapters.base import Adapter
-from xconnector.sdk.config import AdapterConfig, SDKConfig
+from xconnector.config.schema import AdapterConfig, SDKConfig
 
 
 class DynamoAdapter(Adapter):

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 from xconnector._loader import load_native
 from xconnector._native import Engine
 from xconnector.adapters.base import Adapter
-from xconnector.sdk.config import AdapterConfig, SDKConfig
-from xconnector.sdk.exceptions import ConfigError
+from xconnector.config.schema import AdapterConfig, SDKConfig
+from xconnector.exceptions import ConfigError
 
 DEFAULT_CAPACITY = 2 << 30
 DEFAULT_DISK_CAPACITY = 20 << 30

@@ -20,8 +20,8 @@ from xconnector._loader import load_native
 from xconnector._native import Engine
 from xconnector.adapters._arrays import dtype_name, is_torch
 from xconnector.adapters.base import Adapter
-from xconnector.sdk.config import AdapterConfig, SDKConfig
-from xconnector.sdk.exceptions import InvalidInputError
+from xconnector.config.schema import AdapterConfig, SDKConfig
+from xconnector.exceptions import InvalidInputError
 
 DEFAULT_STAGING_BYTES = 256 << 20
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xconnector.adapters._arrays import like, take, to_list
-from xconnector.sdk.exceptions import InvalidInputError
+from xconnector.exceptions import InvalidInputError
 
 
 @dataclass(frozen=True)

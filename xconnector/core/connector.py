@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from xconnector.adapters.base import Adapter
-from xconnector.sdk.config import AdapterConfig, SDKConfig
-from xconnector.sdk.exceptions import CacheError, InvalidInputError
+from xconnector.config.schema import AdapterConfig, SDKConfig
+from xconnector.exceptions import CacheError, InvalidInputError
 from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
 __all__ = ["XConnector"]

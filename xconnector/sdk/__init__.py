@@ -6,7 +6,7 @@ on first use so that `import xconnector.sdk.exceptions` stays free for the autop
 
 from __future__ import annotations
 
-from xconnector.sdk.exceptions import (
+from xconnector.exceptions import (
     CacheError,
     ConfigError,
     InternalError,
@@ -21,7 +21,7 @@ TYPE_CHECKING = False  # see xconnector/__init__.py
 if TYPE_CHECKING:
     from typing import Any
 
-    from xconnector.sdk.config import AdapterConfig, SDKConfig
+    from xconnector.config.schema import AdapterConfig, SDKConfig
     from xconnector.sdk.factory import KVCacheSDK, create_kv_cache_sdk, create_xconnector_sdk
     from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "AdapterConfig": "xconnector.sdk.config",
-    "SDKConfig": "xconnector.sdk.config",
+    "AdapterConfig": "xconnector.config.schema",
+    "SDKConfig": "xconnector.config.schema",
     "KVCacheSDK": "xconnector.sdk.factory",
     "create_kv_cache_sdk": "xconnector.sdk.factory",
     "create_xconnector_sdk": "xconnector.sdk.factory",

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from xconnector.sdk.config import SDKConfig
-from xconnector.sdk.exceptions import ConfigError
+from xconnector.config.schema import SDKConfig
+from xconnector.exceptions import ConfigError
 from xconnector.sdk.xconnector_sdk import XConnectorSDK, coerce_config
 
 __all__ = ["KVCacheSDK", "create_kv_cache_sdk", "create_xconnector_sdk"]

@@ -21,8 +21,8 @@ from xconnector.adapters.base import Adapter
 from xconnector.adapters.dynamo import DynamoAdapter, default_worker_id
 from xconnector.adapters.lmcache import LMCacheAdapter
 from xconnector.adapters.vllm import VLLMAdapter
-from xconnector.sdk.config import AdapterConfig, SDKConfig
-from xconnector.sdk.exceptions import (
+from xconnector.config.schema import AdapterConfig, SDKConfig
+from xconnector.exceptions import (
     CacheError,
     ConfigError,
     InternalError,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from xconnector.integrations.dynamo.config_detector import resolve_dynamo_config
+from xconnector.config.discovery import resolve_dynamo_config
 from xconnector.integrations.dynamo.worker_injector import WORKER_METHODS
 from xconnector.integrations.dynamo.worker_wrapper import (
     is_wrapper,

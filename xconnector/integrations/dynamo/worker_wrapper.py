@@ -25,14 +25,23 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from xconnector.patching import MARK, is_wrapper
 from xconnector.sdk.xconnector_sdk import XConnectorSDK
+
+__all__ = [
+    "MARK",
+    "SdkProvider",
+    "VLLMWorkerWrapper",
+    "errors",
+    "is_wrapper",
+    "make_recv_wrapper",
+    "make_send_wrapper",
+]
 
 log = logging.getLogger("xconnector.autopatch")
 
 SdkProvider = Callable[[], "XConnectorSDK | None"]
 
-#: Marks a wrapper so nothing is wrapped twice and `unpatch()` can find the original.
-MARK = "_xconnector_patch"
 
 _errors: Counter[str] = Counter()
 _errors_lock = threading.Lock()
@@ -107,10 +116,6 @@ def _mark(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable
     functools.update_wrapper(wrapper, original)
     setattr(wrapper, MARK, True)
     return wrapper
-
-
-def is_wrapper(fn: Any) -> bool:
-    return bool(getattr(fn, MARK, False))
 
 
 def make_recv_wrapper(original: Callable[..., Any], get_sdk: SdkProvider) -> Callable[..., Any]:

@@ -58,7 +58,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from xconnector import switches
 from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
+from xconnector.config.schema import SDKConfig
+from xconnector.exceptions import ConfigError
 from xconnector.integrations.vllm import lookup_service
 from xconnector.integrations.vllm.kv_events import (
     BlockNames,
@@ -67,8 +70,6 @@ from xconnector.integrations.vllm.kv_events import (
     events_for_vllm,
     vllm_names,
 )
-from xconnector.sdk.config import SDKConfig
-from xconnector.sdk.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -193,7 +194,7 @@ def load_config(extra: dict[str, Any]) -> SDKConfig:
             "kv_connector_extra_config.xconnector must be the XConnector section (a mapping) "
             f"or the path of a YAML file, not {type(section).__name__}"
         )
-    from xconnector.integrations.dynamo.config_detector import detect_config
+    from xconnector.config.discovery import detect_config
 
     found = detect_config()
     return found.config if found.found else SDKConfig(enabled=True)
@@ -216,17 +217,17 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._tp: int = int(vllm_config.parallel_config.tensor_parallel_size)
         self._pp: int = int(vllm_config.parallel_config.pipeline_parallel_size)
         self._config: SDKConfig | None = None
-        try:
-            if _kill_switch():
-                raise _Disabled
-            config = load_config(dict(self._kv_transfer_config.kv_connector_extra_config))
-            self._config = config if config.enabled and config.enable_caching else None
-        except _Disabled:
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config)
+        if switches.disabled():
             log.info("XConnector is off (XCONNECTOR_DISABLE/XCONNECTOR_ENABLED): plain vLLM")
-        except ConfigError as e:
-            if _strict(extra=self._kv_transfer_config.kv_connector_extra_config):
-                raise
-            log.error("XConnector is off, vLLM runs without it: %s", e)
+        else:
+            try:
+                config = load_config(extra)
+                self._config = config if config.enabled and config.enable_caching else None
+            except ConfigError as e:
+                if switches.strict(section=extra.get("xconnector")) or getattr(e, "strict", False):
+                    raise
+                log.error("XConnector is off, vLLM runs without it: %s", e)
         # Tokens per engine block: LMCache's chunk_size, else vLLM's block size.
         chunk = None
         if self._config is not None:
@@ -238,7 +239,6 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         # what XConnector holds with them.
         # `"report_kv_events": false` in kv_connector_extra_config keeps XConnector out of them.
         events_config = getattr(vllm_config, "kv_events_config", None)
-        extra = self._kv_transfer_config.kv_connector_extra_config
         self._report_events = (
             self._config is not None
             and bool(getattr(events_config, "enable_kv_cache_events", False))
@@ -684,18 +684,6 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         return {**out, **self._totals, "skipped": dict(self._skipped)}
 
 
-class _Disabled(Exception):
-    pass
-
-
-def _kill_switch() -> bool:
-    import os
-
-    disable = os.environ.get("XCONNECTOR_DISABLE", "").strip().lower() in ("1", "true")
-    enabled = os.environ.get("XCONNECTOR_ENABLED", "").strip().lower() not in ("0", "false")
-    return disable or not enabled
-
-
 def _parallel_ranks() -> tuple[int, int]:
     """This worker's tensor- and pipeline-parallel ranks ((0, 0) in a single process)."""
     try:
@@ -704,11 +692,3 @@ def _parallel_ranks() -> tuple[int, int]:
         return int(get_tensor_model_parallel_rank()), int(get_pp_group().rank_in_group)
     except Exception:  # not initialized: a single process
         return 0, 0
-
-
-def _strict(extra: dict[str, Any]) -> bool:
-    import os
-
-    section = extra.get("xconnector")
-    strict_cfg = isinstance(section, dict) and bool(section.get("integration", {}).get("strict"))
-    return strict_cfg or os.environ.get("XCONNECTOR_STRICT", "").strip().lower() in ("1", "true")
