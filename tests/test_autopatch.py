@@ -296,3 +296,48 @@ except RuntimeError as e:
         check=True,
     )
     assert json.loads(proc.stdout) == {"error": "the worker's own recv failed", "recv_calls": 1}
+
+
+def test_the_class_hook_goes_once_the_module_ends_without_the_class(tmp_path: Path) -> None:
+    # The import line is the worker module's own first line, but the module never defines the
+    # target class: the class-statement hook must not stay installed for the process's life.
+    (tmp_path / "half_worker.py").write_text(
+        "import xconnector.integrations.dynamo.autopatch\n"
+        "import builtins\n"
+        "HOOKED_WHILE_LOADING = builtins.__build_class__ is not ORIGINAL\n"
+        "class SomethingElse:\n"
+        "    pass\n"
+    )
+    code = (
+        "import builtins, json\n"
+        "import sitecustomize_stub\n"
+        "original = builtins.__build_class__\n"
+        "import half_worker\n"
+        "class AfterTheModule:\n"
+        "    pass\n"
+        "print(json.dumps({'while': half_worker.HOOKED_WHILE_LOADING,"
+        " 'after': builtins.__build_class__ is not original}))\n"
+    )
+    # half_worker reads ORIGINAL from builtins: the value before any hook.
+    (tmp_path / "sitecustomize_stub.py").write_text(
+        "import builtins\nbuiltins.ORIGINAL = builtins.__build_class__\n"
+    )
+    doc = {
+        "Common": {
+            "xconnector": {"enabled": True, "integration": {"targets": ["half_worker:Worker"]}}
+        }
+    }
+    env = {
+        **os.environ,
+        **service_config(doc),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--service-name", "VllmWorker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(proc.stdout)
+    assert out == {"while": True, "after": False}, proc.stderr
