@@ -54,23 +54,27 @@ class MonitoringHandler:
             out.update(self._sources())
         return out
 
-    def _sdk_text(self) -> str:
+    def _sdk_families(self) -> list[Any]:
+        """The SDK's own counters as metric families (built directly, never parsed back)."""
+        from prometheus_client.core import CounterMetricFamily
+
         c, f = self.counters(), self.fallbacks()
-        lines = [
-            "# HELP xconnector_fallbacks_total Calls that fell back to the worker's own path.",
-            "# TYPE xconnector_fallbacks_total counter",
-            *(f'xconnector_fallbacks_total{{reason="{r}"}} {n}' for r, n in sorted(f.items())),
-            "# HELP xconnector_receives_total KV receive calls (vLLM v0 shaped).",
-            "# TYPE xconnector_receives_total counter",
-            f"xconnector_receives_total {c.get('receives', 0)}",
-            "# HELP xconnector_prompt_tokens_total Prompt tokens of fresh prefills on receive.",
-            "# TYPE xconnector_prompt_tokens_total counter",
-            f"xconnector_prompt_tokens_total {c.get('prompt_tokens', 0)}",
-            "# HELP xconnector_served_tokens_total Prompt tokens served from the cache on receive.",
-            "# TYPE xconnector_served_tokens_total counter",
-            f"xconnector_served_tokens_total {c.get('hit_tokens', 0)}",
+        fallbacks = CounterMetricFamily(
+            "xconnector_fallbacks",
+            "Calls that fell back to the worker's own path.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(f.items()):
+            fallbacks.add_metric([reason], n)
+        plain = [
+            ("receives", "KV receive calls (vLLM v0 shaped).", "receives"),
+            ("prompt_tokens", "Prompt tokens of fresh prefills on receive.", "prompt_tokens"),
+            ("served_tokens", "Prompt tokens served from the cache on receive.", "hit_tokens"),
         ]
-        return "\n".join(lines) + "\n"
+        return [fallbacks] + [
+            CounterMetricFamily(f"xconnector_{name}", doc, value=c.get(key, 0))
+            for name, doc, key in plain
+        ]
 
     def collector(self) -> Any:
         """A `prometheus_client` collector of every XConnector metric, for the worker's own
@@ -87,7 +91,7 @@ class MonitoringHandler:
 
 
 class _Collector:
-    """Merges the SDK's counters and each engine's exposition into one set of families."""
+    """The SDK's counters, and each engine's native exposition merged into the same families."""
 
     def __init__(self, monitoring: MonitoringHandler) -> None:
         self._m = monitoring
@@ -95,11 +99,9 @@ class _Collector:
     def collect(self) -> Any:
         from prometheus_client.parser import text_string_to_metric_families
 
-        texts = [self._m._sdk_text()]
-        if self._m._engines is not None:
-            texts += [engine.prometheus() for engine in self._m._engines()]
-        merged: dict[str, Any] = {}
-        for text in texts:
+        merged: dict[str, Any] = {f.name: f for f in self._m._sdk_families()}
+        engines = self._m._engines() if self._m._engines is not None else []
+        for text in (engine.prometheus() for engine in engines):
             for family in text_string_to_metric_families(text):
                 if family.name in merged:
                     merged[family.name].samples.extend(family.samples)
