@@ -175,3 +175,41 @@ def test_workers_that_never_confirm_turn_loads_off() -> None:
     for _ in range(_UNCONFIRMED_STEPS + 1):
         decode(sched, {"F": 136})
     assert sched.get_num_new_matched_tokens(request("G", [*PREFIX, 1, 2]), 0) == (0, False)
+
+
+def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(no_faults: None) -> None:
+    # v0 and v1 share one fail-open path (XConnectorSDK.cache_call): a native failure in a load
+    # opens the cache's backoff, so the next load of the step skips the engine, and both show
+    # in the SDK's fallbacks by reason, as v0's do.
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from xconnector import native
+    from xconnector._native import Router
+    from xconnector.integrations.vllm import connector as c
+
+    config = NS(
+        cache_config=NS(block_size=BS, cache_dtype="auto"),
+        parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=NS(is_encoder_decoder=False, model="m"),
+        kv_transfer_config=NS(engine_id="failopen", kv_connector_extra_config={"xconnector": {}}),
+    )
+    worker = c.XConnectorV1(config, KVConnectorRole.WORKER)
+    worker.register_kv_caches({"layer0": torch.zeros(8, 2, BS, 8)})
+    sdk = worker._sdk
+    assert sdk is not None and worker._engine is not None
+    sdk.router = Router(manual_clock=True, base_backoff=1.0)  # backoff without wall time
+    sdk.router.add("lmcache", "cache", 0, "write_through")
+    worker._engine.store(PREFIX, bytes(worker._engine.block_bytes * 3))
+    loads = [c.Transfer(req_id=r, tokens=PREFIX, block_ids=[0, 1, 2]) for r in ("A", "B")]
+    native()._inject_fault("load", "panic")
+    worker.bind_connector_metadata(c.XConnectorMetadata(step=1, loads=loads))
+    worker.start_load_kv(NS())
+    assert sdk.get_monitoring_handler().fallbacks() == {"internal_error": 1, "cache_backoff": 1}
+    assert worker.get_block_ids_with_load_errors() == {0, 1, 2}  # vLLM recomputes them
+    native()._inject_fault("load", "none")
+    sdk.router.advance(1.0)
+    worker.bind_connector_metadata(c.XConnectorMetadata(step=2, loads=loads[:1]))
+    worker.start_load_kv(NS())
+    assert worker.get_block_ids_with_load_errors() == set()  # served again after the backoff
+    worker.shutdown()

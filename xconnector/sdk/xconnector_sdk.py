@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from xconnector._native import Router
 from xconnector.adapters import adapter_class
@@ -34,6 +34,8 @@ from xconnector.sdk.handlers.kv_cache import KVCacheHandler, KVReceiveResult, KV
 from xconnector.sdk.handlers.monitoring import MonitoringHandler
 
 log = logging.getLogger("xconnector.sdk")
+
+_T = TypeVar("_T")
 
 # Adapter type -> router write policy: the cache takes stores; the others only serve.
 _POLICY = {"cache": "write_through", "inference": "read_only", "distributed": "read_only"}
@@ -282,14 +284,14 @@ class XConnectorSDK:
 
     # -- worker-facing KV calls ----------------------------------------------------------------
 
-    def _fallback(self, e: BaseException) -> str:
+    def _fallback(self, e: BaseException, kind: str) -> str:
         reason = _reason(e)
         self.monitoring.fallback(reason)
         if reason not in self._logged:
             self._logged.add(reason)
-            log.warning("XConnector fell back to the worker's own path (%s): %s", reason, e)
+            log.warning("XConnector %s fell back to the worker's path (%s): %s", kind, reason, e)
         else:
-            log.debug("fallback (%s): %s", reason, e)
+            log.debug("%s fell back (%s): %s", kind, reason, e)
         return reason
 
     def _cache_target(self) -> str | None:
@@ -300,6 +302,30 @@ class XConnectorSDK:
             self.monitoring.fallback("cache_backoff")
             return None
 
+    def cache_call(
+        self, kind: str, fn: Callable[..., _T], *args: Any, **kwargs: Any
+    ) -> tuple[_T | None, str | None]:
+        """Runs `fn(*args, **kwargs)`, the cache operation `kind` (`receive`, `load`, ...), the
+        way every worker-facing call fails open, v0 and v1 alike: skipped while the cache adapter
+        backs off after failures; an error is counted, logged once per reason, reported to the
+        router (which then backs off) and never raised. Returns `(result, None)`, or
+        `(None, why it fell back)`."""
+        if self._state != "initialized":
+            return None, "not_initialized"
+        if not (self.config.enabled and self.config.enable_caching):
+            return None, "caching_disabled"
+        target = self._cache_target()
+        if target is None:
+            return None, "cache_backoff"
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            if isinstance(e, (CacheError, InternalError)):
+                self.router.report_failure(target)
+            return None, self._fallback(e, kind)
+        self.router.report_success(target)
+        return result, None
+
     def handle_kv_receive_sync(
         self, model_executable: Any, model_input: Any, kv_caches: Any
     ) -> KVReceiveResult:
@@ -307,19 +333,10 @@ class XConnectorSDK:
         self._require("handle_kv_receive")
         kv = self._kv
         assert kv is not None
-        if not (self.config.enabled and self.config.enable_caching):
-            return KVReceiveResult(False, 0, 0, model_input, fallback_reason="caching_disabled")
-        target = self._cache_target()
-        if target is None:
-            return KVReceiveResult(False, 0, 0, model_input, fallback_reason="cache_backoff")
-        try:
-            result = kv.receive(model_executable, model_input, kv_caches)
-        except Exception as e:
-            if isinstance(e, (CacheError, InternalError)):
-                self.router.report_failure(target)
-            return KVReceiveResult(False, 0, 0, model_input, fallback_reason=self._fallback(e))
-        self.router.report_success(target)
-        return result
+        result, why = self.cache_call(
+            "receive", kv.receive, model_executable, model_input, kv_caches
+        )
+        return result or KVReceiveResult(False, 0, 0, model_input, fallback_reason=why)
 
     def handle_kv_send_sync(
         self,
@@ -332,21 +349,10 @@ class XConnectorSDK:
         self._require("handle_kv_send")
         kv = self._kv
         assert kv is not None
-        if not (self.config.enabled and self.config.enable_caching):
-            return KVSendResult(0, 0, fallback_reason="caching_disabled")
-        target = self._cache_target()
-        if target is None:
-            return KVSendResult(0, 0, fallback_reason="cache_backoff")
-        try:
-            result = kv.send(
-                model_executable, model_input, kv_caches, hidden_or_intermediate_states
-            )
-        except Exception as e:
-            if isinstance(e, (CacheError, InternalError)):
-                self.router.report_failure(target)
-            return KVSendResult(0, 0, fallback_reason=self._fallback(e))
-        self.router.report_success(target)
-        return result
+        result, why = self.cache_call(
+            "send", kv.send, model_executable, model_input, kv_caches, hidden_or_intermediate_states
+        )
+        return result or KVSendResult(0, 0, fallback_reason=why)
 
     async def handle_kv_receive(
         self, model_executable: Any, model_input: Any, kv_caches: Any

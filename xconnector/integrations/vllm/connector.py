@@ -552,14 +552,13 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             return
         for t in meta.loads:
             loaded = 0
-            try:
-                self._name_blocks(t)
-                if self._io is not None and self._engine is not None:
-                    loaded = self._io.load(
-                        self._engine, t.tokens, t.block_ids, t.first_block, **t.extras()
-                    )
-            except Exception as e:
-                self._fail("load", e)
+            self._name_blocks(t)
+            io, engine, sdk = self._io, self._engine, self._sdk
+            if io is not None and engine is not None and sdk is not None:
+                done, _ = sdk.cache_call(
+                    "load", io.load, engine, t.tokens, t.block_ids, t.first_block, **t.extras()
+                )
+                loaded = done or 0
             self._loaded_steps.add(meta.step)
             self._totals["loads"] += 1
             if loaded < len(t.tokens):
@@ -594,20 +593,18 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 self._engine.take_block_events()
                 log.info("XConnector: vLLM does not take this connector's KV events; not reported")
         meta = self._get_connector_metadata()
-        if not isinstance(meta, XConnectorMetadata) or self._io is None or self._engine is None:
+        io, engine, sdk = self._io, self._engine, self._sdk
+        if not isinstance(meta, XConnectorMetadata) or io is None or engine is None or sdk is None:
             return
         for t in meta.saves:
             if t.if_loads_ok and meta.step in self._failed_steps:
                 self._failed_reqs.add(t.req_id)  # computed over a failed load: not kept
                 continue
-            try:
-                self._name_blocks(t)
-                stored = self._io.store(self._engine, t.tokens, t.block_ids, **t.extras())
-                self._totals["saved_blocks"] += stored
-                if self._sdk is not None:
-                    self._sdk.get_monitoring_handler().count("v1_stored_blocks", stored)
-            except Exception as e:
-                self._fail("save", e)
+            self._name_blocks(t)
+            extras = t.extras()
+            stored, _ = sdk.cache_call("save", io.store, engine, t.tokens, t.block_ids, **extras)
+            self._totals["saved_blocks"] += stored or 0
+            sdk.get_monitoring_handler().count("v1_stored_blocks", stored or 0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
