@@ -20,8 +20,8 @@ import pytest
 from services import NatsServer, free_port
 
 from xconnector import Engine, native
-from xconnector.logs import set_level
 from xconnector.exceptions import XConnectorError
+from xconnector.logs import set_level
 from xconnector.sdk.handlers.distributed import DistributedHandler
 
 SECRET = "hunter2-do-not-print"
@@ -213,8 +213,8 @@ def test_an_adapter_configs_repr_hides_its_secrets() -> None:
 def test_an_inline_auth_key_is_not_put_into_vllms_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM may print its kv_transfer_config: the autopatch moves an inline secret into the
     environment the engine processes inherit, and names it there."""
-    from xconnector.integrations.vllm.engine_config import AUTH_KEY_ENV, v1_transfer_config
     from xconnector.config.schema import SDKConfig
+    from xconnector.integrations.vllm.engine_config import AUTH_KEY_ENV, v1_transfer_config
 
     monkeypatch.delenv(AUTH_KEY_ENV, raising=False)
     section = SDKConfig.from_dict(

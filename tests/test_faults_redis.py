@@ -28,8 +28,8 @@ from services import NatsServer, RedisServer
 from watchdog import returns
 
 from xconnector import Engine, sequence_hashes
-from xconnector.sdk import XConnectorSDK
 from xconnector.exceptions import ConfigError, XConnectorError
+from xconnector.sdk import XConnectorSDK
 
 BLOCK_BYTES = 256
 T = TypeVar("T")

@@ -15,8 +15,8 @@ import pytest
 from lookup_ranks import PROMPT, Rank, socket_env
 
 from xconnector import native
-from xconnector.integrations.vllm import lookup_service
 from xconnector.exceptions import InvalidInputError
+from xconnector.integrations.vllm import lookup_service
 
 #: Long enough that a busy test machine never turns an answer into a miss.
 PATIENT = 10.0

@@ -15,6 +15,7 @@ from xconnector import native
 from xconnector._native import Router
 from xconnector.adapters.lmcache import LMCacheAdapter
 from xconnector.core.connector import XConnector
+from xconnector.exceptions import CacheError, InvalidInputError
 from xconnector.sdk import (
     ConfigError,
     KVCacheSDK,
@@ -24,7 +25,6 @@ from xconnector.sdk import (
     create_kv_cache_sdk,
     create_xconnector_sdk,
 )
-from xconnector.exceptions import CacheError, InvalidInputError
 
 
 @pytest.fixture
