@@ -29,6 +29,18 @@ def resolve(mod: str, path: list[str], modules: set[str]) -> str | None:
 DEBUG = False
 
 
+def absolute(here: list[str], is_dir_mod: bool, root: str, rest: list[str]) -> list[str] | None:
+    """A path written in module `here` as an absolute module path (`self::` and a bare child
+    name are relative to `here`, `super::` to its parent)."""
+    if root == "crate":
+        return rest
+    if root == "super":
+        return here[:-1] + rest
+    if root == "self" or is_dir_mod:
+        return here + rest
+    return None
+
+
 def main() -> int:
     src = Path(sys.argv[1] if len(sys.argv) > 1 else "rust/xconnector-core/src")
     files = {module_of(src, f): f for f in src.rglob("*.rs")}
@@ -36,26 +48,17 @@ def main() -> int:
     edges: dict[str, set[str]] = {m: set() for m in modules}
     # `crate::a::b`, `super::a`, `self::a`, and in a directory module `use child::...`;
     # `use x::{a, b}` groups are split.
-    use_pat = re.compile(r"\buse\s+([\w:]+?)::\{([^}]*)\}|\b(crate|super|self)((?:::\w+)+)|\buse\s+(?!crate\b|super\b|self\b)(\w+)::")
+    use_pat = re.compile(
+        r"\buse\s+([\w:]+?)::\{([^}]*)\}"
+        r"|\b(crate|super|self)((?:::\w+)+)"
+        r"|\buse\s+(?!crate\b|super\b|self\b)(\w+)::"
+    )
     for mod, f in files.items():
         text = re.sub(r"//[^\n]*", "", f.read_text())
         # Tests inside a module depend on whatever they like; only the module's own code counts.
         text = text.split("#[cfg(test)]")[0]
         here = [] if mod == "crate" else mod.split("::")
         is_dir_mod = f.name in ("mod.rs", "lib.rs")
-        # What `self::` and a bare child name are relative to, and what `super::` is.
-        me = here
-        parent = here[:-1]
-
-        def absolute(root: str, rest: list[str]) -> list[str] | None:
-            if root == "crate":
-                return rest
-            if root == "super":
-                return parent + rest
-            if root == "self" or is_dir_mod:
-                return me + rest
-            return None
-
         for m in use_pat.finditer(text):
             targets: list[list[str]] = []
             if m.group(1):
@@ -69,7 +72,10 @@ def main() -> int:
             else:
                 targets.append([m.group(5)])
             for t in targets:
-                full = absolute(t[0], t[1:]) if t[0] in ("crate", "super", "self") else absolute("", t)
+                if t[0] in ("crate", "super", "self"):
+                    full = absolute(here, is_dir_mod, t[0], t[1:])
+                else:
+                    full = absolute(here, is_dir_mod, "", t)
                 if full is None:
                     continue
                 target = resolve(mod, full, modules)

@@ -69,9 +69,8 @@ def v1_transfer_config(existing: Any, section: dict[str, Any]) -> dict[str, Any]
     }
     current = existing
     if current is not None and not isinstance(current, dict):
-        current = (
-            dataclasses.asdict(current) if dataclasses.is_dataclass(current) else vars(current)
-        )
+        is_instance = dataclasses.is_dataclass(current) and not isinstance(current, type)
+        current = dataclasses.asdict(current) if is_instance else vars(current)
     if current is None or current.get("kv_connector") is None:
         return {**ours, "kv_load_failure_policy": "recompute"}
     children = current.get("kv_connector_extra_config", {}).get("connectors", [])
