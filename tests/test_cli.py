@@ -24,7 +24,7 @@ Common:
       lmcache: {config: {max_cache_size: 2GiB}}
 VllmWorker:
   common-configs: [model, xconnector]
-  xconnector: {mode: hybrid}
+  xconnector: {enable_distributed: false}
 """
 
 
@@ -57,7 +57,10 @@ def test_a_valid_config_prints_effective_values_origins_and_warnings(
         "(read from Common.xconnector + VllmWorker.xconnector)"
     )
     row = {line.split()[0]: line.split(maxsplit=2)[1:] for line in lines if line.startswith("  ")}
-    assert row["mode"] == ['"hybrid"', f"{path}: VllmWorker.xconnector.mode"]
+    assert row["enable_distributed"] == [
+        "false",
+        f"{path}: VllmWorker.xconnector.enable_distributed",
+    ]
     assert row["enabled"] == ["true", f"{path}: Common.xconnector.enabled"]
     assert row["adapters[0].config.max_cache_size"] == [
         '"2GiB"',
@@ -134,7 +137,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 def test_without_a_file_it_checks_what_this_environment_gives_a_worker() -> None:
     dynamo = {
         "Common": {"xconnector": {"enabled": True}},
-        "PrefillWorker": {"xconnector": {"mode": "hybrid"}},
+        "PrefillWorker": {"xconnector": {"enable_caching": False}},
     }
     env = {"DYNAMO_SERVICE_CONFIG": json.dumps(dynamo)}
     r = run("check-config", "--service", "PrefillWorker", env=env)

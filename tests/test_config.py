@@ -151,7 +151,8 @@ def test_from_yaml_reads_dynamo_files_sections_and_bare_sections(tmp_path: Path)
     dynamo = tmp_path / "agg.yaml"
     dynamo.write_text(
         "Common:\n  model: m\n  xconnector:\n    enabled: true\n"
-        "VllmWorker:\n  common-configs: [model]\n  xconnector: {mode: hybrid}\n"
+        "VllmWorker:\n  common-configs: [model]\n  xconnector: {mode: hybrid, adapters: "
+        "{lmcache: {config: {remote_url: 'redis://127.0.0.1:6379'}}}}\n"
     )
     assert SDKConfig.from_yaml(dynamo).mode == "embedded"
     assert SDKConfig.from_yaml(dynamo, service="VllmWorker").mode == "hybrid"
@@ -159,7 +160,10 @@ def test_from_yaml_reads_dynamo_files_sections_and_bare_sections(tmp_path: Path)
     keyed.write_text("xconnector:\n  enabled: true\n  adapters: {lmcache: }\n")
     assert [a.name for a in SDKConfig.from_yaml(str(keyed)).adapters] == ["lmcache"]
     bare = tmp_path / "bare.json"
-    bare.write_text('{"enabled": true, "mode": "hybrid"}')
+    bare.write_text(
+        '{"enabled": true, "mode": "hybrid", "adapters": '
+        '[{"name": "lmcache", "config": {"remote_url": "redis://127.0.0.1:6379"}}]}'
+    )
     assert SDKConfig.from_yaml(bare).mode == "hybrid"
     without = tmp_path / "plain.yaml"
     without.write_text("Common:\n  model: m\nVllmWorker:\n  common-configs: [model]\n")

@@ -39,6 +39,14 @@ adapters:
     config: {enable_prefix_caching: true}
 """
 )
+# A service overlay that turns on the shared tier (hybrid needs the Redis URL; nothing connects).
+HYBRID: dict[str, Any] = {
+    "mode": "hybrid",
+    "adapters": [
+        {"name": "lmcache", "type": "cache", "config": {"remote_url": "redis://127.0.0.1:6379"}},
+        {"name": "vllm", "type": "inference"},
+    ],
+}
 CONFIG_VARS = ("XCONNECTOR_CONFIG", "DYNAMO_SERVICE_CONFIG", "DYN_DEPLOYMENT_CONFIG")
 
 # What a worker process started by `dynamo serve` reports about its config.
@@ -120,7 +128,7 @@ def test_detection_from_dynamo_service_config_in_a_worker_process(path: Path) ->
     assert plain["describe"] == "not enabled, source: DYNAMO_SERVICE_CONFIG (no xconnector section)"
 
     doc = with_design_section(doc)
-    doc["VllmWorker"] = {**doc["VllmWorker"], "xconnector": {"mode": "hybrid"}}
+    doc["VllmWorker"] = {**doc["VllmWorker"], "xconnector": HYBRID}
     found = run_probe({"DYNAMO_SERVICE_CONFIG": json.dumps(doc)}, *argv)
     assert found["describe"] == (
         "enabled, source: DYNAMO_SERVICE_CONFIG (Common.xconnector + VllmWorker.xconnector)"
@@ -134,7 +142,7 @@ def test_detection_from_dynamo_service_config_in_a_worker_process(path: Path) ->
 
 def test_channel_order_in_a_real_process(tmp_path: Path) -> None:
     own = tmp_path / "xconnector.yaml"
-    own.write_text("xconnector:\n  enabled: true\n  mode: hybrid\n")
+    own.write_text(yaml.safe_dump({"xconnector": {"enabled": True, **HYBRID}}))
     dynamo = json.dumps({"Common": {"xconnector": {"enabled": True}}})
     deployment = "Common:\n  xconnector:\n    enabled: false\n"
     graph = tmp_path / "agg.yaml"

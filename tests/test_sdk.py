@@ -97,7 +97,7 @@ def test_cache_adapter_settings(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             cache(bad)
-    with pytest.raises(ConfigError, match="mode: hybrid adds a shared Redis tier: set remote_url"):
+    with pytest.raises(ConfigError, match="mode: hybrid adds a shared Redis tier, but no enabled"):
         XConnectorSDK({"mode": "hybrid"}).initialize()
 
 

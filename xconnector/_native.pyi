@@ -22,6 +22,7 @@ __all__ = [
     "_inject_fault",
     "block_ids_from_slots",
     "config_discover",
+    "config_engine_settings",
     "config_env_vars",
     "config_load_file",
     "config_normalize",
@@ -29,6 +30,7 @@ __all__ = [
     "config_read_document",
     "config_redact",
     "config_resolve_document",
+    "config_runtime_problems",
     "config_setting_bytes",
     "detect_kv_layout",
     "local_block_hashes",
@@ -80,6 +82,23 @@ class Engine:
         worker_id: str = "",
         events_queue: int = 65536,
     ) -> Self: ...
+    @staticmethod
+    def from_config(
+        section: Mapping[str, Any],
+        *,
+        kv_block_size: int,
+        kv_block_bytes: int,
+        model: str = "",
+        dtype: str = "",
+        kv_layout: str = "",
+        tp_world_size: int = 1,
+        tp_rank: int = 0,
+        extra: dict[str, str] | None = None,
+        revision: str = "",
+        quantization: str = "",
+        pp_world_size: int = 1,
+        pp_rank: int = 0,
+    ) -> Engine: ...
     def flush(self, timeout: float = 10.0) -> bool: ...
     def tiers(self) -> list[dict[str, Any]]: ...
     def prometheus(self, labels: dict[str, str] | None = None) -> str: ...
@@ -328,7 +347,11 @@ def config_resolve_document(
     service: str | None = None,
     bare: bool = False,
 ) -> _Resolved: ...
-def config_load_file(path: str, service: str | None = None) -> _Resolved: ...
+def config_load_file(
+    path: str, service: str | None = None, argv: list[str] | None = None
+) -> _Resolved: ...
+def config_engine_settings(section: Mapping[str, Any]) -> dict[str, Any]: ...
+def config_runtime_problems(section: Mapping[str, Any]) -> list[tuple[str, bool]]: ...
 def config_discover(environ: Mapping[str, str], argv: list[str]) -> _Resolved: ...
 def config_env_vars() -> list[str]: ...
 def config_read_document(path: str) -> Any: ...

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    check.epilog = (
+        "After `--`, the worker's command line (e.g. `-- python -m dynamo.vllm --block-size "
+        "32`): the settings that must fit its --block-size are checked against it."
+    )
     stats = commands.add_parser(
         "stats",
         help="show what XConnector does in a running worker (its Prometheus endpoint)",
@@ -69,11 +73,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `check-config FILE -- WORKER COMMAND`: the worker's command line is not ours to parse.
+    worker = None
+    if argv[:1] == ["check-config"] and "--" in argv:
+        at = argv.index("--")
+        argv, worker = argv[:at], argv[at + 1 :]
     args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
             return check_config(
-                args.file, service=args.service, as_json=args.json, strict=args.strict
+                args.file,
+                service=args.service,
+                as_json=args.json,
+                strict=args.strict,
+                worker=worker,
             )
         if args.command == "stats":
             from xconnector.commands import stats
@@ -102,9 +116,13 @@ def check_config(
     service: str | None = None,
     as_json: bool = False,
     strict: bool = False,
+    worker: Sequence[str] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
+    """Validates like a worker starting does, then runs the checks only this machine can answer
+    (disk directory, auth key variable, Redis). Exit 1 where the worker would not start with
+    `integration.strict` (or `--strict`), or could not run XConnector at all."""
     out = out or sys.stdout
     err = err or sys.stderr
     from xconnector.config import discovery as config_detector
@@ -114,7 +132,7 @@ def check_config(
             argv = ["xconnector"] + (["--service-name", service] if service else [])
             found = config_detector.detect_config(argv=argv)
         else:
-            found = config_detector.load_config_file(path, service=service)
+            found = config_detector.load_config_file(path, service=service, argv=worker)
     except ConfigError as e:
         code = EXIT_USAGE if path is not None and not os.path.isfile(path) else EXIT_INVALID
         if as_json:
@@ -126,9 +144,19 @@ def check_config(
         print(f"error: {e}", file=err)
         return EXIT_USAGE
 
+    problems: list[tuple[str, bool]] = []
+    if found.found and found.enabled:
+        from xconnector import native
+
+        problems = native().config_runtime_problems(found.config.to_dict())
+    stops = any(fatal for _, fatal in problems) or (
+        bool(problems) and (strict or found.config.integration.strict)
+    )
     if as_json:
         doc = {
             "valid": True,
+            "runs_here": not stops,
+            "runtime_problems": [{"message": m, "fatal": f} for m, f in problems],
             "enabled": found.enabled,
             "source": found.source,
             "section": found.section,
@@ -139,6 +167,12 @@ def check_config(
         print(json.dumps(doc, indent=2), file=out)
     else:
         _print_report(found, out)
+        if problems:
+            print(f"\non this machine ({len(problems)}):", file=out)
+            for message, fatal in problems:
+                print(f"  - {'error' if fatal else 'warning'}: {message}", file=out)
+    if stops:
+        return EXIT_INVALID
     return EXIT_INVALID if strict and found.warnings else EXIT_OK
 
 

@@ -91,9 +91,17 @@ def detect_config(
     return DetectedConfig.from_native(native.config_discover(wanted, args))
 
 
-def load_config_file(path: str | os.PathLike[str], *, service: str | None = None) -> DetectedConfig:
-    """Reads one YAML/JSON file the way `xconnector check-config` does."""
-    return DetectedConfig.from_native(load_native().config_load_file(os.fspath(path), service))
+def load_config_file(
+    path: str | os.PathLike[str],
+    *,
+    service: str | None = None,
+    argv: Sequence[str] | None = None,
+) -> DetectedConfig:
+    """Reads one YAML/JSON file the way `xconnector check-config` does; `argv`, the worker's
+    command line, gives the block size the settings must fit (`--block-size`)."""
+    native = load_native()
+    found = native.config_load_file(os.fspath(path), service, None if argv is None else list(argv))
+    return DetectedConfig.from_native(found)
 
 
 def resolve_dynamo_config(

@@ -118,13 +118,6 @@ class XConnectorSDK:
                 return True
             if self._state == "shutdown":
                 raise StateError("XConnectorSDK.initialize() after shutdown(); create a new SDK")
-            if self.config.mode == "hybrid":
-                cache = self.config.adapter("lmcache")
-                if cache is None or not cache.config.get("remote_url"):
-                    raise ConfigError(
-                        "mode: hybrid adds a shared Redis tier: set remote_url in the lmcache "
-                        'adapter\'s config (e.g. remote_url: "redis://redis.internal:6379")'
-                    )
             wanted = [a for a in self.config.adapters if a.enabled]
             types = {a.type for a in wanted}
             if "cache" not in types:

@@ -140,3 +140,59 @@ pub fn check(dir: &Path, shared: bool) -> Result<()> {
 pub fn check(_dir: &Path, _shared: bool) -> Result<()> {
     Ok(())
 }
+
+/// Whether the tier could open `dir`, checked without creating or writing anything: an existing
+/// directory must pass [`check`] and the ancestor rule and be writable by this process; a missing
+/// one must be creatable (its nearest existing ancestor a directory this process can write to,
+/// under ancestors that pass the rule). For a check at startup; the tier checks again when it opens.
+pub fn preflight(dir: &Path, shared: bool) -> Result<()> {
+    let mut existing = dir;
+    while fs::symlink_metadata(existing).is_err() {
+        existing = match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if existing == Path::new(".") {
+            break;
+        }
+    }
+    let real = fs::canonicalize(existing).map_err(|e| io(existing, "resolving", e))?;
+    if existing == dir {
+        check(&real, shared)?;
+        check_ancestors(&real)?;
+        return writable(&real, dir);
+    }
+    if !real.is_dir() {
+        return Err(refused(dir, format!("it cannot be created: {} is not a directory", existing.display())));
+    }
+    // The directory to be created would sit under `real`: `real` and its ancestors must pass.
+    check_ancestors(&real.join("_"))?;
+    writable(&real, dir)
+}
+
+/// `dir` (or where it would be created, `at`) is writable by this process.
+#[cfg(unix)]
+fn writable(at: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(at.as_os_str().as_bytes()) else {
+        return Err(CoreError::config(format!("disk tier directory {}: the path holds a NUL byte", dir.display())));
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call; access reads it only.
+    let ok = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    if ok {
+        return Ok(());
+    }
+    let what =
+        if at == dir { "it is not writable".to_owned() } else { format!("it cannot be created in {}", at.display()) };
+    Err(CoreError::config(format!(
+        "disk tier directory {}: {what} by this user ({}); give the worker's user write access, or point \
+         local_disk elsewhere",
+        dir.display(),
+        std::io::Error::last_os_error()
+    )))
+}
+
+#[cfg(not(unix))]
+fn writable(_at: &Path, _dir: &Path) -> Result<()> {
+    Ok(())
+}

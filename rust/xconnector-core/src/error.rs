@@ -12,6 +12,11 @@ pub enum CoreError {
     /// A configuration value is out of range or inconsistent.
     #[error("{0}")]
     Config(String),
+    /// A config section failed validation. `strict` says whether the section asked for
+    /// `integration.strict: true` (read best-effort from what was written), so that a caller can
+    /// still stop at startup as the user asked even though the section as a whole is invalid.
+    #[error("{message}")]
+    InvalidSection { message: String, strict: bool },
     /// A storage operation failed for a reason the caller cannot fix by changing its input.
     #[error("{0}")]
     Cache(String),

@@ -470,6 +470,53 @@ impl Shared {
     }
 }
 
+/// A client for `url` (with the CA of `ca_file` for `rediss://`); errors never show the password.
+fn client(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client> {
+    let shown = redact_url(url);
+    if url.starts_with("rediss://") {
+        // rustls needs a process-wide crypto provider; installing one twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let bad_url = |e: redis::RedisError| {
+        CoreError::config(format!("remote_url {shown}: {e}; expected redis://[:password@]host:port"))
+    };
+    match ca_file {
+        None => redis::Client::open(url).map_err(bad_url),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                CoreError::config(format!("remote_ca_file {}: {e}; give the CA's PEM file", path.display()))
+            })?;
+            let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+            redis::Client::build_with_tls(url, certs).map_err(bad_url)
+        }
+    }
+}
+
+/// Whether a Redis server at `url` answers a PING within `limit` (connecting, TLS and the
+/// password included), for a check at startup. Nothing is written. The PING runs on a thread of
+/// its own, so a server that stalls the handshake costs the caller `limit`, not more. The error
+/// says what happened without the password.
+pub fn ping(url: &str, ca_file: Option<&std::path::Path>, limit: Duration) -> Result<()> {
+    let client = client(url, ca_file)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("xconnector-redis-ping".into())
+        .spawn(move || {
+            let answer = client.get_connection_with_timeout(limit).and_then(|mut con| {
+                con.set_read_timeout(Some(limit))?;
+                con.set_write_timeout(Some(limit))?;
+                redis::cmd("PING").query::<String>(&mut con)
+            });
+            let _ = tx.send(answer.map(drop).map_err(|e| redact_url(&e.to_string())));
+        })
+        .map_err(|e| CoreError::Io { context: "starting the Redis check".into(), source: e })?;
+    match rx.recv_timeout(limit) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(CoreError::Cache(e)),
+        Err(_) => Err(CoreError::Cache(format!("no answer within {} ms", limit.as_millis()))),
+    }
+}
+
 impl RedisTier {
     /// Connects (checking the password and that the server is Redis), and starts the writers and
     /// the prober. Redis being unreachable or silent now is not an error (the breaker opens and
@@ -483,23 +530,7 @@ impl RedisTier {
                 cfg.timeout
             )));
         }
-        if cfg.url.starts_with("rediss://") {
-            // rustls needs a process-wide crypto provider; installing one twice is harmless.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let bad_url = |e: redis::RedisError| {
-            CoreError::config(format!("remote_url {shown}: {e}; expected redis://[:password@]host:port"))
-        };
-        let client = match &cfg.ca_file {
-            None => redis::Client::open(cfg.url.as_str()).map_err(bad_url)?,
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    CoreError::config(format!("remote_ca_file {}: {e}; give the CA's PEM file", path.display()))
-                })?;
-                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
-                redis::Client::build_with_tls(cfg.url.as_str(), certs).map_err(bad_url)?
-            }
-        };
+        let client = client(&cfg.url, cfg.ca_file.as_deref())?;
         let (queue, rx) = sync_channel::<Write>(cfg.queue_blocks.max(1));
         let shared = Arc::new(Shared {
             client,

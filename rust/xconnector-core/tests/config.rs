@@ -88,11 +88,12 @@ fn every_problem_is_reported_with_its_path() {
 
 #[test]
 fn sizes_accept_mib_integers_and_unit_strings_only() {
-    for ok in [json!(2048), json!("2GiB"), json!("512MB"), json!(0)] {
+    for ok in [json!(2048), json!("2GiB"), json!("512MB"), json!(1)] {
         let v = json!({"enabled": true, "adapters": [{"name": "lmcache", "config": {"max_cache_size": ok}}]});
         assert!(parse_section(&v, "x").is_ok(), "{v}");
     }
-    for bad in [json!(1.5), json!("lots"), json!(true), json!("3 parsecs")] {
+    // 0 (and anything under the memory floor) holds no block.
+    for bad in [json!(1.5), json!("lots"), json!(true), json!("3 parsecs"), json!(0), json!("1KB")] {
         let v = json!({"enabled": true, "adapters": [{"name": "lmcache", "config": {"max_cache_size": bad}}]});
         let p = parse_section(&v, "x").unwrap_err();
         assert_eq!(p[0].path, "x.adapters[0].config.max_cache_size", "{p:?}");
@@ -216,9 +217,10 @@ proptest! {
 
 #[test]
 fn adapter_settings_are_checked_per_adapter() {
-    let v = json!({"enabled": true, "adapters": [
+    let v = json!({"enabled": true, "mode": "hybrid", "adapters": [
         {"name": "lmcache", "config": {"chunk_size": 256, "local_cpu": true, "max_local_cpu_size": 5.0,
-            "max_local_disk_size": "20GiB", "remote_url": "redis://cache:6379", "storage_backend": "memory"}},
+            "local_disk": "/var/cache/xc", "max_local_disk_size": "20GiB", "remote_url": "redis://cache:6379",
+            "storage_backend": "memory"}},
         {"name": "vllm", "config": {"kv_layout": "flashinfer", "staging_buffer_size": 256}},
         {"name": "dynamo", "config": {"namespace": "dynamo", "worker_id": "w0"}}]});
     assert!(parse_section(&v, "x").is_ok());

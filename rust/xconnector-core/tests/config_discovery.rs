@@ -93,17 +93,17 @@ fn every_dynamo_config_with_the_design_section_under_common_is_enabled() {
 #[test]
 fn a_service_section_overlays_common_and_errors_point_at_the_line_written() {
     let doc = json!({
-        "Common": {"xconnector": {"enabled": true, "mode": "hybrid",
+        "Common": {"xconnector": {"enabled": true, "enable_distributed": false,
             "adapters": {"lmcache": {"config": {"max_cache_size": 1024}}}}},
-        "VllmWorker": {"xconnector": {"mode": "embedded",
+        "VllmWorker": {"xconnector": {"enable_distributed": true,
             "adapters": {"lmcache": {"config": {"max_cache_size": "4GiB"}}, "vllm": null}}},
     });
     let r = resolve_document(&doc, "d.yaml", Some("VllmWorker"), false).unwrap();
     assert_eq!(r.section.as_deref(), Some("Common.xconnector + VllmWorker.xconnector"));
-    assert_eq!(r.config.mode, xconnector_core::config::Mode::Embedded);
+    assert!(r.config.enable_distributed);
     assert_eq!(r.config.adapters[0].config["max_cache_size"], json!("4GiB"));
     assert_eq!(get(&r.origins, "enabled"), "d.yaml: Common.xconnector.enabled");
-    assert_eq!(get(&r.origins, "mode"), "d.yaml: VllmWorker.xconnector.mode");
+    assert_eq!(get(&r.origins, "enable_distributed"), "d.yaml: VllmWorker.xconnector.enable_distributed");
     assert_eq!(
         get(&r.origins, "adapters[0].config.max_cache_size"),
         "d.yaml: VllmWorker.xconnector.adapters.lmcache.config.max_cache_size"
@@ -113,7 +113,7 @@ fn a_service_section_overlays_common_and_errors_point_at_the_line_written() {
     assert_eq!(get(&r.origins, "adapters[1].type"), "default");
     // Another service does not see VllmWorker's overlay.
     let other = resolve_document(&doc, "d.yaml", Some("PrefillWorker"), false).unwrap();
-    assert_eq!(other.config.mode, xconnector_core::config::Mode::Hybrid);
+    assert!(!other.config.enable_distributed);
 
     let bad = json!({
         "Common": {"xconnector": {"enabled": true, "mode": "embedded"}},
@@ -160,9 +160,11 @@ fn env(vars: &[(&str, &str)], argv: &[&str]) -> Environment {
 fn discovery_order_and_the_source_it_reports() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("xc.yaml");
-    std::fs::write(&file, "xconnector:\n  enabled: true\n  mode: hybrid\n").unwrap();
+    // Hybrid mode with its Redis URL (nothing connects: discovery only reads).
+    let redis = json!({"lmcache": {"config": {"remote_url": "redis://127.0.0.1:6379"}}});
+    std::fs::write(&file, format!("xconnector:\n  enabled: true\n  mode: hybrid\n  adapters: {redis}\n")).unwrap();
     let dynamo = json!({"Common": {"xconnector": {"enabled": true}},
-                        "VllmWorker": {"xconnector": {"mode": "hybrid"}}})
+                        "VllmWorker": {"xconnector": {"mode": "hybrid", "adapters": redis}}})
     .to_string();
     let argv = ["serve_dynamo", "graphs.agg:Frontend", "--service-name", "VllmWorker"];
 
@@ -207,7 +209,8 @@ fn discovery_order_and_the_source_it_reports() {
         assert!(r.config.enabled && r.source.ends_with(p), "{args:?} -> {}", r.source);
     }
 
-    let inline = env(&[("XCONNECTOR_CONFIG", r#"{"enabled": true, "mode": "hybrid"}"#)], &[]);
+    let inline = json!({"enabled": true, "mode": "hybrid", "adapters": redis}).to_string();
+    let inline = env(&[("XCONNECTOR_CONFIG", &inline)], &[]);
     let r = discover(&inline).unwrap();
     assert_eq!((r.source.as_str(), r.section.as_deref()), ("XCONNECTOR_CONFIG (inline)", Some("(whole document)")));
 

@@ -93,15 +93,54 @@ pub fn config_resolve_document<'py>(
 }
 
 /// Reads a YAML/JSON file: a Dynamo config, a file with an `xconnector:` key, or the section.
+/// `argv`, the worker's command line, gives the block size the settings must fit when it has
+/// `--block-size` (the file's `block-size` keys are read either way).
 #[pyfunction]
-#[pyo3(signature = (path, service = None))]
-pub fn config_load_file<'py>(py: Python<'py>, path: PathBuf, service: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (path, service = None, argv = None))]
+pub fn config_load_file<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    service: Option<&str>,
+    argv: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let source = path.display().to_string();
+    // argv[0] is the program; a command given without one still has its flags read.
+    let argv: Vec<String> = std::iter::once(String::new()).chain(argv.unwrap_or_default()).collect();
     let r = crate::call::detached(py, || {
         let text = core::read_config_file(&path, &source)?;
-        core::resolve_document(&core::parse_document(&text, &source)?, &source, service, true)
+        core::resolve_text(&text, &source, service, true, &argv)
     })?;
     guarded(py, || resolved(py, &r))
+}
+
+/// A normalized section (as `config_normalize` returns it) as the core's typed config.
+pub fn sdk_config(py: Python<'_>, section: &Bound<'_, PyAny>) -> PyResult<core::SdkConfig> {
+    let v = document(py, section, "<section>", "")?;
+    core::parse_section(&v, "").map_err(|p| problems(py, "<section>", &p))
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// What the engine would be built from, as health output shows it (no secrets). A `ConfigError`
+/// when what it reads from the environment (the auth key's variable) is not there.
+#[pyfunction]
+pub fn config_engine_settings<'py>(py: Python<'py>, section: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let cfg = guarded(py, || sdk_config(py, section))?;
+    let settings = core::EngineSettings::from_config(&cfg);
+    settings.check_env(&env_var).map_err(|e| core_to_py(py, e))?;
+    to_py(py, &settings.to_value())
+}
+
+/// What only this machine can tell about a valid section (the disk directory usable, the auth
+/// key's variable set, Redis answering): `(message, fatal)` per problem, fatal when no engine can
+/// be built; empty when all is well.
+#[pyfunction]
+pub fn config_runtime_problems(py: Python<'_>, section: &Bound<'_, PyAny>) -> PyResult<Vec<(String, bool)>> {
+    let cfg = guarded(py, || sdk_config(py, section))?;
+    let found = crate::call::detached(py, || Ok(core::runtime_problems(&cfg, &env_var)))?;
+    Ok(found.into_iter().map(|p| (p.message, p.fatal)).collect())
 }
 
 /// Finds the config the way a worker process does (DESIGN section 2), from the given environment

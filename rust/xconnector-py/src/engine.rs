@@ -12,6 +12,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use xconnector_core::block_journal::BlockChange;
+use xconnector_core::config::EngineSettings;
 use xconnector_core::redis_tier::{self, AuthKey};
 use xconnector_core::{
     CoreError, DiskConfig, Engine as CoreEngine, EngineConfig, EventsConfig, HashExtras, Namespace, PinnedBlock,
@@ -145,6 +146,50 @@ impl Engine {
     }
 
     /// Number of leading tokens whose KV is cached (block-aligned). Does not touch the LRU order.
+    /// The engine a worker's KV blocks (`kv_block_size` tokens, `kv_block_bytes` bytes each) get
+    /// under a normalized `section`: its tiers, budgets and chunk size, decided by the core.
+    #[staticmethod]
+    #[pyo3(signature = (section, *, kv_block_size, kv_block_bytes, model = "", dtype = "", kv_layout = "",
+        tp_world_size = 1, tp_rank = 0, extra = None, revision = "", quantization = "", pp_world_size = 1,
+        pp_rank = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn from_config(
+        py: Python<'_>,
+        section: &Bound<'_, PyAny>,
+        kv_block_size: u64,
+        kv_block_bytes: u64,
+        model: &str,
+        dtype: &str,
+        kv_layout: &str,
+        #[pyo3(from_py_with = args::tp_world_size)] tp_world_size: u32,
+        #[pyo3(from_py_with = args::tp_rank)] tp_rank: u32,
+        extra: Option<HashMap<String, String>>,
+        revision: &str,
+        quantization: &str,
+        #[pyo3(from_py_with = args::pp_world_size)] pp_world_size: u32,
+        #[pyo3(from_py_with = args::pp_rank)] pp_rank: u32,
+    ) -> PyResult<Self> {
+        let settings = EngineSettings::from_config(&crate::config::sdk_config(py, section)?);
+        let namespace = Namespace {
+            model: model.to_owned(),
+            revision: revision.to_owned(),
+            dtype: dtype.to_owned(),
+            quantization: quantization.to_owned(),
+            kv_layout: kv_layout.to_owned(),
+            block_size: 0, // set from the engine block by the core
+            tp_world_size,
+            tp_rank,
+            pp_world_size,
+            pp_rank,
+            extra: extra.unwrap_or_default().into_iter().collect(),
+        };
+        let env = |name: &str| std::env::var(name).ok();
+        let inner = detached(py, || {
+            CoreEngine::new(settings.engine_config(kv_block_size, kv_block_bytes, namespace, &env)?)
+        })?;
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
     #[pyo3(signature = (tokens, *, lora_name = None, cache_salt = None, lora_id = None))]
     fn lookup(
         &self,

@@ -1,4 +1,4 @@
-//! Core errors and caught panics as Python exceptions from `xconnector.sdk.exceptions`.
+//! Core errors and caught panics as Python exceptions from `xconnector.exceptions`.
 
 use std::any::Any;
 use std::io::ErrorKind;
@@ -9,7 +9,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 use xconnector_core::CoreError;
 
-const EXCEPTIONS: &str = "xconnector.sdk.exceptions";
+const EXCEPTIONS: &str = "xconnector.exceptions";
 
 static CONFIG_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static INVALID_INPUT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
@@ -43,6 +43,15 @@ pub fn core_to_py(py: Python<'_>, err: CoreError) -> PyErr {
     match err {
         CoreError::InvalidInput(_) => invalid_input(py, msg),
         CoreError::Config(_) => config_error(py, msg),
+        CoreError::InvalidSection { strict, .. } => {
+            let e = config_error(py, msg);
+            // The section asked for strict mode (read from it as written): the installer stops the
+            // worker even though the section as a whole did not validate.
+            if strict {
+                let _ = e.value(py).setattr("strict", true);
+            }
+            e
+        }
         CoreError::Cache(_) => raise(py, &CACHE_ERROR, "CacheError", msg),
         CoreError::Internal(_) => internal(py, msg),
         CoreError::Io { source, .. } => match source.kind() {

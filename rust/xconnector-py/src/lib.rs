@@ -106,5 +106,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_setting_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_redact, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_read_document, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_engine_settings, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_runtime_problems, m)?)?;
     Ok(())
 }

@@ -6,8 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::document::parse_document;
-use super::locate::{resolve_document, Resolved};
+use super::locate::{resolve_text, Resolved};
 use super::source::{check_text, read_config_file};
 use crate::error::Result;
 
@@ -32,22 +31,8 @@ impl Environment {
         self.vars.get(name).map(String::as_str).filter(|v| !v.trim().is_empty())
     }
 
-    /// The value of the last `--flag VALUE` or `--flag=VALUE` among `flags` (argparse: last wins).
     fn flag(&self, flags: &[&str]) -> Option<(String, String)> {
-        let mut found = None;
-        let mut args = self.argv.iter().skip(1);
-        while let Some(arg) = args.next() {
-            for flag in flags {
-                if arg == flag {
-                    if let Some(value) = args.clone().next() {
-                        found = Some(((*flag).to_owned(), value.clone()));
-                    }
-                } else if let Some(value) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
-                    found = Some(((*flag).to_owned(), value.to_owned()));
-                }
-            }
-        }
-        found
+        super::argv::flag(&self.argv, flags)
     }
 
     /// The Dynamo service this process runs (`--service-name VllmWorker`), if any.
@@ -66,23 +51,21 @@ pub fn discover(env: &Environment) -> Result<Resolved> {
         // A path, or (in containers, where mounting a file is more work) the YAML/JSON itself.
         if value.starts_with('{') || value.contains('\n') {
             let source = "XCONNECTOR_CONFIG (inline)";
-            let doc = parse_document(&check_text(value.to_owned(), source)?, source)?;
-            return resolve_document(&doc, source, service, true);
+            return resolve_text(&check_text(value.to_owned(), source)?, source, service, true, &env.argv);
         }
         let source = format!("XCONNECTOR_CONFIG={value}");
         let text = read_config_file(Path::new(value), &source)?;
-        return resolve_document(&parse_document(&text, &source)?, &source, service, true);
+        return resolve_text(&text, &source, service, true, &env.argv);
     }
     for var in ["DYNAMO_SERVICE_CONFIG", "DYN_DEPLOYMENT_CONFIG"] {
         if let Some(value) = env.var(var) {
-            let doc = parse_document(&check_text(value.to_owned(), var)?, var)?;
-            return resolve_document(&doc, var, service, false);
+            return resolve_text(&check_text(value.to_owned(), var)?, var, service, false, &env.argv);
         }
     }
     if let Some((flag, path)) = env.flag(&["-f", "--config-file", "--config"]) {
         let source = format!("{flag} {path}");
         let text = read_config_file(Path::new(&path), &source)?;
-        return resolve_document(&parse_document(&text, &source)?, &source, service, false);
+        return resolve_text(&text, &source, service, false, &env.argv);
     }
     Ok(Resolved::absent("none", Vec::new()))
 }

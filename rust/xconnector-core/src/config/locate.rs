@@ -6,10 +6,12 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use super::document::{parse_document, parse_document_lenient};
 use super::problem::{join_path, report, Problem};
-use super::schema::SdkConfig;
-use super::validate::parse_section_traced;
-use crate::error::Result;
+use super::schema::{IntegrationConfig, SdkConfig};
+use super::validate::parse_section_for;
+use super::worker::worker_block_sizes;
+use crate::error::{CoreError, Result};
 
 /// A config as found in one source.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,12 +106,15 @@ fn stray_sections(v: &Value, path: &str, out: &mut Vec<String>) {
     }
 }
 
-/// Reads the `xconnector` section of `doc`. `service` (from `--service-name`) overlays
-/// `<service>.xconnector` on `Common.xconnector`; a top-level `xconnector:` is read when `Common`
-/// has none; with `bare`, a document that is neither a Dynamo config nor has such a key is taken
-/// to be the section itself.
-pub fn resolve_document(doc: &Value, source: &str, service: Option<&str>, bare: bool) -> Result<Resolved> {
-    let mut warnings = dynamo_warnings(doc);
+/// The sections to read, in overlay order, each with its key path: `Common.xconnector`, then
+/// `<service>.xconnector`; a top-level `xconnector:` when neither is there; with `bare`, a
+/// document that is neither a Dynamo config nor has such a key is the section itself.
+fn sections<'d>(
+    doc: &'d Value,
+    service: Option<&str>,
+    bare: bool,
+    warnings: &mut Vec<String>,
+) -> Vec<(String, &'d Value)> {
     let mut parts: Vec<(String, &Value)> = Vec::new();
     if let Some(map) = doc.as_object() {
         if let Some(v) = map.get("Common").and_then(|c| c.get("xconnector")) {
@@ -130,21 +135,81 @@ pub fn resolve_document(doc: &Value, source: &str, service: Option<&str>, bare: 
     } else if bare {
         parts.push((String::new(), doc));
     }
+    parts
+}
+
+/// Whether the section that `doc` holds for `service` asks for `integration.strict: true`,
+/// looked at as written (best effort, for a section that does not validate).
+pub fn section_strict(doc: &Value, service: Option<&str>, bare: bool) -> bool {
+    let parts = sections(doc, service, bare, &mut Vec::new());
+    if parts.is_empty() {
+        return false;
+    }
+    let (merged, _) = overlay(&parts);
+    is_strict(&merged)
+}
+
+/// `integration.strict: true` in a section as written.
+pub fn is_strict(section: &Value) -> bool {
+    section.get("integration").and_then(|i| i.get("strict")) == Some(&Value::Bool(true))
+}
+
+/// Reads the `xconnector` section of `doc`. `service` (from `--service-name`) overlays
+/// `<service>.xconnector` on `Common.xconnector`; a top-level `xconnector:` is read when `Common`
+/// has none; with `bare`, a document that is neither a Dynamo config nor has such a key is taken
+/// to be the section itself.
+pub fn resolve_document(doc: &Value, source: &str, service: Option<&str>, bare: bool) -> Result<Resolved> {
+    resolve_document_for(doc, source, service, bare, &[])
+}
+
+/// [`resolve_document`] for a worker started with `argv` (its own command line, or none): the
+/// settings that must fit the worker's block size are checked against the one its command line
+/// (`--block-size`) or the document (`Common.block-size`, the service's `block-size`) gives.
+/// An invalid section is [`CoreError::InvalidSection`], which says whether it asked for strict.
+pub fn resolve_document_for(
+    doc: &Value,
+    source: &str,
+    service: Option<&str>,
+    bare: bool,
+    argv: &[String],
+) -> Result<Resolved> {
+    let mut warnings = dynamo_warnings(doc);
+    let parts = sections(doc, service, bare, &mut warnings);
     if parts.is_empty() {
         return Ok(Resolved::absent(source, warnings));
     }
     let (merged, provenance) = overlay(&parts);
     let base = parts[0].0.as_str();
-    let (config, adapter_paths) = parse_section_traced(&merged, base).map_err(|problems| {
+    let services = merged
+        .get("integration")
+        .and_then(|i| i.get("services"))
+        .and_then(Value::as_array)
+        .map(|s| s.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_else(|| IntegrationConfig::default().services);
+    let block_sizes = worker_block_sizes(doc, service, &services, argv);
+    let (config, adapter_paths) = parse_section_for(&merged, base, &block_sizes).map_err(|problems| {
         let located: Vec<Problem> = problems
             .into_iter()
             .map(|p| Problem { path: locate_path(&p.path, base, &provenance), message: p.message })
             .collect();
-        report(source, &located)
+        CoreError::InvalidSection { message: report(source, &located).to_string(), strict: is_strict(&merged) }
     })?;
     let origins = origins(&config, &adapter_paths, base, &provenance, source);
     let section = parts.iter().map(|(p, _)| if p.is_empty() { "(whole document)" } else { p }).collect::<Vec<_>>();
     Ok(Resolved { source: source.to_owned(), section: Some(section.join(" + ")), config, origins, warnings })
+}
+
+/// Config text (from `source`) to its resolved section, as [`resolve_document_for`] does. Text
+/// that does not parse (a repeated key included) is an [`CoreError::InvalidSection`] too, whose
+/// `strict` is read from the text as plain serde reads it, if it reads at all.
+pub fn resolve_text(text: &str, source: &str, service: Option<&str>, bare: bool, argv: &[String]) -> Result<Resolved> {
+    match parse_document(text, source) {
+        Ok(doc) => resolve_document_for(&doc, source, service, bare, argv),
+        Err(e) => {
+            let strict = parse_document_lenient(text).is_some_and(|doc| section_strict(&doc, service, bare));
+            Err(CoreError::InvalidSection { message: e.to_string(), strict })
+        }
+    }
 }
 
 /// Deep-merges the sections (later ones win; mappings merge key by key, anything else is

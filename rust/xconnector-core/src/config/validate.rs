@@ -5,9 +5,11 @@ use serde_json::{Map, Value};
 
 use super::adapters::check_settings;
 use super::problem::{join_path, kind, Problem};
+use super::rules::{self, Context};
 use super::schema::{
     AdapterConfig, AdapterType, IntegrationConfig, Mode, PerformanceConfig, SdkConfig, KNOWN_ADAPTERS,
 };
+use super::worker::WorkerBlockSize;
 
 const TOP_KEYS: &[&str] =
     &["enabled", "mode", "enable_distributed", "enable_caching", "adapters", "integration", "performance"];
@@ -19,6 +21,8 @@ struct Walker {
     problems: Vec<Problem>,
     /// Where each adapter of the result was read from (aligned with `SdkConfig::adapters`).
     adapter_paths: Vec<String>,
+    /// Whether `performance.block_size` was written.
+    explicit_block_size: bool,
 }
 
 /// Edit distance, for "did you mean" hints on misspelt keys.
@@ -289,6 +293,7 @@ impl Walker {
         let Some(m) = self.mapping(v, path) else { return cfg };
         self.unknown_keys(m, path, PERFORMANCE_KEYS);
         let max = i64::from(u32::MAX);
+        self.explicit_block_size = m.contains_key("block_size");
         if let Some(b) = self.integer(m, path, "block_size", 1, max) {
             cfg.block_size = b as u32;
         }
@@ -313,8 +318,24 @@ pub fn parse_section(value: &Value, path: &str) -> Result<SdkConfig, Vec<Problem
 
 /// [`parse_section`], plus the key path each adapter was read from (aligned with `adapters`).
 pub fn parse_section_traced(value: &Value, path: &str) -> Result<(SdkConfig, Vec<String>), Vec<Problem>> {
-    let mut w = Walker { problems: Vec::new(), adapter_paths: Vec::new() };
+    parse_section_for(value, path, &[])
+}
+
+/// [`parse_section_traced`] for a worker whose block sizes are known: the settings that must fit
+/// them are checked too (see `rules.rs`).
+pub fn parse_section_for(
+    value: &Value,
+    path: &str,
+    block_sizes: &[WorkerBlockSize],
+) -> Result<(SdkConfig, Vec<String>), Vec<Problem>> {
+    let mut w = Walker { problems: Vec::new(), adapter_paths: Vec::new(), explicit_block_size: false };
     let cfg = w.section(value, path);
+    if value.is_object() {
+        let cx =
+            Context { path, adapter_paths: &w.adapter_paths, explicit_block_size: w.explicit_block_size, block_sizes };
+        let more = rules::check(&cfg, &cx);
+        w.problems.extend(more);
+    }
     if w.problems.is_empty() {
         Ok((cfg, w.adapter_paths))
     } else {
@@ -324,7 +345,7 @@ pub fn parse_section_traced(value: &Value, path: &str) -> Result<(SdkConfig, Vec
 
 /// Validates one adapter entry on its own (`name` is required).
 pub fn parse_adapter(value: &Value, path: &str) -> Result<AdapterConfig, Vec<Problem>> {
-    let mut w = Walker { problems: Vec::new(), adapter_paths: Vec::new() };
+    let mut w = Walker { problems: Vec::new(), adapter_paths: Vec::new(), explicit_block_size: false };
     match w.adapter(value, path, None) {
         Some(a) if w.problems.is_empty() => Ok(a),
         _ => Err(w.problems),
