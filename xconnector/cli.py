@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     from xconnector.commands.bench import add_arguments
 
     add_arguments(bench)
+    from xconnector.commands import migrate
+
+    migrate.add_arguments(
+        commands.add_parser(
+            "migrate-config",
+            help="turn the earlier prototype's config into the current `xconnector:` section",
+        )
+    )
     return parser
 
 
@@ -97,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from xconnector.commands import bench
 
             return bench.run(args, sys.stdout, sys.stderr)
+        if args.command == "migrate-config":
+            from xconnector.commands import migrate
+
+            return migrate.run(args, sys.stdout, sys.stderr)
         if args.command == "version":
             from xconnector.commands import version
 

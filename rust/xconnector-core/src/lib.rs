@@ -17,6 +17,7 @@ pub mod kv_layout;
 pub mod lookup_service;
 pub mod memory_tier;
 pub mod metrics;
+pub mod migrate;
 pub mod namespace;
 pub mod overlap;
 pub mod peer_events;

@@ -10,6 +10,7 @@ mod engine;
 mod errors;
 mod logging;
 mod lookup;
+mod migrate;
 mod paged;
 mod peer_events;
 mod router;
@@ -108,5 +109,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_read_document, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_engine_settings, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_runtime_problems, m)?)?;
+    m.add_function(wrap_pyfunction!(migrate::config_migrate, m)?)?;
     Ok(())
 }
