@@ -38,7 +38,6 @@ LAYERS = [
             "xconnector.cli",
             "xconnector.commands",
             "xconnector.demo",
-            "xconnector.workload",
         ],
     ),
 ]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -99,24 +101,57 @@ def test_redis_benchmark_quick_run() -> None:
     assert len([ln for ln in lines if "redis-benchmark" in ln and "ratio" in ln]) == 4, r.stdout
 
 
-def test_bench_counts_the_block_holding_the_last_token_as_recomputed() -> None:
-    from xconnector.commands.bench import saved_tokens
+def test_usable_prefix_never_includes_the_block_holding_the_last_token() -> None:
+    from xconnector._native import usable_prefix
 
-    # An exact repeat of 3200 tokens (200 blocks): the last block is computed again.
-    assert saved_tokens(3200, 3200) == 3184
-    # A hit short of the last token's block is saved whole.
-    assert saved_tokens(2992, 3150) == 2992
-    assert saved_tokens(16, 17) == 16
-    assert saved_tokens(16, 16) == 0
-    assert saved_tokens(0, 100) == 0
+    for block in (1, 16, 32):
+        for length in range(0, 3 * block + 2):
+            for hit in range(0, length + 1, block):
+                # The rule, computed here: the last token's block is recomputed for its logits.
+                rule = min(hit, (length - 1) // block * block) if length else 0
+                assert usable_prefix(hit, length, block) == rule, (hit, length, block)
 
 
 def test_bench_reads_the_last_level_cache_size(tmp_path: Path) -> None:
-    from xconnector.commands.bench import last_level_cache_bytes
+    from xconnector._native import last_level_cache_bytes
 
-    for index, level, size in (("index0", 1, "32K"), ("index2", 2, "1024K"), ("index3", 3, "16M")):
+    caches = (("index0", 1, 32 << 10), ("index2", 2, 1 << 20), ("index3", 3, 16 << 20))
+    for index, level, size in caches:
         (tmp_path / index).mkdir()
         (tmp_path / index / "level").write_text(f"{level}\n")
-        (tmp_path / index / "size").write_text(f"{size}\n")
-    assert last_level_cache_bytes(tmp_path) == 16 << 20
-    assert last_level_cache_bytes(tmp_path / "missing") == 32 << 20  # the fallback
+        (tmp_path / index / "size").write_text(f"{size >> 10}K\n")
+    assert last_level_cache_bytes(str(tmp_path)) == max(caches, key=lambda c: c[1:])[2]
+    assert last_level_cache_bytes(str(tmp_path / "missing")) == 32 << 20  # the fallback
+    assert last_level_cache_bytes() > 0
+
+
+def test_bench_replay_reports_progress_and_consistent_figures() -> None:
+    from xconnector._native import last_level_cache_bytes, replay
+
+    calls: list[tuple[int, int]] = []
+    r = replay(300, 3, 2 << 20, 1 << 10, lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (300, 300) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert r["requests"] == len(r["hit_rates"]) == len(r["lookup_us"]) == 300
+    assert 0 < r["hit_tokens"] < r["prompt_tokens"]
+    assert r["saved_tokens"] <= r["hit_tokens"]  # never the last token's block
+    assert all(0 <= h <= 1 for h in r["hit_rates"]) and min(r["lookup_us"]) >= 0
+    fill, full = r["store_filling"], r["store_full"]
+    assert r["store"]["bytes"] == fill["bytes"] + full["bytes"] > 0
+    assert r["evicted_blocks"] > 0 and full["count"] > 0  # 2 MiB is far under the working set
+    assert 0 < r["load"]["count"] <= 200 and r["llc_bytes"] == last_level_cache_bytes()
+    # Seeded: the same run counts the same tokens.
+    again = replay(300, 3, 2 << 20, 1 << 10)
+    assert (again["hit_tokens"], again["saved_tokens"]) == (r["hit_tokens"], r["saved_tokens"])
+
+
+def test_bench_replay_stops_when_its_progress_callback_raises() -> None:
+    from xconnector._native import replay
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        raise Stop(done)
+
+    with pytest.raises(Stop):
+        replay(200, 0, 8 << 20, 1 << 10, progress)

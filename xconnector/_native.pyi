@@ -2,7 +2,7 @@
 
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias, final
 
@@ -34,10 +34,13 @@ __all__ = [
     "config_runtime_problems",
     "config_setting_bytes",
     "detect_kv_layout",
+    "last_level_cache_bytes",
     "local_block_hashes",
     "lookup_socket_path",
+    "replay",
     "reset_log_cache",
     "sequence_hashes",
+    "usable_prefix",
 ]
 
 __version__: str
@@ -331,6 +334,18 @@ def local_block_hashes(
 ) -> list[int]: ...
 def reset_log_cache() -> None: ...
 def _inject_fault(point: str, fault: str) -> None: ...
+
+# `xconnector bench` and the usable-prefix rule (a worker never skips the block holding the
+# prompt's last token).
+def usable_prefix(hit: int, prompt_len: int, block_size: int) -> int: ...
+def last_level_cache_bytes(root: str | None = None) -> int: ...
+def replay(
+    requests: int,
+    seed: int,
+    cache_bytes: int,
+    block_bytes: int,
+    progress: Callable[[int, int], object] | None = None,
+) -> dict[str, Any]: ...
 
 # Config (DESIGN section 2). Normalized sections are plain dicts; `xconnector.sdk.config` wraps
 # them in dataclasses. Every function raises `ConfigError` on an invalid or unreadable config.

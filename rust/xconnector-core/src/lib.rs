@@ -21,10 +21,13 @@ pub mod migrate;
 pub mod namespace;
 pub mod overlap;
 pub mod peer_events;
+pub mod prefix;
 pub mod redis_tier;
+pub mod replay;
 pub mod router;
 pub mod runtime;
 pub mod stats;
+pub mod workload;
 
 pub use engine::{DiskConfig, Engine, EngineConfig, PinnedBlock, StoreOutcome};
 pub use error::{CoreError, Result};

@@ -13,6 +13,7 @@ mod lookup;
 mod migrate;
 mod paged;
 mod peer_events;
+mod replay;
 mod router;
 
 use pyo3::exceptions::PyValueError;
@@ -97,6 +98,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sequence_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(local_block_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(_inject_fault, m)?)?;
+    m.add_function(wrap_pyfunction!(replay::replay, m)?)?;
+    m.add_function(wrap_pyfunction!(replay::usable_prefix, m)?)?;
+    m.add_function(wrap_pyfunction!(replay::last_level_cache_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(logging::reset_log_cache, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_normalize, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_normalize_adapter, m)?)?;

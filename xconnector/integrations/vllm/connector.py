@@ -59,6 +59,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from xconnector import switches
+from xconnector._loader import load_native
 from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
 from xconnector.config.schema import SDKConfig
 from xconnector.exceptions import ConfigError
@@ -345,8 +346,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 return 0, False
             self._keys[rid] = key
             hit = self._lookup(key)
-            ebs = self._engine_block
-            usable = min(hit, (len(key.tokens) - 1) // ebs * ebs)
+            usable = load_native().usable_prefix(hit, len(key.tokens), self._engine_block)
             # Remember the local hit this answer was relative to, for update_state_after_alloc.
             self._local_hits[rid] = num_computed_tokens
             return max(0, usable - num_computed_tokens), False

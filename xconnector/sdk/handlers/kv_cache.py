@@ -144,7 +144,7 @@ class KVCacheHandler:
             if not r.fresh:
                 continue
             prompt_tokens += len(r.tokens)
-            usable = min(engine.lookup(r.tokens), (len(r.tokens) - 1) // ebs * ebs)
+            usable = native.usable_prefix(engine.lookup(r.tokens), len(r.tokens), ebs)
             if usable <= 0:
                 continue
             ids = native.block_ids_from_slots(r.slots[:usable], io.block_size)
