@@ -167,6 +167,9 @@ def test_the_kill_switch_imports_nothing_beyond_the_standard_library() -> None:
 def test_dynamos_channel_patches_workers_only(yaml_file: str, baseline: dict[str, Any]) -> None:
     # `dynamo serve` hands each process the whole YAML as JSON and starts it with --service-name.
     doc = yaml.safe_load((FIXTURE / yaml_file).read_text())
+    # Dynamo hands a worker `block-size` as --block-size; this numpy worker runs 16-token blocks
+    # whatever it is told (tests/v0_worker.py), so the file says what it runs.
+    doc["Common"]["block-size"] = 16
     doc["Common"]["xconnector"] = {
         "enabled": True,
         "adapters": [{"name": "lmcache", "type": "cache", "config": {"max_cache_size": 256}}],

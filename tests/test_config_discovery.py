@@ -94,7 +94,15 @@ def test_dynamo_configs_with_the_design_section_under_common_are_enabled(path: P
     found = resolve_dynamo_config(doc, service="VllmWorker", source=path.name)
     assert found.describe() == f"enabled, source: {path.name} (Common.xconnector)"
     assert found.origins["mode"] == f"{path.name}: Common.xconnector.mode"
-    assert found.origins["performance.block_size"] == "default"
+    # Unwritten, performance.block_size is the worker's where the file says it.
+    worker = doc.get("VllmWorker") or {}
+    listed = "block-size" in worker.get("common-configs", [])
+    size = worker.get("block-size", doc["Common"].get("block-size") if listed else None)
+    if size is None:
+        assert found.origins["performance.block_size"] == "default"
+    else:
+        assert found.config.performance.block_size == int(size)
+        assert "block-size" in found.origins["performance.block_size"]
     assert found.warnings == []
 
 

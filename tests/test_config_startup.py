@@ -150,3 +150,39 @@ def test_a_disk_directory_that_cannot_be_made_is_reported_once_at_install(
     assert out2["patched"] == {"recv_kv_caches": 1, "send_kv_caches": 1}
     assert out2["computed"] == CACHED_COMPUTED
     assert "fell back" not in said, said
+
+
+def test_processes_that_are_not_workers_skip_the_machine_checks(tmp_path: Path) -> None:
+    # `dynamo serve` and its frontend import the graph (and the autopatch) too: they must stay
+    # cheap, and a strict config must not stop them for a worker's disk directory.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    section = lmcache({"local_disk": str(blocker / "tier")}, integration={"strict": True})
+    path = tmp_path / "graph.yaml"
+    path.write_text(yaml.safe_dump(document(section, {})))
+    for argv in (["graphs.agg:Frontend", "-f", str(path)], ["--service-name", "Frontend"]):
+        out = subprocess.run(
+            [sys.executable, "-c", AUTOPATCH, *argv],
+            env={**os.environ, "XCONNECTOR_CONFIG": str(path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "not a directory" not in out.stderr, out.stderr
+    # The worker itself stops.
+    assert "XConnector cannot start on this machine" in stopped_startup(path, [])
+
+
+def test_check_config_without_a_file_reads_the_workers_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "xc.yaml"
+    path.write_text(yaml.safe_dump({"xconnector": lmcache({"chunk_size": 40})}))
+    cmd = [sys.executable, "-m", "xconnector", "check-config", "--", "python", "-m", "dynamo.vllm"]
+    env = {**os.environ, "XCONNECTOR_CONFIG": str(path)}
+    fits = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert fits.returncode == 0, fits.stderr
+    odd = subprocess.run(
+        [*cmd, "--block-size", "16"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert odd.returncode == 1 and "--block-size 16 on the worker's command line" in odd.stderr

@@ -141,7 +141,9 @@ def check_config(
 
     try:
         if path is None:
-            argv = ["xconnector"] + (["--service-name", service] if service else [])
+            # What the worker's discovery reads: its command line (its --block-size too).
+            argv = ["xconnector", *(worker or [])]
+            argv += ["--service-name", service] if service else []
             found = config_detector.detect_config(argv=argv)
         else:
             found = config_detector.load_config_file(path, service=service, argv=worker)
@@ -161,9 +163,10 @@ def check_config(
         from xconnector import native
 
         problems = native().config_runtime_problems(found.config.to_dict())
-    stops = any(fatal for _, fatal in problems) or (
-        bool(problems) and (strict or found.config.integration.strict)
-    )
+    from xconnector import switches
+
+    strict_here = strict or found.config.integration.strict or switches.strict(os.environ)
+    stops = any(fatal for _, fatal in problems) or (bool(problems) and strict_here)
     if as_json:
         doc = {
             "valid": True,

@@ -10,6 +10,7 @@ import os
 import socket
 from typing import Any, ClassVar
 
+from xconnector._loader import load_native
 from xconnector.adapters.base import Adapter
 from xconnector.config.schema import AdapterConfig, SDKConfig
 
@@ -36,7 +37,8 @@ class DynamoAdapter(Adapter):
             namespace=self.namespace,
             component=self.component,
             worker_id=self.worker_id,
-            nats_url=self.nats_url,
+            # Health output is pasted into tickets: no password of the NATS URL.
+            nats_url=None if self.nats_url is None else load_native().config_redact(self.nats_url),
             kv_events_subject=self.kv_events_subject,
         )
         return out

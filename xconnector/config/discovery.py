@@ -14,6 +14,7 @@ The reading, overlaying and validation run in the native core.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -121,3 +122,32 @@ def load_config_from_dynamo(
     """`Common.xconnector` of a Dynamo config dict, overlaid by `<service>.xconnector`; the
     default (disabled) config when it has none."""
     return resolve_dynamo_config(dynamo_config, service=service).config
+
+
+_checked: dict[str, bool] = {}
+
+
+def check_this_machine(section: Mapping[str, Any], *, strict: bool) -> bool:
+    """What only this machine can tell about a valid section (disk directory, the auth key's
+    variable, Redis answering), checked once per process and section, before the first request.
+    Each problem is logged once; False when XConnector cannot run at all. With `strict`, any
+    problem is a `ConfigError` (startup stops)."""
+    import json
+
+    from xconnector.exceptions import ConfigError
+
+    key = json.dumps(section, sort_keys=True, default=str)
+    if key in _checked:
+        return _checked[key]
+    problems = load_native().config_runtime_problems(section)
+    if problems and strict:
+        said = "; ".join(message for message, _ in problems)
+        raise ConfigError(f"XConnector cannot start on this machine: {said}")
+    log = logging.getLogger("xconnector")
+    for message, fatal in problems:
+        if fatal:
+            log.error("XConnector is off, the worker runs without it: %s", message)
+        else:
+            log.error("XConnector runs degraded: %s", message)
+    _checked[key] = not any(fatal for _, fatal in problems)
+    return _checked[key]

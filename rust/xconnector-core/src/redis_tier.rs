@@ -495,7 +495,9 @@ fn client(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client>
 /// Whether a Redis server at `url` answers a PING within `limit` (connecting, TLS and the
 /// password included), for a check at startup. Nothing is written. The PING runs on a thread of
 /// its own, so a server that stalls the handshake costs the caller `limit`, not more. The error
-/// says what happened without the password.
+/// says what happened without the password: `CoreError::Config` for what the tier would refuse
+/// to open with (a malformed URL, an unreadable CA file, refused credentials, a server that is
+/// not Redis), `CoreError::Cache` for a server that does not answer (yet).
 pub fn ping(url: &str, ca_file: Option<&std::path::Path>, limit: Duration) -> Result<()> {
     let client = client(url, ca_file)?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -507,12 +509,18 @@ pub fn ping(url: &str, ca_file: Option<&std::path::Path>, limit: Duration) -> Re
                 con.set_write_timeout(Some(limit))?;
                 redis::cmd("PING").query::<String>(&mut con)
             });
-            let _ = tx.send(answer.map(drop).map_err(|e| redact_url(&e.to_string())));
+            let refused = |e: &redis::RedisError| is_auth_error(e) || e.kind() == redis::ErrorKind::Parse;
+            let _ = tx.send(answer.map(drop).map_err(|e| (refused(&e), redact_url(&e.to_string()))));
         })
         .map_err(|e| CoreError::Io { context: "starting the Redis check".into(), source: e })?;
     match rx.recv_timeout(limit) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(CoreError::Cache(e)),
+        Ok(Err((true, e))) => Err(CoreError::config(format!(
+            "Redis at {} refused the connection ({e}); check the password in the URL and that it is a Redis \
+             server",
+            redact_url(url)
+        ))),
+        Ok(Err((false, e))) => Err(CoreError::Cache(e)),
         Err(_) => Err(CoreError::Cache(format!("no answer within {} ms", limit.as_millis()))),
     }
 }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use xconnector_core::config::{
-    discover, dynamo_warnings, parse_document, read_config_file, resolve_document, AdapterType, Environment,
+    discover, dynamo_warnings, parse_document, read_config_file, resolve_document, worker_block_sizes, AdapterType,
+    Environment,
 };
 
 const DESIGN_SECTION: &str = r#"
@@ -85,7 +86,16 @@ fn every_dynamo_config_with_the_design_section_under_common_is_enabled() {
                 get(&r.origins, "adapters[0].config.max_cache_size"),
                 "f.yaml: Common.xconnector.adapters[0].config.max_cache_size"
             );
-            assert_eq!(get(&r.origins, "performance.block_size"), "default");
+            // Unwritten: the worker's block size where the file says it (tested on its own in
+            // config_rules.rs), else the default.
+            let services = ["VllmWorker".to_owned(), "PrefillWorker".to_owned()];
+            match worker_block_sizes(&doc, service, &services, &[]).as_slice() {
+                [b] => {
+                    assert_eq!(u64::from(r.config.performance.block_size), b.tokens);
+                    assert_eq!(get(&r.origins, "performance.block_size"), format!("f.yaml: {}", b.origin));
+                }
+                _ => assert_eq!(get(&r.origins, "performance.block_size"), "default"),
+            }
         }
     }
 }

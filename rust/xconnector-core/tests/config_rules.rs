@@ -329,3 +329,35 @@ fn libc_geteuid() -> u32 {
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)?.parse().ok()))
         .unwrap_or(0)
 }
+
+#[test]
+fn an_unwritten_performance_block_size_is_the_workers() {
+    let doc = json!({"Common": {"block-size": 32, "xconnector": {"enabled": true}},
+                     "VllmWorker": {"common-configs": ["block-size"]}});
+    let r = resolve_document_for(&doc, "g.yaml", Some("VllmWorker"), false, &[]).unwrap();
+    assert_eq!(r.config.performance.block_size, 32);
+    let origin = r.origins.iter().find(|(p, _, _)| p == "performance.block_size").unwrap();
+    assert_eq!(origin.2, "g.yaml: Common.block-size: 32 (in VllmWorker.common-configs)");
+    // The worker's command line wins over the document.
+    let argv: Vec<String> = ["python", "--block-size", "64"].iter().map(|s| (*s).to_owned()).collect();
+    let r = resolve_document_for(&doc, "g.yaml", Some("VllmWorker"), false, &argv).unwrap();
+    assert_eq!(r.config.performance.block_size, 64);
+    // Unknown (no service, several candidates, or none): the default stays.
+    let plain = json!({"xconnector": {"enabled": true}});
+    let r = resolve_document_for(&plain, "x.yaml", None, true, &[]).unwrap();
+    assert_eq!(r.config.performance.block_size, 16);
+}
+
+#[test]
+fn strict_written_in_any_copy_of_a_repeated_section_counts() {
+    let strict_of = |text: &str| match resolve_text(text, "t.yaml", None, true, &[]) {
+        Err(CoreError::InvalidSection { strict, .. }) => strict,
+        other => panic!("{other:?}"),
+    };
+    // Strict in the first copy, which a lenient read drops.
+    assert!(strict_of("xconnector:\n  enabled: true\n  integration: {strict: true}\nxconnector:\n  enabled: true\n"));
+    assert!(strict_of("{\"xconnector\": {\"integration\": {\"strict\": true}}, \"xconnector\": {}}"));
+    // A file that does not parse at all.
+    assert!(strict_of("xconnector:\n  integration: {strict: true}\n  enabled: [true\n"));
+    assert!(!strict_of("xconnector:\n  enabled: true\nxconnector:\n  integration: {strict: false}\n"));
+}

@@ -182,17 +182,13 @@ def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None
             if service is not None and service not in services:
                 log.debug("XConnector: service %s not in %s; nothing patched", service, services)
                 return False
-            # What only this machine can tell (disk directory, auth key variable, Redis), checked
-            # once now rather than found at the first request.
-            problems = native.config_runtime_problems(config)
-            if problems and strict:
-                said = "; ".join(message for message, _ in problems)
-                raise ConfigError(f"XConnector cannot start on this machine: {said}")
-            for message, fatal in problems:
-                if fatal:
-                    log.error("XConnector is off, the worker runs without it: %s", message)
-                    return False
-                log.error("XConnector runs degraded: %s", message)
+            # A listed service's worker: what only this machine can tell (disk directory, auth
+            # key variable, Redis), once, before the first request. Other processes that import
+            # the graph (supervisor, frontend) stay cheap.
+            from xconnector.config.discovery import check_this_machine
+
+            if service is not None and not check_this_machine(config, strict=strict):
+                return False
             # A worker process: from here on, the full SDK.
             from xconnector.config.discovery import DetectedConfig
             from xconnector.integrations.vllm import engine_config

@@ -61,6 +61,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from xconnector import switches
 from xconnector._loader import load_native
 from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
+from xconnector.config.discovery import check_this_machine
 from xconnector.config.schema import SDKConfig
 from xconnector.exceptions import ConfigError
 from xconnector.integrations.vllm import lookup_service
@@ -222,11 +223,18 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         if switches.disabled():
             log.info("XConnector is off (XCONNECTOR_DISABLE/XCONNECTOR_ENABLED): plain vLLM")
         else:
+            strict = switches.strict(section=extra.get("xconnector"))
             try:
                 config = load_config(extra)
                 self._config = config if config.enabled and config.enable_caching else None
+                # The engine's process: what only this machine can tell, once, before serving.
+                strict = strict or config.integration.strict
+                if self._config is not None and not check_this_machine(
+                    self._config.to_dict(), strict=strict
+                ):
+                    self._config = None
             except ConfigError as e:
-                if switches.strict(section=extra.get("xconnector")) or getattr(e, "strict", False):
+                if strict or getattr(e, "strict", False):
                     raise
                 log.error("XConnector is off, vLLM runs without it: %s", e)
         # Tokens per engine block: LMCache's chunk_size, else vLLM's block size.

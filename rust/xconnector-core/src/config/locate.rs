@@ -187,14 +187,29 @@ pub fn resolve_document_for(
         .map(|s| s.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
         .unwrap_or_else(|| IntegrationConfig::default().services);
     let block_sizes = worker_block_sizes(doc, service, &services, argv);
-    let (config, adapter_paths) = parse_section_for(&merged, base, &block_sizes).map_err(|problems| {
+    let (mut config, adapter_paths) = parse_section_for(&merged, base, &block_sizes).map_err(|problems| {
         let located: Vec<Problem> = problems
             .into_iter()
             .map(|p| Problem { path: locate_path(&p.path, base, &provenance), message: p.message })
             .collect();
         CoreError::InvalidSection { message: report(source, &located).to_string(), strict: is_strict(&merged) }
     })?;
-    let origins = origins(&config, &adapter_paths, base, &provenance, source);
+    // `performance.block_size` not written: the worker's, where the document or its command line
+    // says it (the v0 path moves KV in blocks of this size; 16 would not fit a 32-token worker).
+    let written = merged.get("performance").and_then(|p| p.get("block_size")).is_some();
+    let inherited = match block_sizes.as_slice() {
+        [b] if !written => u32::try_from(b.tokens).ok().map(|t| (t, b.origin.clone())),
+        _ => None,
+    };
+    if let Some((tokens, _)) = &inherited {
+        config.performance.block_size = *tokens;
+    }
+    let mut origins = origins(&config, &adapter_paths, base, &provenance, source);
+    if let Some((_, origin)) = inherited {
+        for (_, _, o) in origins.iter_mut().filter(|(path, _, _)| path == "performance.block_size") {
+            *o = format!("{source}: {origin}");
+        }
+    }
     let section = parts.iter().map(|(p, _)| if p.is_empty() { "(whole document)" } else { p }).collect::<Vec<_>>();
     Ok(Resolved { source: source.to_owned(), section: Some(section.join(" + ")), config, origins, warnings })
 }
@@ -206,10 +221,23 @@ pub fn resolve_text(text: &str, source: &str, service: Option<&str>, bare: bool,
     match parse_document(text, source) {
         Ok(doc) => resolve_document_for(&doc, source, service, bare, argv),
         Err(e) => {
-            let strict = parse_document_lenient(text).is_some_and(|doc| section_strict(&doc, service, bare));
+            // A lenient read keeps the last of repeated keys, and a broken file reads not at all:
+            // `strict: true` written anywhere counts, so a startup the user asked to stop stops.
+            let strict = parse_document_lenient(text).is_some_and(|doc| section_strict(&doc, service, bare))
+                || writes_strict_true(text);
             Err(CoreError::InvalidSection { message: e.to_string(), strict })
         }
     }
+}
+
+/// Whether the text has `strict: true` (YAML or JSON, quoted key or not) anywhere.
+fn writes_strict_true(text: &str) -> bool {
+    text.match_indices("strict").any(|(at, word)| {
+        let rest = text[at + word.len()..].trim_start_matches(['"', '\'']).trim_start();
+        let Some(value) = rest.strip_prefix(':') else { return false };
+        let value = value.trim_start();
+        ["true", "True", "TRUE"].iter().any(|t| value.starts_with(t))
+    })
 }
 
 /// Deep-merges the sections (later ones win; mappings merge key by key, anything else is

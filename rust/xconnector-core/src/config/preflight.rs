@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::schema::SdkConfig;
 use super::secrets::redact_url;
 use super::settings::{EngineSettings, LMCACHE};
+use crate::error::CoreError;
 use crate::{disk_dir, redis_tier};
 
 /// The longest the Redis check waits for a PING's answer.
@@ -36,14 +37,27 @@ pub fn runtime_problems(cfg: &SdkConfig, env: &dyn Fn(&str) -> Option<String>) -
         if let Some(Err(message)) = r.auth_key.as_ref().map(|k| k.resolve(env)) {
             out.push(RuntimeProblem { message, fatal: true });
         }
-        if let Err(e) = redis_tier::ping(&r.url, r.ca_file.as_deref(), REDIS_DEADLINE) {
-            let message = format!(
-                "{LMCACHE}.remote_url: Redis at {} did not answer a PING within {} s ({e}); check the address, the \
-                 password and that Redis is up (until it answers, XConnector serves from its local tiers)",
-                redact_url(&r.url),
-                REDIS_DEADLINE.as_secs()
-            );
-            out.push(RuntimeProblem { message, fatal: false });
+        match redis_tier::ping(&r.url, r.ca_file.as_deref(), REDIS_DEADLINE) {
+            Ok(()) => {}
+            // What the tier would refuse to open with: no engine until it is fixed.
+            Err(CoreError::Config(e)) => {
+                // The tier's own messages name their setting (`remote_url ...`, `remote_ca_file ...`).
+                let message = if e.starts_with("remote_") {
+                    format!("{LMCACHE}.{e}")
+                } else {
+                    format!("{LMCACHE}.remote_url: {e}")
+                };
+                out.push(RuntimeProblem { message, fatal: true });
+            }
+            Err(e) => {
+                let message = format!(
+                    "{LMCACHE}.remote_url: Redis at {} did not answer a PING within {} s ({e}); check the address \
+                     and that Redis is up (until it answers, XConnector serves from its local tiers)",
+                    redact_url(&r.url),
+                    REDIS_DEADLINE.as_secs()
+                );
+                out.push(RuntimeProblem { message, fatal: false });
+            }
         }
     }
     out

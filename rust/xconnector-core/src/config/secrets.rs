@@ -23,7 +23,7 @@ pub fn redact_url(text: &str) -> String {
 }
 
 fn redact_one(text: &str) -> String {
-    let Some(s) = text.find("://") else { return text.to_owned() };
+    let Some(s) = text.find("://") else { return hide_bare_userinfo(text) };
     let (head, rest) = text.split_at(s + 3);
     let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
     let (url, tail) = rest.split_at(end);
@@ -38,6 +38,20 @@ fn redact_one(text: &str) -> String {
         }
     };
     format!("{head}{}{tail}", hide_query_secrets(&shown))
+}
+
+/// A URL written without `//` (`redis:password@host`): in each word holding an `@`, what sits
+/// between its scheme and its last `@` is user info.
+fn hide_bare_userinfo(text: &str) -> String {
+    text.split_inclusive(char::is_whitespace)
+        .map(|word| match word.rfind('@') {
+            Some(at) => {
+                let start = word[..at].find(':').map_or(0, |c| c + 1);
+                format!("{}{HIDDEN}{}", &word[..start], &word[at..])
+            }
+            None => word.to_owned(),
+        })
+        .collect()
 }
 
 fn hide_query_secrets(url: &str) -> String {
@@ -88,6 +102,9 @@ mod tests {
     fn url_passwords_and_tokens_are_hidden() {
         assert_eq!(redact_url("redis://:hunter2@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
         assert_eq!(redact_url("rediss://app:hunter2@h:6380"), "rediss://app:***@h:6380");
+        // Written without `//`: still user info.
+        assert_eq!(redact_url("bad \"redis:hunter2@127.0.0.1:6379\" x"), "bad \"redis:***@127.0.0.1:6379\" x");
+        assert_eq!(redact_url("redis::pw@h"), "redis:***@h");
         assert_eq!(redact_url("nats://s3cr3t@127.0.0.1:4222"), "nats://***@127.0.0.1:4222");
         assert_eq!(redact_url("nats://u:p@a:1,nats://b:2"), "nats://u:***@a:1,nats://b:2");
         assert_eq!(redact_url("nats://a:4222,nats://app:S3CR3T@b:4222"), "nats://a:4222,nats://app:***@b:4222");
