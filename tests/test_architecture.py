@@ -9,6 +9,8 @@ Every import counts, including those inside functions and under `TYPE_CHECKING`.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xconnector"
@@ -115,3 +117,18 @@ def test_the_checker_sees_imports_and_orders_layers() -> None:
     assert layer_of("xconnector.integrations.dynamo.autopatch") > layer_of(
         "xconnector.integrations.vllm.connector"
     )
+
+
+def test_the_rust_core_has_no_module_cycles(tmp_path: Path) -> None:
+    script = PACKAGE.parent / "scripts" / "module_cycles.py"
+    core = PACKAGE.parent / "rust" / "xconnector-core" / "src"
+    ok = subprocess.run([sys.executable, str(script), str(core)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "no cycles among" in ok.stdout, ok.stdout + ok.stderr
+    # The checker sees a cycle when there is one (it would pass vacuously otherwise).
+    (tmp_path / "lib.rs").write_text("pub mod a;\npub mod b;\n")
+    (tmp_path / "a.rs").write_text("use crate::b::B;\npub struct A;\n")
+    (tmp_path / "b.rs").write_text("use crate::a::A;\npub struct B;\n")
+    bad = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True
+    )
+    assert bad.returncode != 0, bad.stdout
