@@ -18,6 +18,8 @@ __all__ = [
     "OverlapIndex",
     "PagedKv",
     "Router",
+    "VllmBlockNames",
+    "VllmRankAgreement",
     "__version__",
     "_inject_fault",
     "block_ids_from_slots",
@@ -314,6 +316,51 @@ class LookupClient:
     ) -> int: ...
     def stats(self) -> dict[str, int]: ...
     def close(self) -> None: ...
+
+# vLLM's KV events (`xconnector.integrations.vllm.kv_events`). A block name is vLLM's block hash
+# (bytes, or an int of 64 bits) or XConnector's (an int).
+_Name: TypeAlias = int | bytes
+# (kind "stored"/"removed", XConnector's medium "memory"/"disk", parent, sequence hashes, tokens,
+# lora_name, cache_salt), as `Engine.take_block_events` returns it.
+_Change: TypeAlias = tuple[str, str, int | None, list[int], list[int], str | None, str | None]
+# (kind, vLLM's medium, names, parent, token ids, lora_name, extra_keys).
+_VllmEvent: TypeAlias = tuple[
+    str, str, list[_Name], _Name | None, list[int], str | None, list[tuple[str, ...] | None] | None
+]
+
+@final
+class VllmBlockNames:
+    """vLLM's names for XConnector's blocks: learnt from the transfers that store or load them,
+    kept for a reported block until its removal."""
+
+    def __new__(cls, capacity: int | None = None) -> Self: ...
+    def learn(
+        self,
+        engine_block: int,
+        block_size: int,
+        tokens: _Tokens,
+        names: Iterable[_Name],
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> None: ...
+    def of(self, h: int, k: int, medium: str | None = None) -> list[_Name]: ...
+    def events(
+        self, changes: Sequence[_Change], block_size: int, engine_block: int
+    ) -> list[_VllmEvent]: ...
+
+@final
+class VllmRankAgreement:
+    """What the router should be told given every rank's events: a block is announced once all
+    `world` ranks hold it, removed once the first drops it."""
+
+    def __new__(cls, world: int) -> Self: ...
+    @property
+    def world(self) -> int: ...
+    def stored(
+        self, rank: int, medium: str | None, names: Iterable[_Name]
+    ) -> list[tuple[int, int]]: ...
+    def removed(self, rank: int, medium: str | None, names: Iterable[_Name]) -> list[_Name]: ...
 
 def lookup_socket_path(engine_id: str, rank: int) -> str: ...
 def detect_kv_layout(shape: list[int], block_size: int, num_blocks: int | None = None) -> str: ...

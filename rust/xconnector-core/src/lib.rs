@@ -27,6 +27,7 @@ pub mod replay;
 pub mod router;
 pub mod runtime;
 pub mod stats;
+pub mod vllm_events;
 pub mod workload;
 
 pub use engine::{DiskConfig, Engine, EngineConfig, PinnedBlock, StoreOutcome};

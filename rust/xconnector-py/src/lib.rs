@@ -15,6 +15,7 @@ mod paged;
 mod peer_events;
 mod replay;
 mod router;
+mod vllm_events;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -92,6 +93,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<peer_events::EventSubscriber>()?;
     m.add_class::<lookup::LookupServer>()?;
     m.add_class::<lookup::LookupClient>()?;
+    m.add_class::<vllm_events::VllmBlockNames>()?;
+    m.add_class::<vllm_events::VllmRankAgreement>()?;
     m.add_function(wrap_pyfunction!(lookup::lookup_socket_path, m)?)?;
     m.add_function(wrap_pyfunction!(paged::block_ids_from_slots, m)?)?;
     m.add_function(wrap_pyfunction!(paged::detect_kv_layout, m)?)?;
