@@ -1,7 +1,11 @@
 """For generated configs: `xconnector check-config` says valid (for the worker's block size, on
 this machine) if and only if the SDK a worker builds from it initializes and its first KV call
 works (v0 KV tensors of the worker's block size, stored, then loaded into other blocks and
-compared byte for byte). Redis is a real server on loopback; the disk directories are real."""
+compared byte for byte). Redis is a real server on loopback; the disk directories are real.
+
+The KV here is small (2 layers, 2 heads of 8): a memory budget the validator accepts can still
+hold no engine block of a large model, which only the worker's KV tensors reveal (the engine
+says so once when it is built, and XConnector stays off)."""
 
 from __future__ import annotations
 
@@ -164,7 +168,7 @@ def test_check_config_says_valid_exactly_when_the_sdk_runs(
     ids = itertools.count()
 
     @settings(
-        max_examples=150,
+        max_examples=250,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
@@ -182,5 +186,6 @@ def test_check_config_says_valid_exactly_when_the_sdk_runs(
         seen["with Redis"] += "remote_url" in case["section"]["adapters"][0]["config"] and valid
 
     check()
-    # Both sides must be common, or the property holds vacuously.
+    # Both sides must be common, or the property holds vacuously (a run gives about 40 valid,
+    # 15 of them with Redis; the bounds are several standard deviations below).
     assert seen["valid"] >= 15 and seen["invalid"] >= 15 and seen["with Redis"] >= 3, seen
