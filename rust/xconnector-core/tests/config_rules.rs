@@ -361,3 +361,23 @@ fn strict_written_in_any_copy_of_a_repeated_section_counts() {
     assert!(strict_of("xconnector:\n  integration: {strict: true}\n  enabled: [true\n"));
     assert!(!strict_of("xconnector:\n  enabled: true\nxconnector:\n  integration: {strict: false}\n"));
 }
+
+#[test]
+fn the_service_is_the_last_flag_else_the_variable() {
+    let dynamo = json!({"Common": {"xconnector": {"enabled": true}},
+                        "VllmWorker": {"xconnector": {"enable_distributed": false}}})
+    .to_string();
+    let env = |service_var: Option<&str>, argv: &[&str]| {
+        let mut vars: HashMap<String, String> = [("DYNAMO_SERVICE_CONFIG".to_owned(), dynamo.clone())].into();
+        if let Some(s) = service_var {
+            vars.insert("XCONNECTOR_SERVICE".into(), s.into());
+        }
+        Environment { vars, argv: argv.iter().map(|s| (*s).to_owned()).collect() }
+    };
+    let e = env(Some("VllmWorker"), &["python"]);
+    assert_eq!(e.service_name().as_deref(), Some("VllmWorker"));
+    assert!(!discover(&e).unwrap().config.enable_distributed, "the variable's service overlays Common");
+    let e = env(Some("VllmWorker"), &["python", "--service-name", "Frontend", "--service-name=PrefillWorker"]);
+    assert_eq!(e.service_name().as_deref(), Some("PrefillWorker"));
+    assert_eq!(env(None, &["python"]).service_name(), None);
+}

@@ -153,13 +153,18 @@ pub fn config_discover<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let env = Environment { vars: environ, argv };
     let r = crate::call::detached(py, || core::discover(&env))?;
-    guarded(py, || resolved(py, &r))
+    guarded(py, || {
+        let d = resolved(py, &r)?;
+        d.set_item("service", env.service_name())?;
+        Ok(d)
+    })
 }
 
-/// Names of the environment variables discovery reads, in order.
+/// Names of the environment variables discovery reads: the config channels in order, then the
+/// service name's.
 #[pyfunction]
 pub fn config_env_vars() -> Vec<&'static str> {
-    core::CONFIG_VARS.to_vec()
+    core::CONFIG_VARS.iter().copied().chain([core::SERVICE_VAR]).collect()
 }
 
 /// A size setting of an adapter (`max_cache_size`, `max_local_cpu_size`, ...) in bytes, read the

@@ -143,18 +143,6 @@ def _v0_connector_hook(module: ModuleType) -> None:
     patching.replace(base, "__init_subclass__", classmethod(__init_subclass__))
 
 
-def _service_name(environ: Mapping[str, str], argv: Sequence[str]) -> str | None:
-    """The Dynamo service this process runs: the last `--service-name` in argv (argparse's rule,
-    and the native discovery's), else `XCONNECTOR_SERVICE`."""
-    found = None
-    for i, arg in enumerate(argv):
-        if arg == "--service-name" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif arg.startswith("--service-name="):
-            found = arg.split("=", 1)[1]
-    return found or environ.get("XCONNECTOR_SERVICE") or None
-
-
 def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> bool:
     """Reads the config and, in a worker process, patches the targets. True when patching is in
     place. Never raises, except a configuration error with `integration.strict: true` (or
@@ -177,7 +165,7 @@ def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None
             if found["section"] is None or not config["enabled"]:
                 log.debug("XConnector is off (config source: %s)", found["source"])
                 return False
-            service = _service_name(env, args)
+            service = found["service"]
             services = config["integration"]["services"]
             if service is not None and service not in services:
                 log.debug("XConnector: service %s not in %s; nothing patched", service, services)

@@ -12,6 +12,8 @@ use crate::error::Result;
 
 /// The variables XConnector reads, in order.
 pub const CONFIG_VARS: &[&str] = &["XCONNECTOR_CONFIG", "DYNAMO_SERVICE_CONFIG", "DYN_DEPLOYMENT_CONFIG"];
+/// The service this process runs when its command line does not say (`--service-name` wins).
+pub const SERVICE_VAR: &str = "XCONNECTOR_SERVICE";
 
 /// What discovery reads: environment variables and the process's argv.
 #[derive(Clone, Debug, Default)]
@@ -23,7 +25,11 @@ pub struct Environment {
 impl Environment {
     /// This process's environment and arguments.
     pub fn current() -> Self {
-        let vars = CONFIG_VARS.iter().filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v))).collect();
+        let vars = CONFIG_VARS
+            .iter()
+            .chain([&SERVICE_VAR])
+            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+            .collect();
         Self { vars, argv: std::env::args().collect() }
     }
 
@@ -36,8 +42,11 @@ impl Environment {
     }
 
     /// The Dynamo service this process runs (`--service-name VllmWorker`), if any.
+    /// The last `--service-name` (argparse's rule), else `XCONNECTOR_SERVICE`. The one place
+    /// this is decided: the autopatch asks the result of discovery.
     pub fn service_name(&self) -> Option<String> {
-        self.flag(&["--service-name"]).map(|(_, v)| v).filter(|v| !v.is_empty())
+        let flag = self.flag(&["--service-name"]).map(|(_, v)| v).filter(|v| !v.is_empty());
+        flag.or_else(|| self.var(SERVICE_VAR).map(str::to_owned))
     }
 }
 

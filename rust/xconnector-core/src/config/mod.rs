@@ -19,7 +19,7 @@ mod validate;
 mod worker;
 
 pub use adapters::{check_settings, settings_of, size_bytes, Setting};
-pub use discover::{discover, Environment, CONFIG_VARS};
+pub use discover::{discover, Environment, CONFIG_VARS, SERVICE_VAR};
 pub use document::{parse_document, parse_document_lenient};
 pub use geometry::{engine_block, EngineBlock};
 pub use locate::{
