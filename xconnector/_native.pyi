@@ -12,6 +12,7 @@ __all__ = [
     "HASH_VERSION",
     "BlockView",
     "Engine",
+    "EngineBlocks",
     "EventSubscriber",
     "LookupClient",
     "LookupServer",
@@ -36,9 +37,13 @@ __all__ = [
     "config_runtime_problems",
     "config_setting_bytes",
     "detect_kv_layout",
+    "key_tokens",
+    "kv_block_dim",
+    "kv_namespace",
     "last_level_cache_bytes",
     "local_block_hashes",
     "lookup_socket_path",
+    "lora_identity",
     "replay",
     "reset_log_cache",
     "sequence_hashes",
@@ -178,6 +183,24 @@ class BlockView:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool: ...
+
+@final
+class EngineBlocks:
+    """How KV blocks compose an engine's blocks (a whole number of them, in tokens and bytes)."""
+
+    def __new__(
+        cls,
+        kv_block_size: int,
+        kv_block_bytes: int,
+        engine_block_size: int,
+        engine_block_bytes: int,
+    ) -> Self: ...
+    @property
+    def per(self) -> int: ...
+    def full_engine_blocks(self, n_tokens: int) -> int: ...
+    def store_kv_blocks(self, n_tokens: int, n_ids: int) -> int: ...
+    def load_engine_blocks(self, n_ids: int) -> int: ...
+    def loaded_kv_blocks(self, loaded_tokens: int, first_block: int) -> tuple[int, int]: ...
 
 @final
 class PagedKv:
@@ -364,6 +387,27 @@ class VllmRankAgreement:
 
 def lookup_socket_path(engine_id: str, rank: int) -> str: ...
 def detect_kv_layout(shape: list[int], block_size: int, num_blocks: int | None = None) -> str: ...
+def kv_block_dim(layout: str) -> int: ...
+def kv_namespace(
+    *,
+    model: str,
+    layer_shapes: list[list[int]],
+    block_size: int,
+    tensor_dtype: str,
+    model_id: str | None = None,
+    revision: str = "",
+    quantization: str = "",
+    cache_dtype: str | None = None,
+    layout: str | None = None,
+    tp_world_size: int = 1,
+    tp_rank: int = 0,
+    pp_world_size: int = 1,
+    pp_rank: int = 0,
+    model_config: list[tuple[str, str]] | None = None,
+    max_model_len: int | None = None,
+) -> dict[str, Any]: ...
+def lora_identity(path: str) -> str: ...
+def key_tokens(tokens: _Tokens, items: list[tuple[str, int, int]]) -> list[int]: ...
 def block_ids_from_slots(slots: list[int] | Any, block_size: int) -> list[int]: ...
 def sequence_hashes(
     tokens: _Tokens,

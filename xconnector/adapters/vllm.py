@@ -8,16 +8,13 @@ gathered on the device and copied through a pinned host staging buffer.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from xconnector._loader import load_native
-from xconnector._native import Engine
+from xconnector._native import Engine, EngineBlocks
 from xconnector.adapters._arrays import dtype_name, is_torch
 from xconnector.adapters.base import Adapter
 from xconnector.config.schema import AdapterConfig, SDKConfig
@@ -45,11 +42,6 @@ class KvIO(Protocol):
         first_block: int = 0,
         **extras: str | None,
     ) -> int: ...
-
-
-def _block_dim(layout: str) -> int:
-    """The dimension of a layout's tensors that indexes blocks (the core's KvLayout::block_dim)."""
-    return 1 if layout == "flash_attn" else 0
 
 
 def layer_tensors(kv_caches: Any) -> list[Any]:
@@ -110,7 +102,7 @@ class StagedKv:
         native = load_native()
         first = tensors[0]
         self.layout = layout or native.detect_kv_layout(list(first.shape), block_size)
-        self.block_dim = _block_dim(self.layout)
+        self.block_dim = native.kv_block_dim(self.layout)
         self.block_size = block_size
         self.num_blocks = int(first.shape[self.block_dim])
         self._tensors = tensors
@@ -162,27 +154,26 @@ class StagedKv:
             t.index_copy_(self.block_dim, ids, part.reshape(n, *rest).movedim(0, self.block_dim))
             col += nbytes
 
-    def _per(self, engine: Engine) -> int:
-        per = engine.block_size // self.block_size
-        if engine.block_size % self.block_size or engine.block_bytes != per * self.block_bytes:
-            raise InvalidInputError("the engine's blocks are not whole blocks of these KV caches")
-        return per
+    def _blocks(self, engine: Engine) -> EngineBlocks:
+        """How these KV blocks compose the engine's (the core's rule; raises if they do not)."""
+        blocks: EngineBlocks = load_native().EngineBlocks(
+            self.block_size, self.block_bytes, engine.block_size, engine.block_bytes
+        )
+        return blocks
 
     def store(
         self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
     ) -> int:
-        per = self._per(engine)
+        blocks = self._blocks(engine)
         tokens = list(tokens)
-        full = len(tokens) // engine.block_size
+        full = blocks.full_engine_blocks(len(tokens))
         cached = engine.lookup(tokens, **extras) // engine.block_size
         if full <= cached:
             return 0
-        ids = list(block_ids)[: full * per]
-        if len(ids) < full * per:
-            raise InvalidInputError(f"{full * per} block ids needed, {len(ids)} given")
+        n = blocks.store_kv_blocks(len(tokens), len(block_ids))
         with self._lock:
-            dev = self.pack_device(ids)
-            host = self._host(dev.numel()).view(full * per, self.block_bytes)
+            dev = self.pack_device(list(block_ids)[:n])
+            host = self._host(dev.numel()).view(n, self.block_bytes)
             host.copy_(dev)
             return engine.store(tokens[: full * engine.block_size], host, **extras)
 
@@ -194,38 +185,16 @@ class StagedKv:
         first_block: int = 0,
         **extras: str | None,
     ) -> int:
-        per = self._per(engine)
-        n_engine = len(block_ids) // per
+        blocks = self._blocks(engine)
         with self._lock:
-            host = self._host(n_engine * engine.block_bytes)
+            host = self._host(blocks.load_engine_blocks(len(block_ids)) * engine.block_bytes)
             loaded = engine.load(list(tokens), host, **extras)
-            n = loaded // self.block_size
-            if n > first_block:
-                data = host[first_block * self.block_bytes : n * self.block_bytes]
-                data = data.view(n - first_block, self.block_bytes).to(self._device)
-                self.unpack_device(list(block_ids)[first_block:n], data)
+            start, stop = blocks.loaded_kv_blocks(loaded, first_block)
+            if stop > start:
+                data = host[start * self.block_bytes : stop * self.block_bytes]
+                data = data.view(stop - start, self.block_bytes).to(self._device)
+                self.unpack_device(list(block_ids)[start:stop], data)
             return loaded
-
-
-def block_shape(tensors: list[Any], block_size: int, layout: str | None = None) -> str:
-    """Layers x one block's shape per layer, without the number of blocks: what a block's bytes
-    depend on. Workers whose KV caches have different numbers of blocks (other memory settings,
-    a restart) share entries."""
-    first = tensors[0]
-    shape = [int(d) for d in first.shape]
-    name = layout or load_native().detect_kv_layout(shape, block_size)
-    dim = _block_dim(name)
-    per_layer = {tuple(int(d) for i, d in enumerate(t.shape) if i != dim) for t in tensors}
-    shapes = ",".join("x".join(map(str, s)) for s in sorted(per_layer))
-    return f"{len(tensors)}x[{shapes}]"
-
-
-def kv_dtype(cache_dtype: str | None, tensor: Any) -> str:
-    """The KV cache dtype, fp8 variants told apart (both are uint8 tensors; vLLM's "fp8" is
-    e4m3)."""
-    if cache_dtype and cache_dtype != "auto":
-        return "fp8_e4m3" if cache_dtype == "fp8" else cache_dtype
-    return dtype_name(tensor)
 
 
 def vllm_namespace(
@@ -236,97 +205,65 @@ def vllm_namespace(
     pp_rank: int,
     model_id: str | None = None,
 ) -> dict[str, Any]:
-    """The namespace of a vLLM v1 worker's blocks: model (or the configured `model_id`) and
-    revision, KV dtype, quantization, per-block layout, tensor- and pipeline-parallel size and
-    rank. Nothing that varies with memory settings."""
+    """The namespace of a vLLM v1 worker's blocks, derived by the core (`kv_namespace`) from
+    what the worker's config and KV tensors report."""
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
-    block_size = int(vllm_config.cache_config.block_size)
-    extra = {"block_shape": block_shape(tensors, block_size)}
-    fingerprint = model_fingerprint(model)
-    if fingerprint:
-        extra["model_config"] = fingerprint
-    return {
-        "model": model_id or str(model.model),
-        "revision": str(getattr(model, "revision", None) or ""),
-        "dtype": kv_dtype(getattr(vllm_config.cache_config, "cache_dtype", None), tensors[0]),
-        "quantization": str(getattr(model, "quantization", None) or ""),
-        "tp_world_size": int(parallel.tensor_parallel_size),
-        "tp_rank": tp_rank,
-        "pp_world_size": int(parallel.pipeline_parallel_size),
-        "pp_rank": pp_rank,
-        "extra": extra,
-    }
+    cache = vllm_config.cache_config
+    ns: dict[str, Any] = load_native().kv_namespace(
+        model=str(model.model),
+        model_id=model_id,
+        revision=str(getattr(model, "revision", None) or ""),
+        quantization=str(getattr(model, "quantization", None) or ""),
+        cache_dtype=getattr(cache, "cache_dtype", None),
+        tensor_dtype=dtype_name(tensors[0]),
+        layer_shapes=_shapes(tensors),
+        block_size=int(cache.block_size),
+        tp_world_size=int(parallel.tensor_parallel_size),
+        tp_rank=tp_rank,
+        pp_world_size=int(parallel.pipeline_parallel_size),
+        pp_rank=pp_rank,
+        **_model_config(model),
+    )
+    return ns
 
 
-def model_fingerprint(model_config: Any) -> str:
-    """A digest of the model's effective configuration (after `--hf-overrides`: RoPE scaling,
-    sliding windows, ...), plus the context length when RoPE is scaled (LongRoPE picks its factors
-    from it). Its path and the transformers version are left out, so one model mounted at two
-    paths still shares (with `model_id`)."""
+def _shapes(tensors: list[Any]) -> list[list[int]]:
+    return [[int(d) for d in t.shape] for t in tensors]
+
+
+def _model_config(model_config: Any) -> dict[str, Any]:
+    """The model's effective configuration (after `--hf-overrides`) for the core's fingerprint:
+    each top-level entry's value as JSON text, and the context length."""
     hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
     if hf is None or not hasattr(hf, "to_dict"):
-        return ""
-    config = {
-        k: v for k, v in hf.to_dict().items() if k not in ("_name_or_path", "transformers_version")
-    }
-    if config.get("rope_scaling"):
-        config["max_model_len"] = getattr(model_config, "max_model_len", None)
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-@functools.lru_cache(maxsize=256)
-def _files_digest(stamp: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for path, _, _ in stamp:
-        h.update(path.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+        return {}
+    entries = [
+        (str(k), json.dumps(v, sort_keys=True, default=str)) for k, v in hf.to_dict().items()
+    ]
+    return {"model_config": entries, "max_model_len": getattr(model_config, "max_model_len", None)}
 
 
 def lora_identity(lora_request: Any) -> str:
-    """What a LoRA adapter's KV depends on beyond its name: the content of its files (hashed
-    once per file size and modification time), so an adapter reloaded in place, or another
-    adapter registered under an old name, is never served the old KV, while the same adapter on
-    two servers shares. An adapter that is not a local directory is identified by its path."""
-    path = Path(str(getattr(lora_request, "lora_path", "") or ""))
-    if not path.is_dir():
-        return f"path:{path}"
-    files = sorted(f for f in path.iterdir() if f.is_file())
-    stamp = tuple((str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
-    return "content:" + _files_digest(stamp)
-
-
-#: Token ids standing for a multimodal item's placeholder positions have this bit set: real
-#: vocabularies are far smaller, so they never equal a text token.
-_MM_TOKEN_BIT = 1 << 31
+    """What a LoRA adapter's KV depends on beyond its name: the content of its files, or its path
+    when it is not a local directory (the core's rule)."""
+    identity: str = load_native().lora_identity(str(getattr(lora_request, "lora_path", "") or ""))
+    return identity
 
 
 def key_tokens(tokens: Sequence[int], mm_features: Sequence[Any] | None) -> list[int]:
-    """The token ids a request's blocks are keyed by. Multimodal placeholder tokens are the same
-    for every image, so each placeholder position is replaced by ids derived from the item's hash
-    and the position within it (vLLM's prefix cache mixes the same hash into the blocks the item
-    covers): the same text with another image never shares a block past the first placeholder."""
-    out = list(tokens)
-    mixed: set[int] = set()  # positions an earlier item already covers (audio inside a video)
+    """The token ids a request's blocks are keyed by: each multimodal item's placeholder
+    positions replaced by ids derived from the item's hash (the core's rule), so the same text
+    with another image never shares a block past the first placeholder."""
+    items = []
     for feature in mm_features or ():
         identifier = getattr(feature, "identifier", None) or getattr(feature, "mm_hash", None)
         pos = getattr(feature, "mm_position", None)
         if identifier is None or pos is None:
             raise InvalidInputError("a multimodal item without a hash or position cannot be keyed")
-        offset, length = int(pos.offset), int(pos.length)
-        stream = hashlib.shake_256(str(identifier).encode()).digest(4 * length)
-        for j in range(min(length, len(out) - offset)):
-            word = int.from_bytes(stream[4 * j : 4 * j + 4], "little")
-            pos = offset + j
-            if pos in mixed:  # every item over a position keys it, not only the last
-                word = (word ^ (out[pos] * 0x9E3779B1)) & 0xFFFFFFFF
-            mixed.add(pos)
-            out[pos] = _MM_TOKEN_BIT | (word & (_MM_TOKEN_BIT - 1))
-    return out
+        items.append((str(identifier), int(pos.offset), int(pos.length)))
+    keyed: list[int] = load_native().key_tokens(list(tokens), items)
+    return keyed
 
 
 class VLLMAdapter(Adapter):
@@ -364,9 +301,8 @@ class VLLMAdapter(Adapter):
 
     def namespace(self, model_executable: Any, kv_caches: Any, io: KvIO) -> dict[str, Any]:
         """What makes KV bytes incompatible: the model, dtype, layout and per-block shape, and
-        the tensor-parallel rank."""
+        the tensor-parallel rank (derived by the core, as for v1)."""
         tensors = layer_tensors(kv_caches)
-        first = tensors[0]
         config = getattr(model_executable, "config", None)
         model = (
             getattr(config, "_name_or_path", None)
@@ -374,14 +310,17 @@ class VLLMAdapter(Adapter):
             or type(model_executable).__qualname__
         )
         world, rank = _tp_world_and_rank()
-        return {
-            "model": self.settings.get("model_id") or str(model),
-            "dtype": dtype_name(first),
-            "kv_layout": io.layout,
-            "tp_world_size": world,
-            "tp_rank": rank,
-            "extra": {"block_shape": block_shape(tensors, io.block_size, io.layout)},
-        }
+        ns = load_native().kv_namespace(
+            model=str(model),
+            model_id=self.settings.get("model_id"),
+            tensor_dtype=dtype_name(tensors[0]),
+            layer_shapes=_shapes(tensors),
+            block_size=io.block_size,
+            layout=io.layout,
+            tp_world_size=world,
+            tp_rank=rank,
+        )
+        return {**ns, "kv_layout": io.layout}
 
     def stop(self) -> None:
         with self._lock:

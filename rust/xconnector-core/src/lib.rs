@@ -3,21 +3,25 @@
 //! everything is testable with `cargo test`; `xconnector-py` is the thin binding.
 
 pub mod arena;
+pub mod blake2b;
 pub mod block_journal;
 pub mod config;
 pub mod disk_dir;
 pub mod disk_files;
 pub mod disk_tier;
 pub mod engine;
+pub mod engine_blocks;
 pub mod error;
 pub mod faults;
 pub mod hashing;
 pub mod histogram;
 pub mod kv_layout;
+pub mod kv_namespace;
 pub mod lookup_service;
 pub mod memory_tier;
 pub mod metrics;
 pub mod migrate;
+pub mod mm_keys;
 pub mod namespace;
 pub mod overlap;
 pub mod peer_events;

@@ -4,12 +4,14 @@
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use xconnector_core::engine_blocks::EngineBlocks as CoreEngineBlocks;
 use xconnector_core::kv_layout::{self, KvLayout, PagedKv as CorePagedKv, StridedTensor};
 
 use crate::buffers::ByteRegion;
 use crate::call::{detached, guarded};
 use crate::engine::{extras, Engine};
 use crate::errors::invalid_input;
+use crate::kv_namespace::parse_layout;
 
 /// One layer's address, shape and strides. Torch tensors must be on the CPU (CUDA caches are
 /// staged through pinned memory by the Python adapter); numpy arrays must be writable.
@@ -93,13 +95,7 @@ impl PagedKv {
         layout: Option<&str>,
         num_blocks: Option<usize>,
     ) -> PyResult<Self> {
-        let layout = match layout {
-            None => None,
-            Some(name) => Some(KvLayout::parse(name).ok_or_else(|| {
-                let known: Vec<&str> = KvLayout::ALL.iter().map(|l| l.name()).collect();
-                invalid_input(py, format!("unknown KV layout {name:?}; known: {}", known.join(", ")))
-            })?),
-        };
+        let layout = layout.map(|name| parse_layout(py, name)).transpose()?;
         let descs: Vec<StridedTensor> =
             guarded(py, || tensors.iter().enumerate().map(|(i, t)| describe(py, t, i)).collect())?;
         // SAFETY: each description comes from a live tensor/array that `tensors` keeps alive for
@@ -186,26 +182,14 @@ impl PagedKv {
     ) -> PyResult<usize> {
         let toks = guarded(py, || crate::buffers::tokens(tokens))?;
         let ids = block_ids_checked(py, &self.inner, block_ids)?;
-        let per = self.kv_blocks_per_engine_block(py, engine)?;
-        let engine_bs = per * self.inner.block_size();
-        let full = toks.len() / engine_bs;
-        if ids.len() < full * per {
-            return Err(invalid_input(
-                py,
-                format!(
-                    "{} tokens make {} full KV block(s) but only {} block id(s) were given",
-                    toks.len(),
-                    full * per,
-                    ids.len()
-                ),
-            ));
-        }
         let kv = &self.inner;
-        let kbb = kv.block_bytes();
         let out = detached(py, || {
-            engine.inner.store_with(&toks[..full * engine_bs], extras(&lora_name, &cache_salt, &lora_id), |i, slot| {
-                for j in 0..per {
-                    kv.pack_block(ids[i * per + j], &mut slot[j * kbb..(j + 1) * kbb]);
+            let geometry = self.engine_blocks(engine)?;
+            geometry.store_kv_blocks(toks.len(), ids.len())?;
+            let full = geometry.full_engine_blocks(toks.len()) * geometry.engine_block_size();
+            engine.inner.store_with(&toks[..full], extras(&lora_name, &cache_salt, &lora_id), |i, slot| {
+                for (pos, bytes) in geometry.parts(i, 0) {
+                    kv.pack_block(ids[pos], &mut slot[bytes]);
                 }
             })
         })?;
@@ -230,13 +214,13 @@ impl PagedKv {
     ) -> PyResult<usize> {
         let toks = guarded(py, || crate::buffers::tokens(tokens))?;
         let ids = block_ids_checked(py, &self.inner, block_ids)?;
-        let per = self.kv_blocks_per_engine_block(py, engine)?;
         let kv = &self.inner;
-        let kbb = kv.block_bytes();
         detached(py, || {
-            engine.inner.load_with(&toks, extras(&lora_name, &cache_salt, &lora_id), ids.len() / per, |i, bytes| {
-                for j in (0..per).filter(|j| i * per + j >= first_block) {
-                    kv.unpack_block(ids[i * per + j], &bytes[j * kbb..(j + 1) * kbb]);
+            let geometry = self.engine_blocks(engine)?;
+            let n = geometry.load_engine_blocks(ids.len());
+            engine.inner.load_with(&toks, extras(&lora_name, &cache_salt, &lora_id), n, |i, bytes| {
+                for (pos, range) in geometry.parts(i, first_block) {
+                    kv.unpack_block(ids[pos], &bytes[range]);
                 }
             })
         })
@@ -262,23 +246,9 @@ impl PagedKv {
 }
 
 impl PagedKv {
-    /// How many KV blocks make one engine block; the engine must hold whole KV blocks.
-    fn kv_blocks_per_engine_block(&self, py: Python<'_>, engine: &Engine) -> PyResult<usize> {
+    fn engine_blocks(&self, engine: &Engine) -> xconnector_core::Result<CoreEngineBlocks> {
         let cfg = engine.inner.config();
-        let (bs, bb) = (self.inner.block_size(), self.inner.block_bytes());
-        let per = cfg.block_size / bs;
-        if !cfg.block_size.is_multiple_of(bs) || cfg.block_bytes != per * bb {
-            return Err(invalid_input(
-                py,
-                format!(
-                    "the engine holds blocks of {} tokens / {} bytes, which is not a whole number of these \
-                     KV blocks ({bs} tokens / {bb} bytes); create the engine with block_size=k*{bs} and \
-                     block_bytes=k*{bb}",
-                    cfg.block_size, cfg.block_bytes
-                ),
-            ));
-        }
-        Ok(per)
+        CoreEngineBlocks::new(self.inner.block_size(), self.inner.block_bytes(), cfg.block_size, cfg.block_bytes)
     }
 }
 
@@ -307,4 +277,61 @@ pub fn detect_kv_layout(
     num_blocks: Option<usize>,
 ) -> PyResult<&'static str> {
     KvLayout::detect(&shape, block_size, num_blocks).map(KvLayout::name).map_err(|e| crate::errors::core_to_py(py, e))
+}
+
+/// Which dimension of a `layout` KV tensor indexes blocks.
+#[pyfunction]
+pub fn kv_block_dim(py: Python<'_>, layout: &str) -> PyResult<usize> {
+    parse_layout(py, layout).map(KvLayout::block_dim)
+}
+
+/// How KV blocks of `kv_block_size` tokens / `kv_block_bytes` bytes compose an engine's blocks
+/// (`xconnector_core::engine_blocks`), for the adapter's device-staged store and load.
+#[pyclass(module = "xconnector._native", frozen)]
+pub struct EngineBlocks {
+    inner: CoreEngineBlocks,
+}
+
+#[pymethods]
+impl EngineBlocks {
+    #[new]
+    fn new(
+        py: Python<'_>,
+        kv_block_size: usize,
+        kv_block_bytes: usize,
+        engine_block_size: usize,
+        engine_block_bytes: usize,
+    ) -> PyResult<Self> {
+        let inner = detached(py, || {
+            CoreEngineBlocks::new(kv_block_size, kv_block_bytes, engine_block_size, engine_block_bytes)
+        })?;
+        Ok(Self { inner })
+    }
+
+    /// KV blocks per engine block.
+    #[getter]
+    fn per(&self) -> usize {
+        self.inner.per()
+    }
+
+    /// Full engine blocks in `n_tokens` tokens.
+    fn full_engine_blocks(&self, n_tokens: usize) -> usize {
+        self.inner.full_engine_blocks(n_tokens)
+    }
+
+    /// KV block ids a store of `n_tokens` tokens reads out of `n_ids` given.
+    fn store_kv_blocks(&self, py: Python<'_>, n_tokens: usize, n_ids: usize) -> PyResult<usize> {
+        detached(py, || self.inner.store_kv_blocks(n_tokens, n_ids))
+    }
+
+    /// Engine blocks a load into `n_ids` KV blocks may fill.
+    fn load_engine_blocks(&self, n_ids: usize) -> usize {
+        self.inner.load_engine_blocks(n_ids)
+    }
+
+    /// `(start, stop)`: positions in the block ids a load of `loaded_tokens` tokens writes.
+    fn loaded_kv_blocks(&self, loaded_tokens: usize, first_block: usize) -> (usize, usize) {
+        let r = self.inner.loaded_kv_blocks(loaded_tokens, first_block);
+        (r.start, r.end)
+    }
 }
