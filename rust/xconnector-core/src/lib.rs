@@ -31,6 +31,7 @@ pub mod replay;
 pub mod router;
 pub mod runtime;
 pub mod stats;
+pub mod transfer_plan;
 pub mod vllm_events;
 pub mod workload;
 

@@ -16,6 +16,7 @@ mod paged;
 mod peer_events;
 mod replay;
 mod router;
+mod transfer_plan;
 mod vllm_events;
 
 use pyo3::exceptions::PyValueError;
@@ -96,6 +97,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<lookup::LookupClient>()?;
     m.add_class::<vllm_events::VllmBlockNames>()?;
     m.add_class::<vllm_events::VllmRankAgreement>()?;
+    m.add_class::<transfer_plan::TransferPlanner>()?;
     m.add_function(wrap_pyfunction!(lookup::lookup_socket_path, m)?)?;
     m.add_function(wrap_pyfunction!(paged::block_ids_from_slots, m)?)?;
     m.add_function(wrap_pyfunction!(paged::detect_kv_layout, m)?)?;

@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-    from xconnector._native import Engine, LookupClient, LookupServer
+    from xconnector._native import Engine, LookupClient, LookupServer, TransferPlanner
     from xconnector.adapters.vllm import KvIO
     from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
@@ -174,13 +174,6 @@ class _Key:
     names: list[Any] | None = None
 
 
-@dataclass
-class _Tracked:
-    key: _Key
-    block_ids: list[int]
-    saved: bool = False
-
-
 def load_config(extra: dict[str, Any]) -> SDKConfig:
     """The XConnector config from `kv_connector_extra_config`, else from discovery, else the
     defaults (enabled: the user named this connector)."""
@@ -256,20 +249,22 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._events: list[KVCacheEvent] = []
         self._events_dropped = 0
         # Scheduler side.
-        self._tracked: dict[str, _Tracked] = {}
-        self._pending_loads: dict[str, Transfer] = {}
-        self._local_hits: dict[str, int] = {}
         # Keys per request, recorded at lookup: NewRequestData has no salt, and a block stored
         # under the wrong salt would be served across tenants.
         self._keys: dict[str, _Key] = {}
-        self._step = 0
-        # vLLM blocks written by loads whose step the workers have not confirmed yet, by step.
-        # A request computed over any of them (its own load, or blocks vLLM's prefix cache shares
-        # with a request that loaded) is not saved until that step is confirmed.
-        self._inflight: dict[int, set[int]] = {}
         self._world = self._tp * int(vllm_config.parallel_config.pipeline_parallel_size)
         self._agreement = RankAgreement(self._world)
-        self._loads_off = False
+        # What to load and save each step, and when a save must wait for the workers to confirm
+        # a load (`xconnector_core::transfer_plan`); None when XConnector is off.
+        self._planner: TransferPlanner | None = None
+        if self._config is not None:
+            try:
+                self._planner = load_native().TransferPlanner(
+                    self._block_size, self._engine_block, self._world, _UNCONFIRMED_STEPS
+                )
+            except Exception as e:
+                self._config = None
+                log.error("XConnector is off, vLLM runs without it: %s", e)
         self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
         # Worker side.
@@ -345,7 +340,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        if self._config is None or self._loads_off:
+        planner = self._planner
+        if planner is None or planner.loads_off:
             return 0, False
         try:
             rid = request.request_id
@@ -356,7 +352,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             hit = self._lookup(key)
             usable = load_native().usable_prefix(hit, len(key.tokens), self._engine_block)
             # Remember the local hit this answer was relative to, for update_state_after_alloc.
-            self._local_hits[rid] = num_computed_tokens
+            planner.note_lookup(rid, num_computed_tokens)
             return max(0, usable - num_computed_tokens), False
         except Exception as e:
             self._fail("lookup", e)
@@ -365,100 +361,89 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        key = self._keys.get(request.request_id)
-        if num_external_tokens <= 0 or key is None:
-            self._pending_loads.pop(request.request_id, None)
+        rid, planner = request.request_id, self._planner
+        if planner is None:
             return
-        bs = self._block_size
-        local = self._local_hits.get(request.request_id, 0)
-        total = local + num_external_tokens
-        block_ids = list(blocks.get_block_ids()[0])
-        self._pending_loads[request.request_id] = Transfer(
-            req_id=request.request_id,
-            tokens=key.tokens[:total],
-            block_ids=block_ids[: total // bs],
-            first_block=local // bs,
-            lora_name=key.lora_name,
-            cache_salt=key.cache_salt,
-            lora_id=key.lora_id,
-            names=key.names[: total // bs] if key.names is not None else None,
-        )
+        if num_external_tokens <= 0 or self._keys.get(rid) is None:
+            planner.plan_load(rid, 0, [])  # nothing to load: drops a load planned before
+            return
+        planner.plan_load(rid, num_external_tokens, blocks.get_block_ids()[0])
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        self._step += 1
-        meta = XConnectorMetadata(step=self._step)
-        if self._config is None:
-            return meta
-        if self._inflight:
-            self._check_confirmations(meta.step)
+        planner = self._planner
+        if planner is None:
+            return XConnectorMetadata()
+        step, unconfirmed = planner.begin_step()
+        meta = XConnectorMetadata(step=step)
+        if unconfirmed is not None:
+            # The workers never report back (a vLLM without the worker-metadata channel):
+            # nothing that depends on a load could ever be saved, so loads stop instead.
+            log.error(
+                "XConnector: the workers have not confirmed loads of %d steps ago (does this "
+                "vLLM call build_connector_worker_meta?); loads are off, saves go on",
+                unconfirmed,
+            )
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             key = self._keys.get(new.req_id)
             if key is None:
                 continue  # never looked up, or not cacheable: its key is unknown, not saved
-            self._tracked[new.req_id] = _Tracked(
-                key=key, block_ids=list(new.block_ids[0]) if new.block_ids else []
-            )
-            self._plan(new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+            computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+            block_ids = new.block_ids[0] if new.block_ids else []
+            planned = planner.schedule_new(new.req_id, len(key.tokens), block_ids, computed)
+            self._add_transfers(meta, key, *planned)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            tracked = self._tracked.get(req_id)
-            if tracked is None:
-                continue
+            key = self._keys.get(req_id)
+            if key is None:
+                continue  # not tracked: the planner plans nothing for it
             new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                tracked.block_ids = list(new_ids[0]) if new_ids else []
-            elif new_ids:
-                tracked.block_ids.extend(new_ids[0])
-            self._plan(req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+            computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            resumed = req_id in cached.resumed_req_ids  # its new blocks replace its old ones
+            planned = planner.schedule_cached(
+                req_id, new_ids[0] if new_ids else None, resumed, computed
+            )
+            self._add_transfers(meta, key, *planned)
         return meta
 
-    def _plan(self, req_id: str, computed_after_step: int, meta: XConnectorMetadata) -> None:
-        tracked = self._tracked[req_id]
-        load = self._pending_loads.pop(req_id, None)
+    def _add_transfers(
+        self,
+        meta: XConnectorMetadata,
+        key: _Key,
+        load: tuple[str, int, list[int], int] | None,
+        save: tuple[str, int, list[int], bool] | None,
+    ) -> None:
+        """The planner's load and save of one request, as the workers get them: its key's
+        tokens and vLLM's names up to the planned end."""
+        names, lora_name, lora_id = key.names, key.lora_name, key.lora_id
+        cache_salt = key.cache_salt
         if load is not None:
-            meta.loads.append(load)
-            self._inflight.setdefault(meta.step, set()).update(load.block_ids[load.first_block :])
-        tokens = tracked.key.tokens
-        if tracked.saved or computed_after_step < len(tokens):
-            return
-        full = len(tokens) // self._engine_block * self._engine_block
-        save_blocks = tracked.block_ids[: full // self._block_size]
-        if not full or len(save_blocks) < full // self._block_size:
-            tracked.saved = True  # nothing whole to save
-            return
-        # KV computed over a block a load of an unconfirmed step wrote is good only if that
-        # load was. One worker decides that itself in this very step; with several, every rank
-        # must have confirmed the step first (a failed load on one rank spoils all of them).
-        waits = {s for s, ids in self._inflight.items() if not ids.isdisjoint(save_blocks)}
-        conditional = bool(waits)
-        if waits and (waits != {meta.step} or self._world != 1):
-            return
-        tracked.saved = True
-        key = tracked.key
-        meta.saves.append(
-            Transfer(
-                req_id=req_id,
-                tokens=tokens[:full],
-                block_ids=save_blocks,
-                lora_name=key.lora_name,
-                cache_salt=key.cache_salt,
-                lora_id=key.lora_id,
-                if_loads_ok=conditional,
-                names=key.names[: len(save_blocks)] if key.names is not None else None,
+            req_id, end, block_ids, first_block = load
+            meta.loads.append(
+                Transfer(
+                    req_id=req_id,
+                    tokens=key.tokens[:end],
+                    block_ids=block_ids,
+                    first_block=first_block,
+                    lora_name=lora_name,
+                    cache_salt=cache_salt,
+                    lora_id=lora_id,
+                    names=names[: end // self._block_size] if names is not None else None,
+                )
             )
-        )
-
-    def _check_confirmations(self, step: int) -> None:
-        oldest = min(self._inflight, default=step)
-        if step - oldest > _UNCONFIRMED_STEPS and not self._loads_off:
-            # The workers never report back (a vLLM without the worker-metadata channel):
-            # nothing that depends on a load could ever be saved, so stop loading instead.
-            self._loads_off = True
-            log.error(
-                "XConnector: the workers have not confirmed loads of %d steps ago (does this "
-                "vLLM call build_connector_worker_meta?); loads are off, saves go on",
-                step - oldest,
+        if save is not None:
+            req_id, end, block_ids, if_loads_ok = save
+            meta.saves.append(
+                Transfer(
+                    req_id=req_id,
+                    tokens=key.tokens[:end],
+                    block_ids=block_ids,
+                    if_loads_ok=if_loads_ok,
+                    lora_name=lora_name,
+                    cache_salt=cache_salt,
+                    lora_id=lora_id,
+                    names=names[: len(block_ids)] if names is not None else None,
+                )
             )
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -468,15 +453,11 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if not isinstance(meta, XConnectorWorkerMetadata):
             return
-        for step in meta.steps:
-            self._inflight.pop(step, None)
-        for req_id in meta.failed:
-            failed = self._tracked.get(req_id)
-            if failed is not None:
-                # Its load failed, or its conditional save was skipped: vLLM recomputes from the
-                # first failed block, and the prompt is saved once that is done (the save
-                # condition sees the recomputed count), never before.
-                failed.saved = False
+        if self._planner is not None:
+            # Confirmed steps; failed requests (a failed load, or a skipped conditional save):
+            # vLLM recomputes from the first failed block, and the prompt is saved once that is
+            # done, never before.
+            self._planner.confirm(sorted(meta.steps), sorted(meta.failed))
 
     def _collect_events(self, events: XConnectorKVEvents) -> None:
         """What the workers reported this step, as the router should see it, for `take_events`.
@@ -507,9 +488,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
-        self._tracked.pop(rid, None)
-        self._pending_loads.pop(rid, None)
-        self._local_hits.pop(rid, None)
+        if self._planner is not None:
+            self._planner.finished(rid)
         self._keys.pop(rid, None)
         return False, None
 
