@@ -208,5 +208,5 @@ def test_bad_names_and_mediums_are_refused() -> None:
         native().VllmRankAgreement(1).stored(0, "CPU", [-1])
     with pytest.raises(InvalidInputError, match="unknown medium"):
         names.events([("stored", "redis", None, [1], [], None, None)], 16, 16)
-    with pytest.raises(InvalidInputError, match="multiple"):
+    with pytest.raises(InvalidInputError, match="must be 1 to 65536 times vLLM"):
         names.events([], 16, 8)

@@ -30,7 +30,8 @@ impl EngineBlocks {
         engine_block_bytes: usize,
     ) -> Result<Self> {
         let per = engine_block_size.checked_div(kv_block_size).unwrap_or(0);
-        if per == 0 || !engine_block_size.is_multiple_of(kv_block_size) || engine_block_bytes != per * kv_block_bytes {
+        let whole = per > 0 && engine_block_size.is_multiple_of(kv_block_size);
+        if !whole || per.checked_mul(kv_block_bytes) != Some(engine_block_bytes) {
             let (bs, bb) = (kv_block_size, kv_block_bytes);
             return Err(CoreError::invalid(format!(
                 "the engine holds blocks of {engine_block_size} tokens / {engine_block_bytes} bytes, which is not a \
@@ -107,6 +108,8 @@ mod tests {
             assert!(err.contains("not a whole number of these KV blocks"), "{err}");
         }
         assert!(EngineBlocks::new(0, 100, 16, 100).is_err());
+        // Bytes that only match after wrapping around are refused too.
+        assert!(EngineBlocks::new(16, 1 << (usize::BITS - 1), 32, 0).is_err());
     }
 
     #[test]

@@ -28,8 +28,10 @@ pub fn key_tokens(tokens: &[u32], items: &[MmItem]) -> Vec<u32> {
     let mut out = tokens.to_vec();
     let mut mixed = HashSet::new();
     for item in items {
-        let stream = shake256(item.identifier.as_bytes(), 4 * item.length);
+        // Only the positions inside the prompt: the stream's first 4*n bytes are the same
+        // whatever its length, and an item's length is not trusted to size an allocation.
         let n = item.length.min(out.len().saturating_sub(item.offset));
+        let stream = shake256(item.identifier.as_bytes(), 4 * n);
         for j in 0..n {
             let mut word = u32::from_le_bytes(stream[4 * j..4 * j + 4].try_into().expect("4 bytes"));
             let pos = item.offset + j;
@@ -87,6 +89,9 @@ mod tests {
         assert_eq!(both.len(), 30);
         assert_eq!(&both[..7], &[100, 101, 3999278952, 3442948124, 4111517840, 2832717650, 3211413180]);
         assert_eq!(both[29], 2765334213);
+        // A length far past the prompt costs nothing (it once sized the hash output).
+        let huge = MmItem { identifier: "img-1".into(), offset: 2, length: usize::MAX / 2 };
+        assert_eq!(key_tokens(&tokens[..7], &[huge]), one[..7]);
         // Past the end entirely: nothing changes.
         assert_eq!(key_tokens(&tokens, &[MmItem { identifier: "x".into(), offset: 40, length: 3 }]), tokens);
     }

@@ -126,7 +126,11 @@ impl TransferPlanner {
             return;
         }
         let local = self.local_hits.get(req_id).copied().unwrap_or(0);
-        let total = local + external_tokens;
+        // Counts past usize are no request vLLM can hold: no load (a recompute is always safe).
+        let Some(total) = local.checked_add(external_tokens) else {
+            self.pending.remove(req_id);
+            return;
+        };
         let blocks = block_ids[..block_ids.len().min(total / self.block_size)].to_vec();
         let load =
             Load { req_id: req_id.to_owned(), tokens: total, block_ids: blocks, first_block: local / self.block_size };
@@ -261,6 +265,15 @@ mod tests {
         p.note_lookup(rid, 0);
         p.plan_load(rid, ext, &blocks);
         p.schedule_new(rid, num_tokens, blocks, num_tokens)
+    }
+
+    #[test]
+    fn token_counts_past_usize_plan_no_load() {
+        let mut p = TransferPlanner::new(BS, BS, 1, 256);
+        p.note_lookup("a", usize::MAX);
+        p.plan_load("a", 2, &ids(0..3));
+        p.begin_step();
+        assert_eq!(p.schedule_new("a", 8, ids(0..3), 0).load, None);
     }
 
     #[test]

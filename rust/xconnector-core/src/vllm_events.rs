@@ -64,10 +64,12 @@ pub fn sub_id(chunk_hash: u64, j: u32, k: usize) -> u64 {
 /// vLLM blocks per XConnector block: `engine_block` (XConnector's, in tokens) is a multiple of
 /// `block_size` (vLLM's); at least one vLLM block.
 pub fn blocks_per_chunk(block_size: usize, engine_block: usize) -> Result<usize> {
+    // At most 2^16 vLLM blocks per XConnector block: each is named, so a larger count is a
+    // mistake that would allocate without bound.
     match engine_block.checked_div(block_size) {
-        Some(k) if k > 0 => Ok(k),
+        Some(k) if k > 0 && k <= 1 << 16 && engine_block.is_multiple_of(block_size) => Ok(k),
         _ => Err(CoreError::invalid(format!(
-            "XConnector's block ({engine_block} tokens) must be a multiple of vLLM's ({block_size})"
+            "XConnector's block ({engine_block} tokens) must be 1 to 65536 times vLLM's ({block_size})"
         ))),
     }
 }
@@ -450,6 +452,14 @@ mod tests {
         let mut one = RankAgreement::new(1);
         assert_eq!(one.stored(0, cpu, &ints(&[5, 6])), vec![0..2]);
         assert_eq!(one.removed(0, cpu, &ints(&[5])), vec![0]);
+    }
+
+    #[test]
+    fn a_chunk_is_a_bounded_whole_number_of_vllm_blocks() {
+        assert_eq!(blocks_per_chunk(16, 64).unwrap(), 4);
+        for (bs, chunk) in [(16, 8), (16, 40), (0, 16), (1, (1 << 16) + 1)] {
+            assert!(blocks_per_chunk(bs, chunk).is_err(), "{bs} {chunk}");
+        }
     }
 
     #[test]

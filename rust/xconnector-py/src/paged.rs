@@ -310,13 +310,13 @@ impl EngineBlocks {
 
     /// KV blocks per engine block.
     #[getter]
-    fn per(&self) -> usize {
-        self.inner.per()
+    fn per(&self, py: Python<'_>) -> PyResult<usize> {
+        guarded(py, || Ok(self.inner.per()))
     }
 
     /// Full engine blocks in `n_tokens` tokens.
-    fn full_engine_blocks(&self, n_tokens: usize) -> usize {
-        self.inner.full_engine_blocks(n_tokens)
+    fn full_engine_blocks(&self, py: Python<'_>, n_tokens: usize) -> PyResult<usize> {
+        guarded(py, || Ok(self.inner.full_engine_blocks(n_tokens)))
     }
 
     /// KV block ids a store of `n_tokens` tokens reads out of `n_ids` given.
@@ -325,13 +325,15 @@ impl EngineBlocks {
     }
 
     /// Engine blocks a load into `n_ids` KV blocks may fill.
-    fn load_engine_blocks(&self, n_ids: usize) -> usize {
-        self.inner.load_engine_blocks(n_ids)
+    fn load_engine_blocks(&self, py: Python<'_>, n_ids: usize) -> PyResult<usize> {
+        guarded(py, || Ok(self.inner.load_engine_blocks(n_ids)))
     }
 
     /// `(start, stop)`: positions in the block ids a load of `loaded_tokens` tokens writes.
-    fn loaded_kv_blocks(&self, loaded_tokens: usize, first_block: usize) -> (usize, usize) {
-        let r = self.inner.loaded_kv_blocks(loaded_tokens, first_block);
-        (r.start, r.end)
+    fn loaded_kv_blocks(&self, py: Python<'_>, loaded_tokens: usize, first_block: usize) -> PyResult<(usize, usize)> {
+        guarded(py, || {
+            let r = self.inner.loaded_kv_blocks(loaded_tokens, first_block);
+            Ok((r.start, r.end))
+        })
     }
 }

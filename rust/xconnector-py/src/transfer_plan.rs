@@ -47,7 +47,11 @@ impl TransferPlanner {
         if block_size == 0 || engine_block == 0 {
             return Err(invalid_input(py, "block_size and engine_block must be positive numbers of tokens"));
         }
-        Ok(Self { inner: Mutex::new(core::TransferPlanner::new(block_size, engine_block, world, unconfirmed_steps)) })
+        guarded(py, || {
+            Ok(Self {
+                inner: Mutex::new(core::TransferPlanner::new(block_size, engine_block, world, unconfirmed_steps)),
+            })
+        })
     }
 
     /// The current step (0 before the first).

@@ -103,8 +103,8 @@ impl VllmBlockNames {
     #[new]
     /// At most `capacity` blocks' learnt names are kept (None: `vllm_events::MAX_NAMES`).
     #[pyo3(signature = (capacity = None))]
-    fn new(capacity: Option<usize>) -> Self {
-        Self { inner: Mutex::new(core::BlockNames::new(capacity.unwrap_or(core::MAX_NAMES))) }
+    fn new(py: Python<'_>, capacity: Option<usize>) -> PyResult<Self> {
+        guarded(py, || Ok(Self { inner: Mutex::new(core::BlockNames::new(capacity.unwrap_or(core::MAX_NAMES))) }))
     }
 
     /// Learns vLLM's `names` for the blocks of `engine_block` tokens of `tokens`.
@@ -163,13 +163,13 @@ pub struct VllmRankAgreement {
 #[pymethods]
 impl VllmRankAgreement {
     #[new]
-    fn new(world: usize) -> Self {
-        Self { inner: Mutex::new(core::RankAgreement::new(world)) }
+    fn new(py: Python<'_>, world: usize) -> PyResult<Self> {
+        guarded(py, || Ok(Self { inner: Mutex::new(core::RankAgreement::new(world)) }))
     }
 
     #[getter]
-    fn world(&self) -> usize {
-        self.inner.lock().world()
+    fn world(&self, py: Python<'_>) -> PyResult<usize> {
+        guarded(py, || Ok(self.inner.lock().world()))
     }
 
     /// `rank` stored `names` in `medium`: the `(start, end)` runs of `names` to announce.
