@@ -236,7 +236,7 @@ fn adapter_settings_are_checked_per_adapter() {
         "x.adapters[0].config.storage_backend: expected one of memory, disk, redis, hybrid, got \"local\"",
         "x.adapters[0].config.max_local_cpu_size: -1 is not a size in GB >= 0",
         "x.adapters[1].config.kv_layout: expected one of auto, flash_attn, flashinfer, standard, mla, got \"HND\"",
-        "x.adapters[1].config.enable_prefix_caching: expected true or false, got a string",
+        "x.adapters[1].config.enable_prefix_caching: expected true or false, got the string \"yes\" (YAML 1.1 readers such as Dynamo's take it for true, this one for text); write true",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }

@@ -381,3 +381,15 @@ fn the_service_is_the_last_flag_else_the_variable() {
     assert_eq!(e.service_name().as_deref(), Some("PrefillWorker"));
     assert_eq!(env(None, &["python"]).service_name(), None);
 }
+
+#[test]
+fn yaml_1_1_booleans_are_named_as_such() {
+    let v = json!({"enabled": "yes", "integration": {"strict": "off"},
+                   "adapters": [{"name": "lmcache", "config": {"local_cpu": "On"}}]});
+    let text = problems(&v);
+    assert!(text.contains("x.enabled: expected true or false, got the string \"yes\" (YAML 1.1 readers such as Dynamo's take it for true, this one for text); write true"), "{text}");
+    assert!(text.contains("x.integration.strict: expected true or false, got the string \"off\""), "{text}");
+    assert!(text.contains("write false"), "{text}");
+    assert!(text.contains("local_cpu: expected true or false, got the string \"On\""), "{text}");
+    assert!(problems(&json!({"enabled": "maybe"})).contains("got the string \"maybe\""));
+}

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::problem::{join_path, kind, Problem};
+use super::problem::{join_path, kind, not_a_boolean, Problem};
 use super::size::{mib_to_bytes, parse_size};
 
 /// What a setting's value must be.
@@ -113,7 +113,7 @@ pub fn check_settings(adapter: &str, config: &Map<String, Value>, path: &str) ->
         };
         let message = match (setting, value) {
             (Setting::Bool, Value::Bool(_)) | (Setting::Str, Value::String(_)) => None,
-            (Setting::Bool, other) => Some(format!("expected true or false, got {}", kind(other))),
+            (Setting::Bool, other) => Some(not_a_boolean(other)),
             (Setting::Str, other) => Some(format!("expected a string, got {}", kind(other))),
             (Setting::Int(min), v) => match v.as_i64() {
                 Some(i) if i >= min => None,

@@ -19,12 +19,32 @@ use crate::error::{CoreError, Result};
 pub fn parse_document(text: &str, source: &str) -> Result<Value> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
     match (Checked { path: String::new(), find: None }).deserialize(de) {
+        Ok(v) if has_merge_key(&v) => with_merges_applied(text, source),
         Ok(v) => Ok(v),
         Err(e) => Err(CoreError::config(match duplicate_of(&e) {
             Some((path, key)) => duplicate_message(text, source, &path, &key, e.location()),
             None => format!("{source}: not valid YAML/JSON: {e}"),
         })),
     }
+}
+
+/// Whether a mapping anywhere uses YAML's merge key (`<<: *defaults`).
+fn has_merge_key(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.contains_key("<<") || m.values().any(has_merge_key),
+        Value::Array(a) => a.iter().any(has_merge_key),
+        _ => false,
+    }
+}
+
+/// The document with its merge keys applied, as PyYAML (which `dynamo serve` reads files with)
+/// applies them: a mapping's own keys win over merged ones. Read after the duplicate check, so a
+/// key written twice is still an error; a key the merge brings in again is not.
+fn with_merges_applied(text: &str, source: &str) -> Result<Value> {
+    let bad = |e: serde_yaml_ng::Error| CoreError::config(format!("{source}: a merge key `<<` cannot be applied: {e}"));
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(bad)?;
+    doc.apply_merge().map_err(bad)?;
+    serde_json::to_value(doc).map_err(|e| CoreError::config(format!("{source}: not valid YAML/JSON: {e}")))
 }
 
 /// The document as plain serde reads it (a repeated key: the last one wins), for best-effort
@@ -232,5 +252,16 @@ mod tests {
         assert!(e.contains("duplicate key `l[1].k`: written at line 3 column 6 and again at line 3 column 18"), "{e}");
         // The same key in different mappings is fine.
         assert!(parse_document("a: {k: 1}\nb: {k: 1}\n", "t").is_ok());
+    }
+
+    #[test]
+    fn merge_keys_are_applied_as_pyyaml_applies_them() {
+        let text = "base: &b {block-size: 32, model: m}\nVllmWorker:\n  <<: *b\n  model: own\nlist: [{<<: *b}]\n";
+        let v = parse_document(text, "t").unwrap();
+        assert_eq!(v["VllmWorker"], serde_json::json!({"block-size": 32, "model": "own"}));
+        assert_eq!(v["list"][0], serde_json::json!({"block-size": 32, "model": "m"}));
+        // A key written twice beside a merge is still a duplicate.
+        let e = parse_document("b: &b {x: 1}\nc:\n  <<: *b\n  y: 1\n  y: 2\n", "t").unwrap_err().to_string();
+        assert!(e.contains("duplicate key `c.y`"), "{e}");
     }
 }

@@ -38,6 +38,25 @@ pub fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// What to say about a string given where a boolean belongs: `yes`/`no`/`on`/`off` are booleans
+/// to YAML 1.1 readers (PyYAML, which `dynamo serve` reads the file with) but strings to this
+/// YAML 1.2 reader, so the same file would mean different things through different channels.
+pub fn not_a_boolean(v: &Value) -> String {
+    let Value::String(text) = v else { return format!("expected true or false, got {}", kind(v)) };
+    let yaml11 = match text.to_ascii_lowercase().as_str() {
+        "yes" | "y" | "on" => Some(true),
+        "no" | "n" | "off" => Some(false),
+        _ => None,
+    };
+    match yaml11 {
+        Some(b) => format!(
+            "expected true or false, got the string {text:?} (YAML 1.1 readers such as Dynamo's take it for {b}, \
+             this one for text); write {b}"
+        ),
+        None => format!("expected true or false, got the string {text:?}"),
+    }
+}
+
 /// Turns a list of problems into one error that lists them all.
 pub fn report(source: &str, problems: &[Problem]) -> CoreError {
     let mut msg = format!("{source}: invalid XConnector configuration ({} problem(s)):", problems.len());

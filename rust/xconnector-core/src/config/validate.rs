@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::adapters::check_settings;
-use super::problem::{join_path, kind, Problem};
+use super::problem::{join_path, kind, not_a_boolean, Problem};
 use super::rules::{self, Context};
 use super::schema::{
     AdapterConfig, AdapterType, IntegrationConfig, Mode, PerformanceConfig, SdkConfig, KNOWN_ADAPTERS,
@@ -72,12 +72,8 @@ impl Walker {
         match m.get(key) {
             None => default,
             Some(Value::Bool(b)) => *b,
-            Some(Value::String(text)) => {
-                self.problem(&join_path(path, key), format!("expected true or false, got the string {text:?}"));
-                default
-            }
             Some(other) => {
-                self.problem(&join_path(path, key), format!("expected true or false, got {}", kind(other)));
+                self.problem(&join_path(path, key), not_a_boolean(other));
                 default
             }
         }
