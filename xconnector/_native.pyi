@@ -49,6 +49,7 @@ __all__ = [
     "reset_log_cache",
     "sequence_hashes",
     "usable_prefix",
+    "vllm_transfer_config",
 ]
 
 __version__: str
@@ -417,6 +418,12 @@ class TransferPlanner:
     def finished(self, req_id: str) -> None: ...
 
 def lookup_socket_path(engine_id: str, rank: int) -> str: ...
+
+# vLLM v1's kv_transfer_config with XConnector in it, and an inline auth key to put in the
+# environment (`xconnector.integrations.vllm.engine_config`).
+def vllm_transfer_config(
+    existing: Mapping[str, Any] | None, section: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]: ...
 def detect_kv_layout(shape: list[int], block_size: int, num_blocks: int | None = None) -> str: ...
 def kv_block_dim(layout: str) -> int: ...
 def kv_namespace(

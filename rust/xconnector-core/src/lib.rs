@@ -33,6 +33,7 @@ pub mod runtime;
 pub mod stats;
 pub mod transfer_plan;
 pub mod vllm_events;
+pub mod vllm_transfer;
 pub mod workload;
 
 pub use engine::{DiskConfig, Engine, EngineConfig, PinnedBlock, StoreOutcome};

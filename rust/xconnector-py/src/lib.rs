@@ -18,6 +18,7 @@ mod replay;
 mod router;
 mod transfer_plan;
 mod vllm_events;
+mod vllm_transfer;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -122,6 +123,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_setting_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_redact, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_read_document, m)?)?;
+    m.add_function(wrap_pyfunction!(vllm_transfer::vllm_transfer_config, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_engine_settings, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_runtime_problems, m)?)?;
     m.add_function(wrap_pyfunction!(migrate::config_migrate, m)?)?;
