@@ -61,12 +61,8 @@ class XConnector:
         adapters of type `selector` in router order until one succeeds. A target that raises is
         reported to the router, which skips it for a backoff period."""
         router = self.sdk.router
-        if selector in self.sdk.adapters:
-            names = [router.route(selector)]  # raises while it backs off
-        else:
-            names = router.order(selector) or [router.route(selector)]
         last: Exception | None = None
-        for name in names:
+        for name in router.candidates(selector):  # raises while none is available
             adapter = self.sdk.adapters[name]
             fn = getattr(adapter, operation, None)
             if not callable(fn):

@@ -56,10 +56,9 @@ def create_kv_cache_sdk(
             f"unknown cache_backend {cache_backend!r}; available: {', '.join(_CACHE_BACKENDS)}"
         )
     cfg = _with(config, force=True, enable_distributed=False)
-    if all(a.name != cache_backend for a in cfg.adapters):
-        cfg = SDKConfig.from_dict(
-            {**cfg.to_dict(), "adapters": [*cfg.to_dict()["adapters"], {"name": cache_backend}]}
-        )
+    if cfg.adapter(cache_backend) is None:
+        adapters = [*cfg.to_dict()["adapters"], {"name": cache_backend}]
+        cfg = _with(cfg, force=True, adapters=adapters)
     sdk = KVCacheSDK(cfg)
     sdk.initialize()
     return sdk

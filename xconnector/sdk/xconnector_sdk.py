@@ -37,9 +37,6 @@ log = logging.getLogger("xconnector.sdk")
 
 _T = TypeVar("_T")
 
-# Adapter type -> router write policy: the cache takes stores; the others only serve.
-_POLICY = {"cache": "write_through", "inference": "read_only", "distributed": "read_only"}
-
 
 def coerce_config(config: SDKConfig | Mapping[str, Any] | None) -> SDKConfig:
     """An SDK built in code is meant to be on: a dict without `enabled` means enabled (a config
@@ -55,16 +52,13 @@ def coerce_config(config: SDKConfig | Mapping[str, Any] | None) -> SDKConfig:
     return SDKConfig.from_dict(data, source="XConnectorSDK(config=...)")
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, InvalidInputError):
-        return "invalid_input"
-    if isinstance(e, InternalError):
-        return "internal_error"
-    if isinstance(e, CacheError):
-        return "cache_error"
-    if isinstance(e, ConfigError):
-        return "config_error"
-    return "unexpected_error"
+# Why a worker-facing call fell back, by the error's class (the first match counts).
+_REASONS: dict[type[BaseException], str] = {
+    InvalidInputError: "invalid_input",
+    InternalError: "internal_error",
+    CacheError: "cache_error",
+    ConfigError: "config_error",
+}
 
 
 class XConnectorSDK:
@@ -85,7 +79,6 @@ class XConnectorSDK:
         self._distributed: DistributedHandler | None = None
         self._state = "created"
         self._lock = threading.RLock()
-        self._logged: set[str] = set()
         self._metrics_server: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -162,7 +155,7 @@ class XConnectorSDK:
             for cfg in configs:
                 adapter = adapter_class(cfg.name)(cfg, self.config)
                 adapter.start()
-                self.router.add(cfg.name, cfg.type, cfg.priority, _POLICY[cfg.type])
+                self.router.add_adapter(cfg.name, cfg.type, cfg.priority)
                 self.adapters[cfg.name] = adapter
                 loaded.append(adapter)
         except BaseException:
@@ -278,22 +271,12 @@ class XConnectorSDK:
     # -- worker-facing KV calls ----------------------------------------------------------------
 
     def _fallback(self, e: BaseException, kind: str) -> str:
-        reason = _reason(e)
-        self.monitoring.fallback(reason)
-        if reason not in self._logged:
-            self._logged.add(reason)
-            log.warning("XConnector %s fell back to the worker's path (%s): %s", kind, reason, e)
-        else:
-            log.debug("%s fell back (%s): %s", kind, reason, e)
+        """Counts the fallback; logs a warning the first time for each reason."""
+        reason = next((r for c, r in _REASONS.items() if isinstance(e, c)), "unexpected_error")
+        first = self.monitoring.fallback(reason) == 1
+        say = log.warning if first else log.debug
+        say("XConnector %s fell back to the worker's path (%s): %s", kind, reason, e)
         return reason
-
-    def _cache_target(self) -> str | None:
-        """The cache adapter to use now, or None while it backs off after failures."""
-        try:
-            return self.router.route("cache")
-        except (CacheError, ConfigError):
-            self.monitoring.fallback("cache_backoff")
-            return None
 
     def cache_call(
         self, kind: str, fn: Callable[..., _T], *args: Any, **kwargs: Any
@@ -301,22 +284,24 @@ class XConnectorSDK:
         """Runs `fn(*args, **kwargs)`, the cache operation `kind` (`receive`, `load`, ...), the
         way every worker-facing call fails open, v0 and v1 alike: skipped while the cache adapter
         backs off after failures; an error is counted, logged once per reason, reported to the
-        router (which then backs off) and never raised. Returns `(result, None)`, or
-        `(None, why it fell back)`."""
+        router (which backs off when it is the target's fault, `Router.settle`) and never raised.
+        Returns `(result, None)`, or `(None, why it fell back)`."""
         if self._state != "initialized":
             return None, "not_initialized"
         if not (self.config.enabled and self.config.enable_caching):
             return None, "caching_disabled"
-        target = self._cache_target()
-        if target is None:
+        try:
+            target = self.router.route("cache")
+        except (CacheError, ConfigError):  # backing off after failures
+            self.monitoring.fallback("cache_backoff")
             return None, "cache_backoff"
         try:
             result = fn(*args, **kwargs)
         except Exception as e:
-            if isinstance(e, (CacheError, InternalError)):
-                self.router.report_failure(target)
-            return None, self._fallback(e, kind)
-        self.router.report_success(target)
+            reason = self._fallback(e, kind)
+            self.router.settle(target, reason)
+            return None, reason
+        self.router.settle(target)
         return result, None
 
     def handle_kv_receive_sync(

@@ -16,6 +16,7 @@ mod paged;
 mod peer_events;
 mod replay;
 mod router;
+mod sdk;
 mod transfer_plan;
 mod vllm_events;
 mod vllm_transfer;
@@ -93,6 +94,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<paged::PagedKv>()?;
     m.add_class::<router::Router>()?;
     m.add_class::<router::OverlapIndex>()?;
+    m.add_class::<sdk::SdkStats>()?;
+    m.add_class::<sdk::PeerOverlap>()?;
     m.add_class::<peer_events::EventSubscriber>()?;
     m.add_class::<lookup::LookupServer>()?;
     m.add_class::<lookup::LookupClient>()?;

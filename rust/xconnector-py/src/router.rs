@@ -8,6 +8,7 @@ use pyo3::types::PyDict;
 use xconnector_core::overlap::OverlapIndex as CoreOverlap;
 use xconnector_core::router::{Clock, Router as CoreRouter, WritePolicy};
 
+use crate::call::guarded;
 use crate::errors::{core_to_py, invalid_input};
 
 fn seconds(py: Python<'_>, what: &str, s: f64) -> PyResult<Duration> {
@@ -42,6 +43,13 @@ impl Router {
         self.inner.add(name, kind, priority, policy).map_err(|e| core_to_py(py, e))
     }
 
+    /// Registers an adapter with its type's write policy (the cache takes stores; the others
+    /// only serve); `ConfigError` for an unknown type or a name already registered.
+    #[pyo3(signature = (name, kind, priority = 0))]
+    fn add_adapter(&self, py: Python<'_>, name: &str, kind: &str, priority: i64) -> PyResult<()> {
+        guarded(py, || self.inner.add_adapter(name, kind, priority).map_err(|e| core_to_py(py, e)))
+    }
+
     fn remove(&self, name: &str) -> bool {
         self.inner.remove(name)
     }
@@ -62,6 +70,19 @@ impl Router {
     /// backs off, `ConfigError` when nothing matches.
     fn route(&self, py: Python<'_>, selector: &str) -> PyResult<String> {
         self.inner.route(selector).map_err(|e| core_to_py(py, e))
+    }
+
+    /// Targets to try for a name (alone) or a kind (available ones, in order); the errors of
+    /// `route` when there is none now.
+    fn candidates(&self, py: Python<'_>, selector: &str) -> PyResult<Vec<String>> {
+        guarded(py, || self.inner.candidates(selector).map_err(|e| core_to_py(py, e)))
+    }
+
+    /// Records a call's outcome: `None` a success, else its fallback reason, which backs the
+    /// target off when it is the target's fault. True when the target now backs off.
+    #[pyo3(signature = (name, failure = None))]
+    fn settle(&self, py: Python<'_>, name: &str, failure: Option<&str>) -> PyResult<bool> {
+        guarded(py, || Ok(self.inner.settle(name, failure)))
     }
 
     fn report_success(&self, name: &str) {

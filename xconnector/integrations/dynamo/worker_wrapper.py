@@ -20,11 +20,10 @@ import contextlib
 import functools
 import inspect
 import logging
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from xconnector._native import SdkStats
 from xconnector.patching import MARK, is_wrapper
 from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
@@ -41,16 +40,15 @@ __all__ = [
 log = logging.getLogger("xconnector.autopatch")
 
 SdkProvider = Callable[[], "XConnectorSDK | None"]
+_Args = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-_errors: Counter[str] = Counter()
-_errors_lock = threading.Lock()
+_errors = SdkStats()  # native: counts by kind, thread-safe, the first of each reported once
 
 
 def errors() -> dict[str, int]:
     """Errors swallowed by the guard, by kind (`receive`, `send`)."""
-    with _errors_lock:
-        return dict(_errors)
+    return _errors.counters()
 
 
 @contextlib.contextmanager
@@ -58,20 +56,11 @@ def _guard(kind: str, sdk: XConnectorSDK | None) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        with _errors_lock:
-            _errors[kind] += 1
-            first = _errors[kind] == 1
+        first = _errors.count(kind) == 1
         if sdk is not None:
             sdk.get_monitoring_handler().fallback(f"wrapper_{kind}")
-        if first:
-            log.warning(
-                "XConnector %s failed (%s: %s); the worker's own path ran",
-                kind,
-                type(e).__name__,
-                e,
-            )
-        else:
-            log.debug("XConnector %s failed again: %s", kind, e)
+        say = log.warning if first else log.debug
+        say("XConnector %s failed (%s: %s); the worker's own path ran", kind, type(e).__name__, e)
 
 
 class _Call:
@@ -102,7 +91,7 @@ class _Call:
     def get(self, role: str) -> Any:
         return self.values.get(role)
 
-    def with_model_input(self, model_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def with_model_input(self, model_input: Any) -> _Args:
         name = self.names["model_input"]
         if name in self.kwargs:
             return self.args, {**self.kwargs, name: model_input}
@@ -121,38 +110,33 @@ def _mark(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable
 def make_recv_wrapper(original: Callable[..., Any], get_sdk: SdkProvider) -> Callable[..., Any]:
     sig = inspect.signature(original)
 
+    def served(sdk: XConnectorSDK, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Args:
+        """The call's arguments, its model_input rebuilt to skip what XConnector loaded."""
+        with _guard("receive", sdk):
+            call = _Call(sig, args, kwargs)
+            result = sdk.handle_kv_receive_sync(
+                call.get("model_executable"), call.get("model_input"), call.get("kv_caches")
+            )
+            if result.cache_hit:
+                return call.with_model_input(result.model_input)
+        return args, kwargs
+
     if inspect.iscoroutinefunction(original):
 
         async def async_recv(*args: Any, **kwargs: Any) -> Any:
-            new_args, new_kwargs = args, kwargs
             sdk = get_sdk()
             if sdk is not None:
-                with _guard("receive", sdk):
-                    call = _Call(sig, args, kwargs)
-                    result = await asyncio.to_thread(
-                        sdk.handle_kv_receive_sync,
-                        call.get("model_executable"),
-                        call.get("model_input"),
-                        call.get("kv_caches"),
-                    )
-                    if result.cache_hit:
-                        new_args, new_kwargs = call.with_model_input(result.model_input)
-            return await original(*new_args, **new_kwargs)
+                with _guard("receive", sdk):  # `served` guards itself; this, the thread hop
+                    args, kwargs = await asyncio.to_thread(served, sdk, args, kwargs)
+            return await original(*args, **kwargs)
 
         return _mark(async_recv, original)
 
     def recv(*args: Any, **kwargs: Any) -> Any:
-        new_args, new_kwargs = args, kwargs
         sdk = get_sdk()
         if sdk is not None:
-            with _guard("receive", sdk):
-                call = _Call(sig, args, kwargs)
-                result = sdk.handle_kv_receive_sync(
-                    call.get("model_executable"), call.get("model_input"), call.get("kv_caches")
-                )
-                if result.cache_hit:
-                    new_args, new_kwargs = call.with_model_input(result.model_input)
-        return original(*new_args, **new_kwargs)
+            args, kwargs = served(sdk, args, kwargs)
+        return original(*args, **kwargs)
 
     return _mark(recv, original)
 

@@ -1,12 +1,13 @@
 """Counters the SDK keeps about its own work (receives, hits, stores, fallbacks by reason) and a
-snapshot that adds the engines' native statistics and the router's view of each target."""
+snapshot that adds the engines' native statistics and the router's view of each target. The
+counting, the hit rate and the SDK's metric families are native (`SdkStats`)."""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
+
+from xconnector._native import SdkStats
 
 
 class MonitoringHandler:
@@ -15,34 +16,27 @@ class MonitoringHandler:
         sources: Callable[[], dict[str, Any]] | None = None,
         engines: Callable[[], list[Any]] | None = None,
     ) -> None:
-        self._lock = threading.Lock()
-        self._counters: Counter[str] = Counter()
-        self._fallbacks: Counter[str] = Counter()
+        self._stats = SdkStats()
         self._sources = sources
         self._engines = engines
 
     def count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counters[name] += n
+        self._stats.count(name, n)
 
-    def fallback(self, reason: str) -> None:
-        """A call fell back to the worker's own behaviour, for `reason`."""
-        with self._lock:
-            self._fallbacks[reason] += 1
+    def fallback(self, reason: str) -> int:
+        """A call fell back to the worker's own behaviour, for `reason`; how many times so far
+        (1: the first, which a caller logs)."""
+        return self._stats.fallback(reason)
 
     def counters(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counters)
+        return self._stats.counters()
 
     def fallbacks(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._fallbacks)
+        return self._stats.fallbacks()
 
     def hit_rate(self) -> float:
         """Share of looked-up prompt tokens served from the cache."""
-        c = self.counters()
-        total = c.get("prompt_tokens", 0)
-        return c.get("hit_tokens", 0) / total if total else 0.0
+        return self._stats.hit_rate()
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -53,28 +47,6 @@ class MonitoringHandler:
         if self._sources is not None:
             out.update(self._sources())
         return out
-
-    def _sdk_families(self) -> list[Any]:
-        """The SDK's own counters as metric families (built directly, never parsed back)."""
-        from prometheus_client.core import CounterMetricFamily
-
-        c, f = self.counters(), self.fallbacks()
-        fallbacks = CounterMetricFamily(
-            "xconnector_fallbacks",
-            "Calls that fell back to the worker's own path.",
-            labels=["reason"],
-        )
-        for reason, n in sorted(f.items()):
-            fallbacks.add_metric([reason], n)
-        plain = [
-            ("receives", "KV receive calls (vLLM v0 shaped).", "receives"),
-            ("prompt_tokens", "Prompt tokens of fresh prefills on receive.", "prompt_tokens"),
-            ("served_tokens", "Prompt tokens served from the cache on receive.", "hit_tokens"),
-        ]
-        return [fallbacks] + [
-            CounterMetricFamily(f"xconnector_{name}", doc, value=c.get(key, 0))
-            for name, doc, key in plain
-        ]
 
     def collector(self) -> Any:
         """A `prometheus_client` collector of every XConnector metric, for the worker's own
@@ -91,7 +63,7 @@ class MonitoringHandler:
 
 
 class _Collector:
-    """The SDK's counters, and each engine's native exposition merged into the same families."""
+    """The SDK's families and each engine's native exposition, merged family by family."""
 
     def __init__(self, monitoring: MonitoringHandler) -> None:
         self._m = monitoring
@@ -99,9 +71,9 @@ class _Collector:
     def collect(self) -> Any:
         from prometheus_client.parser import text_string_to_metric_families
 
-        merged: dict[str, Any] = {f.name: f for f in self._m._sdk_families()}
         engines = self._m._engines() if self._m._engines is not None else []
-        for text in (engine.prometheus() for engine in engines):
+        merged: dict[str, Any] = {}
+        for text in [self._m._stats.prometheus(), *(engine.prometheus() for engine in engines)]:
             for family in text_string_to_metric_families(text):
                 if family.name in merged:
                     merged[family.name].samples.extend(family.samples)
