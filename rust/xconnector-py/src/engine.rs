@@ -40,6 +40,33 @@ pub(crate) fn extras<'a>(
     HashExtras { lora_name: lora_name.as_deref(), cache_salt: cache_salt.as_deref(), lora_id: lora_id.as_deref() }
 }
 
+/// The namespace of an engine's KV; its block size is set from the engine's by the core.
+#[allow(clippy::too_many_arguments)]
+fn namespace(
+    model: &str,
+    revision: &str,
+    dtype: &str,
+    quantization: &str,
+    kv_layout: &str,
+    (tp_world_size, tp_rank): (u32, u32),
+    (pp_world_size, pp_rank): (u32, u32),
+    extra: Option<HashMap<String, String>>,
+) -> Namespace {
+    Namespace {
+        model: model.to_owned(),
+        revision: revision.to_owned(),
+        dtype: dtype.to_owned(),
+        quantization: quantization.to_owned(),
+        kv_layout: kv_layout.to_owned(),
+        block_size: 0,
+        tp_world_size,
+        tp_rank,
+        pp_world_size,
+        pp_rank,
+        extra: extra.unwrap_or_default().into_iter().collect(),
+    }
+}
+
 #[pymethods]
 impl Engine {
     #[new]
@@ -119,19 +146,16 @@ impl Engine {
             queue_blocks: disk_queue_blocks,
             shared: disk_shared,
         });
-        let namespace = Namespace {
-            model: model.to_owned(),
-            revision: revision.to_owned(),
-            dtype: dtype.to_owned(),
-            quantization: quantization.to_owned(),
-            kv_layout: kv_layout.to_owned(),
-            block_size: 0, // set from block_size by the core
-            tp_world_size,
-            tp_rank,
-            pp_world_size,
-            pp_rank,
-            extra: extra.unwrap_or_default().into_iter().collect(),
-        };
+        let namespace = namespace(
+            model,
+            revision,
+            dtype,
+            quantization,
+            kv_layout,
+            (tp_world_size, tp_rank),
+            (pp_world_size, pp_rank),
+            extra,
+        );
         let cfg = EngineConfig {
             block_size: block_size as usize,
             block_bytes,
@@ -145,7 +169,6 @@ impl Engine {
         Ok(Self { inner: Arc::new(inner) })
     }
 
-    /// Number of leading tokens whose KV is cached (block-aligned). Does not touch the LRU order.
     /// The engine a worker's KV blocks (`kv_block_size` tokens, `kv_block_bytes` bytes each) get
     /// under a normalized `section`: its tiers, budgets and chunk size, decided by the core.
     #[staticmethod]
@@ -170,19 +193,16 @@ impl Engine {
         #[pyo3(from_py_with = args::pp_rank)] pp_rank: u32,
     ) -> PyResult<Self> {
         let settings = EngineSettings::from_config(&crate::config::sdk_config(py, section)?);
-        let namespace = Namespace {
-            model: model.to_owned(),
-            revision: revision.to_owned(),
-            dtype: dtype.to_owned(),
-            quantization: quantization.to_owned(),
-            kv_layout: kv_layout.to_owned(),
-            block_size: 0, // set from the engine block by the core
-            tp_world_size,
-            tp_rank,
-            pp_world_size,
-            pp_rank,
-            extra: extra.unwrap_or_default().into_iter().collect(),
-        };
+        let namespace = namespace(
+            model,
+            revision,
+            dtype,
+            quantization,
+            kv_layout,
+            (tp_world_size, tp_rank),
+            (pp_world_size, pp_rank),
+            extra,
+        );
         let env = |name: &str| std::env::var(name).ok();
         let inner = detached(py, || {
             CoreEngine::new(settings.engine_config(kv_block_size, kv_block_bytes, namespace, &env)?)
@@ -190,6 +210,7 @@ impl Engine {
         Ok(Self { inner: Arc::new(inner) })
     }
 
+    /// Number of leading tokens whose KV is cached (block-aligned). Does not touch the LRU order.
     #[pyo3(signature = (tokens, *, lora_name = None, cache_salt = None, lora_id = None))]
     fn lookup(
         &self,

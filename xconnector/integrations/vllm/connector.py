@@ -415,36 +415,30 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     ) -> None:
         """The planner's load and save of one request, as the workers get them: its key's
         tokens and vLLM's names up to the planned end."""
-        names, lora_name, lora_id = key.names, key.lora_name, key.lora_id
-        cache_salt = key.cache_salt
+
+        def transfer(
+            req_id: str, end: int, block_ids: list[int], named: int, **kind: Any
+        ) -> Transfer:
+            names = key.names[:named] if key.names is not None else None
+            return Transfer(
+                req_id=req_id,
+                tokens=key.tokens[:end],
+                block_ids=block_ids,
+                lora_name=key.lora_name,
+                cache_salt=key.cache_salt,
+                lora_id=key.lora_id,
+                names=names,
+                **kind,
+            )
+
         if load is not None:
             req_id, end, block_ids, first_block = load
-            meta.loads.append(
-                Transfer(
-                    req_id=req_id,
-                    tokens=key.tokens[:end],
-                    block_ids=block_ids,
-                    first_block=first_block,
-                    lora_name=lora_name,
-                    cache_salt=cache_salt,
-                    lora_id=lora_id,
-                    names=names[: end // self._block_size] if names is not None else None,
-                )
-            )
+            named = end // self._block_size
+            meta.loads.append(transfer(req_id, end, block_ids, named, first_block=first_block))
         if save is not None:
             req_id, end, block_ids, if_loads_ok = save
-            meta.saves.append(
-                Transfer(
-                    req_id=req_id,
-                    tokens=key.tokens[:end],
-                    block_ids=block_ids,
-                    if_loads_ok=if_loads_ok,
-                    lora_name=lora_name,
-                    cache_salt=cache_salt,
-                    lora_id=lora_id,
-                    names=names[: len(block_ids)] if names is not None else None,
-                )
-            )
+            named = len(block_ids)
+            meta.saves.append(transfer(req_id, end, block_ids, named, if_loads_ok=if_loads_ok))
 
     def update_connector_output(self, connector_output: Any) -> None:
         events = getattr(connector_output, "kv_cache_events", None)
