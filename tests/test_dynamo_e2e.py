@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ def scenario(d: Deployment, seed: int) -> tuple[int, dict[str, Any], Served]:
         filler = d.complete([rng.randrange(3, 512) for _ in range(300)], max_tokens=1)
         sent[filler.worker] += 1
     d.settle()  # the router has seen the prompt's blocks leave W's vLLM cache
+    # The scheduler's cross-process lookup gives a rank 100 ms and, when the rank missed that
+    # (a worker busy with the fillers on an oversubscribed CPU), answers 0 for the next second
+    # without asking (lookup_service::client, retry_after): the repeat is asked after it.
+    time.sleep(1.5)
     before = len(d.selections())
     repeat = d.complete(prompt)
     records = d.selections()[before:]
