@@ -8,7 +8,7 @@ use pyo3::types::PyDict;
 use xconnector_core::overlap::OverlapIndex as CoreOverlap;
 use xconnector_core::router::{Clock, Router as CoreRouter, WritePolicy};
 
-use crate::call::guarded;
+use crate::call::{detached, guarded};
 use crate::errors::{core_to_py, invalid_input};
 
 fn seconds(py: Python<'_>, what: &str, s: f64) -> PyResult<Duration> {
@@ -30,8 +30,10 @@ impl Router {
     fn new(py: Python<'_>, base_backoff: f64, max_backoff: f64, manual_clock: bool) -> PyResult<Self> {
         let base = seconds(py, "base_backoff", base_backoff)?;
         let max = seconds(py, "max_backoff", max_backoff)?;
-        let clock = if manual_clock { Clock::manual() } else { Clock::monotonic() };
-        Ok(Self { inner: CoreRouter::new(clock, base, max) })
+        guarded(py, || {
+            let clock = if manual_clock { Clock::manual() } else { Clock::monotonic() };
+            Ok(Self { inner: CoreRouter::new(clock, base, max) })
+        })
     }
 
     /// Registers a target. `policy`: write_through, write_behind or read_only.
@@ -40,7 +42,7 @@ impl Router {
         let policy = WritePolicy::parse(policy).ok_or_else(|| {
             invalid_input(py, format!("unknown write policy {policy:?}; use write_through, write_behind or read_only"))
         })?;
-        self.inner.add(name, kind, priority, policy).map_err(|e| core_to_py(py, e))
+        guarded(py, || self.inner.add(name, kind, priority, policy).map_err(|e| core_to_py(py, e)))
     }
 
     /// Registers an adapter with its type's write policy (the cache takes stores; the others
@@ -50,26 +52,26 @@ impl Router {
         guarded(py, || self.inner.add_adapter(name, kind, priority).map_err(|e| core_to_py(py, e)))
     }
 
-    fn remove(&self, name: &str) -> bool {
-        self.inner.remove(name)
+    fn remove(&self, py: Python<'_>, name: &str) -> PyResult<bool> {
+        guarded(py, || Ok(self.inner.remove(name)))
     }
 
     /// Available targets of `kind` (all when None), in the order to consult them.
     #[pyo3(signature = (kind = None))]
-    fn order(&self, kind: Option<&str>) -> Vec<String> {
-        self.inner.order(kind)
+    fn order(&self, py: Python<'_>, kind: Option<&str>) -> PyResult<Vec<String>> {
+        guarded(py, || Ok(self.inner.order(kind)))
     }
 
     /// Available targets a store writes to, with their policy.
     #[pyo3(signature = (kind = None))]
-    fn write_plan(&self, kind: Option<&str>) -> Vec<(String, &'static str)> {
-        self.inner.write_plan(kind).into_iter().map(|(n, p)| (n, p.name())).collect()
+    fn write_plan(&self, py: Python<'_>, kind: Option<&str>) -> PyResult<Vec<(String, &'static str)>> {
+        guarded(py, || Ok(self.inner.write_plan(kind).into_iter().map(|(n, p)| (n, p.name())).collect()))
     }
 
     /// The target for a name or a kind; `CacheError` while it (or every target of the kind)
     /// backs off, `ConfigError` when nothing matches.
     fn route(&self, py: Python<'_>, selector: &str) -> PyResult<String> {
-        self.inner.route(selector).map_err(|e| core_to_py(py, e))
+        guarded(py, || self.inner.route(selector).map_err(|e| core_to_py(py, e)))
     }
 
     /// Targets to try for a name (alone) or a kind (available ones, in order); the errors of
@@ -85,18 +87,24 @@ impl Router {
         guarded(py, || Ok(self.inner.settle(name, failure)))
     }
 
-    fn report_success(&self, name: &str) {
-        self.inner.report_success(name)
+    fn report_success(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        guarded(py, || {
+            self.inner.report_success(name);
+            Ok(())
+        })
     }
 
-    fn report_failure(&self, name: &str) {
-        self.inner.report_failure(name)
+    fn report_failure(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        guarded(py, || {
+            self.inner.report_failure(name);
+            Ok(())
+        })
     }
 
     /// Every target, in order, with its health.
     fn status<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.inner
-            .status()
+        let targets = guarded(py, || Ok(self.inner.status()))?;
+        targets
             .into_iter()
             .map(|t| {
                 let d = PyDict::new(py);
@@ -116,7 +124,7 @@ impl Router {
     /// Moves a manual clock forward (`manual_clock=True`); for tests of backoff without sleeping.
     fn advance(&self, py: Python<'_>, seconds_: f64) -> PyResult<()> {
         let by = seconds(py, "seconds", seconds_)?;
-        self.inner.clock().advance(by).map_err(|e| core_to_py(py, e))
+        guarded(py, || self.inner.clock().advance(by).map_err(|e| core_to_py(py, e)))
     }
 }
 
@@ -129,29 +137,38 @@ pub struct OverlapIndex {
 #[pymethods]
 impl OverlapIndex {
     #[new]
-    fn new() -> Self {
-        Self { inner: CoreOverlap::new() }
+    fn new(py: Python<'_>) -> PyResult<Self> {
+        guarded(py, || Ok(Self { inner: CoreOverlap::new() }))
     }
 
-    fn stored(&self, worker: &str, hashes: Vec<u64>) {
-        self.inner.stored(worker, &hashes)
+    fn stored(&self, py: Python<'_>, worker: &str, hashes: Vec<u64>) -> PyResult<()> {
+        guarded(py, || {
+            self.inner.stored(worker, &hashes);
+            Ok(())
+        })
     }
 
-    fn removed(&self, worker: &str, hashes: Vec<u64>) {
-        self.inner.removed(worker, &hashes)
+    fn removed(&self, py: Python<'_>, worker: &str, hashes: Vec<u64>) -> PyResult<()> {
+        guarded(py, || {
+            self.inner.removed(worker, &hashes);
+            Ok(())
+        })
     }
 
-    fn clear_worker(&self, worker: &str) {
-        self.inner.clear_worker(worker)
+    fn clear_worker(&self, py: Python<'_>, worker: &str) -> PyResult<()> {
+        guarded(py, || {
+            self.inner.clear_worker(worker);
+            Ok(())
+        })
     }
 
     /// `[(worker, leading blocks held)]`, best first.
-    fn score(&self, py: Python<'_>, hashes: Vec<u64>) -> Vec<(String, usize)> {
-        py.detach(|| self.inner.score(&hashes))
+    fn score(&self, py: Python<'_>, hashes: Vec<u64>) -> PyResult<Vec<(String, usize)>> {
+        detached(py, || Ok(self.inner.score(&hashes)))
     }
 
     /// `[(worker, blocks held)]` for every worker seen.
-    fn workers(&self) -> Vec<(String, u64)> {
-        self.inner.workers()
+    fn workers(&self, py: Python<'_>) -> PyResult<Vec<(String, u64)>> {
+        guarded(py, || Ok(self.inner.workers()))
     }
 }
