@@ -33,12 +33,12 @@ class LMCacheAdapter(Adapter):
         #: (NATS URL, subject, worker id) to publish peer events to; set by the SDK from the
         #: distributed adapter.
         self.events: tuple[str, str, str] | None = None
-        native = load_native()
-        # Checked in the section it runs in, as the validator checks a whole file (an adapter
+        # Validated in the section it runs in, as the validator checks a whole file (an adapter
         # loaded on its own into a running SDK gets the same rules).
-        native.config_normalize(self._section(), source=f"adapters.{self.name}")
         #: The engine settings (memory budget, disk and Redis tiers), redacted.
-        self.engine_settings: dict[str, Any] = native.config_engine_settings(self._section())
+        self.engine_settings: dict[str, Any] = load_native().config_engine_settings(
+            self._section(), source=f"adapters.{self.name}"
+        )
         self.capacity_bytes: int = self.engine_settings["memory_bytes"]
         #: Tokens per cached block; None: one KV block (vLLM's block size).
         self.chunk_size: int | None = self.engine_settings["chunk_size"]

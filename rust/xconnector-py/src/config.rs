@@ -113,21 +113,27 @@ pub fn config_load_file<'py>(
     guarded(py, || resolved(py, &r))
 }
 
-/// A normalized section (as `config_normalize` returns it) as the core's typed config.
-pub fn sdk_config(py: Python<'_>, section: &Bound<'_, PyAny>) -> PyResult<core::SdkConfig> {
-    let v = document(py, section, "<section>", "")?;
-    core::parse_section(&v, "").map_err(|p| problems(py, "<section>", &p))
+/// A section as the core's typed config, validated (every rule); errors name `source`.
+pub fn sdk_config(py: Python<'_>, section: &Bound<'_, PyAny>, source: &str) -> PyResult<core::SdkConfig> {
+    let v = document(py, section, source, "")?;
+    core::parse_section(&v, "").map_err(|p| problems(py, source, &p))
 }
 
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// What the engine would be built from, as health output shows it (no secrets). A `ConfigError`
-/// when what it reads from the environment (the auth key's variable) is not there.
+/// What the engine would be built from, as health output shows it (no secrets), for a section
+/// that passes every rule. A `ConfigError` (naming `source`) when it does not, or when what it
+/// reads from the environment (the auth key's variable) is not there.
 #[pyfunction]
-pub fn config_engine_settings<'py>(py: Python<'py>, section: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let cfg = guarded(py, || sdk_config(py, section))?;
+#[pyo3(signature = (section, source = "<section>"))]
+pub fn config_engine_settings<'py>(
+    py: Python<'py>,
+    section: &Bound<'py, PyAny>,
+    source: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let cfg = guarded(py, || sdk_config(py, section, source))?;
     let settings = core::EngineSettings::from_config(&cfg);
     settings.check_env(&env_var).map_err(|e| core_to_py(py, e))?;
     to_py(py, &settings.to_value())
@@ -138,7 +144,7 @@ pub fn config_engine_settings<'py>(py: Python<'py>, section: &Bound<'py, PyAny>)
 /// be built; empty when all is well.
 #[pyfunction]
 pub fn config_runtime_problems(py: Python<'_>, section: &Bound<'_, PyAny>) -> PyResult<Vec<(String, bool)>> {
-    let cfg = guarded(py, || sdk_config(py, section))?;
+    let cfg = guarded(py, || sdk_config(py, section, "<section>"))?;
     let found = crate::call::detached(py, || Ok(core::runtime_problems(&cfg, &env_var)))?;
     Ok(found.into_iter().map(|p| (p.message, p.fatal)).collect())
 }

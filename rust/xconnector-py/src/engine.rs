@@ -192,7 +192,7 @@ impl Engine {
         #[pyo3(from_py_with = args::pp_world_size)] pp_world_size: u32,
         #[pyo3(from_py_with = args::pp_rank)] pp_rank: u32,
     ) -> PyResult<Self> {
-        let settings = EngineSettings::from_config(&crate::config::sdk_config(py, section)?);
+        let settings = EngineSettings::from_config(&crate::config::sdk_config(py, section, "<section>")?);
         let namespace = namespace(
             model,
             revision,

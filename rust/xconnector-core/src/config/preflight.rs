@@ -34,8 +34,8 @@ pub fn runtime_problems(cfg: &SdkConfig, env: &dyn Fn(&str) -> Option<String>) -
         }
     }
     if let Some(r) = &s.redis {
-        if let Some(Err(message)) = r.auth_key.as_ref().map(|k| k.resolve(env)) {
-            out.push(RuntimeProblem { message, fatal: true });
+        if let Err(e) = s.check_env(env) {
+            out.push(RuntimeProblem { message: e.to_string(), fatal: true });
         }
         match redis_tier::ping(&r.url, r.ca_file.as_deref(), REDIS_DEADLINE) {
             Ok(()) => {}
