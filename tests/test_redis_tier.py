@@ -74,6 +74,22 @@ def test_two_processes_share_blocks_through_redis(redis: RedisServer) -> None:
     assert other.lookup(toks) == 0
 
 
+def test_a_prompt_longer_than_memory_reaches_redis_whole(redis: RedisServer) -> None:
+    # Memory holds 8 blocks, the prompt has 20: the 12 memory has no room for go straight to
+    # Redis, so another worker (a fresh engine, empty memory) loads the whole prompt from it.
+    toks = prompt(7, 20)
+    writer = engine(redis.url, blocks=8)
+    assert writer.store(toks, block_payload(toks)) == 20
+    assert writer.flush(30)
+    stats = writer.stats()
+    assert (stats["store_spilled_blocks"], stats["redis_written_blocks"]) == (12, 20)
+    reader = engine(redis.url, blocks=8)
+    assert reader.lookup(toks) == 20 * BLOCK
+    out = bytearray(20 * BLOCK_BYTES)
+    assert reader.load(toks, out) == 20 * BLOCK
+    assert bytes(out) == block_payload(toks)
+
+
 def test_kill_9_mid_workload_then_restart(redis: RedisServer) -> None:
     e = engine(redis.url, blocks=8, redis_timeout=0.3)
     before = prompt(2)

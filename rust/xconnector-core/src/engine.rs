@@ -62,6 +62,13 @@ struct Pending {
     change: Option<BlockChange>,
 }
 
+/// Where a loaded block is read from: a pinned memory slot, or bytes read (and verified) from a
+/// tier below that memory had no room to promote them into.
+enum Source<'a> {
+    Memory(SlotId),
+    Below(&'a [u8]),
+}
+
 /// The disk tier and the thread that writes to it behind stores.
 struct Lower {
     disk: Arc<DiskTier>,
@@ -72,9 +79,13 @@ struct Lower {
 /// What a store did with each full block of the request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreOutcome {
+    /// Blocks newly stored in memory (and written behind to the tiers below).
     pub stored: usize,
     pub existing: usize,
+    /// Blocks stored nowhere.
     pub rejected: usize,
+    /// Blocks memory had no room for, sent straight to the tiers below (disk, Redis).
+    pub spilled: usize,
 }
 
 pub struct Engine {
@@ -416,7 +427,7 @@ impl Engine {
         &self,
         tokens: &[u32],
         extras: HashExtras<'_>,
-        fill: impl FnMut(usize, &mut [u8]),
+        mut fill: impl FnMut(usize, &mut [u8]),
     ) -> Result<StoreOutcome> {
         faults::check(FaultPoint::Store)?;
         let t0 = Instant::now();
@@ -425,10 +436,12 @@ impl Engine {
         let digests = self.digests(tokens);
         let ns = self.namespace_for(extras);
         let reserved = Reserved { tier: &self.tier, res: self.tier.reserve(ns, &hashes, &digests)? };
-        let filled = reserved.fill(fill);
+        let filled = reserved.fill(&mut fill);
+        let all_filled = filled == reserved.res.new_blocks.len();
+        let (rejected, out_of_room) = (reserved.res.rejected, reserved.res.out_of_room);
         // Copied for the lower tiers while the slots are still ours: once published they may be
         // evicted and reused at any moment.
-        let behind: Vec<Pending> = match (&self.lower, &self.redis) {
+        let mut behind: Vec<Pending> = match (&self.lower, &self.redis) {
             (None, None) => Vec::new(),
             _ => reserved.res.new_blocks[..filled]
                 .iter()
@@ -443,6 +456,13 @@ impl Engine {
                 .collect(),
         };
         let res = reserved.publish(filled);
+        // A prompt longer than memory holds: the blocks memory has no room for go straight to
+        // the tiers below, after their parents, so disk and Redis hold the whole prompt.
+        let spilled = if out_of_room && all_filled && (self.lower.is_some() || self.redis.is_some()) {
+            self.spill(tokens, extras, &hashes, &digests, ns, hashes.len() - rejected, &mut fill, &mut behind)
+        } else {
+            0
+        };
         if !behind.is_empty() {
             for (name, policy) in self.router.write_plan(Some("tier")) {
                 if policy != WritePolicy::WriteBehind {
@@ -463,12 +483,18 @@ impl Engine {
             self.announce(events, tokens, extras, &hashes, &res);
         }
         self.journal_memory(tokens, extras, &hashes, &res);
-        let out = StoreOutcome { stored: res.new_blocks.len(), existing: res.existing, rejected: res.rejected };
+        let out = StoreOutcome {
+            stored: res.new_blocks.len(),
+            existing: res.existing,
+            rejected: res.rejected - spilled,
+            spilled,
+        };
         let c = &self.counters;
         c.stores.fetch_add(1, Relaxed);
         c.stored_blocks.fetch_add(out.stored as u64, Relaxed);
         c.store_existing_blocks.fetch_add(out.existing as u64, Relaxed);
         c.store_rejected_blocks.fetch_add(out.rejected as u64, Relaxed);
+        c.store_spilled_blocks.fetch_add(out.spilled as u64, Relaxed);
         c.stored_bytes.fetch_add((out.stored * bb) as u64, Relaxed);
         let took = t0.elapsed();
         add_elapsed(&c.store_ns, took);
@@ -503,20 +529,32 @@ impl Engine {
         let digests = self.digests(tokens);
         let ns = self.namespace_for(extras);
         let max_blocks = max_blocks.min(hashes.len());
-        if self.lower.is_some() || self.redis.is_some() {
-            self.promote(ns, &hashes[..max_blocks], &digests[..max_blocks], tokens, extras);
-        }
+        let (below_from, below) = if self.lower.is_some() || self.redis.is_some() {
+            self.promote(ns, &hashes[..max_blocks], &digests[..max_blocks], tokens, extras)
+        } else {
+            (0, Vec::new())
+        };
         let mut pins = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, &hashes, &digests, max_blocks) };
         self.tier.verify_exported(&mut pins.slots, false);
+        // Memory's prefix, then (when it reaches them) the verified blocks read from below that
+        // memory had no room for: a prompt longer than memory still loads whole.
+        let in_memory = pins.slots.len();
+        let skip = in_memory.checked_sub(below_from);
+        // None: memory lost blocks before those read from below, so they continue no prefix.
+        let from_below = skip.map(|skip| below.chunks_exact(bb).skip(skip)).into_iter().flatten();
+        let sources = pins.slots.iter().map(|&slot| Source::Memory(slot)).chain(from_below.map(Source::Below));
         let mut n = 0;
-        for (i, &slot) in pins.slots.iter().enumerate() {
+        for (i, source) in sources.enumerate() {
             if faults::check(FaultPoint::LoadCopy).is_err() {
                 if faults::garbage(FaultPoint::LoadCopy) {
                     read(i, &vec![0x5A; bb]); // a torn copy: junk where the block was to go
                 }
                 break; // an injected error: a short load, as if the rest were evicted
             }
-            self.tier.with_pinned(slot, |src| read(i, src));
+            match source {
+                Source::Memory(slot) => self.tier.with_pinned(slot, |src| read(i, src)),
+                Source::Below(bytes) => read(i, bytes),
+            }
             n += 1;
         }
         drop(pins);
@@ -576,6 +614,37 @@ impl Engine {
         }
     }
 
+    /// Copies blocks `from..` of a store (those memory had no room for) for the tiers below,
+    /// appending them to `behind`; returns how many.
+    #[allow(clippy::too_many_arguments)]
+    fn spill(
+        &self,
+        tokens: &[u32],
+        extras: HashExtras<'_>,
+        hashes: &[u64],
+        digests: &[u128],
+        ns: u64,
+        from: usize,
+        fill: &mut impl FnMut(usize, &mut [u8]),
+        behind: &mut Vec<Pending>,
+    ) -> usize {
+        let mut spilled = 0;
+        for i in from..hashes.len() {
+            if faults::check(FaultPoint::StoreCopy).is_err() {
+                break; // the blocks from here on are not stored
+            }
+            let mut data = vec![0; self.cfg.block_bytes];
+            fill(i, &mut data);
+            let change = self
+                .journal
+                .get()
+                .map(|_| BlockChange::stored(Medium::Disk, hashes, tokens, self.cfg.block_size, i..i + 1, extras));
+            behind.push(Pending { ns, hash: hashes[i], digest: digests[i], depth: i as u32, data, change });
+            spilled += 1;
+        }
+        spilled
+    }
+
     /// Queues newly stored blocks for the disk tier; a full queue drops them (counted).
     fn write_behind(&self, lower: &Lower, blocks: &[Pending]) {
         for p in blocks {
@@ -597,8 +666,16 @@ impl Engine {
 
     /// Copies the blocks after the memory tier's prefix that lower tiers hold (in the router's
     /// order: disk, then Redis) up into memory. Each tier checks that what it returns is the KV of
-    /// the block with that digest.
-    fn promote(&self, ns: u64, hashes: &[u64], digests: &[u128], tokens: &[u32], extras: HashExtras<'_>) {
+    /// the block with that digest. Returns what was read from below, `(index of its first block,
+    /// bytes)`, so that a load serves the blocks memory had no room for from it.
+    fn promote(
+        &self,
+        ns: u64,
+        hashes: &[u64],
+        digests: &[u128],
+        tokens: &[u32],
+        extras: HashExtras<'_>,
+    ) -> (usize, Vec<u8>) {
         // The memory prefix stays pinned meanwhile, so the reservation below finds it all present
         // and only ever reserves blocks read from below.
         let pinned = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, hashes, digests, hashes.len()) };
@@ -648,6 +725,7 @@ impl Engine {
             }
         }
         drop(pinned);
+        (in_memory, buf)
     }
 
     /// Pins the longest cached prefix (at most `max_blocks`) for zero-copy reads (views). Each

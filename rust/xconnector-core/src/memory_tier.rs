@@ -109,6 +109,9 @@ pub struct Reservation {
     pub existing: usize,
     /// Trailing blocks not stored: no slot could be freed, or another store is writing them.
     pub rejected: usize,
+    /// The rejected blocks were refused for room alone (no slot could be freed), not because
+    /// another store writes them or memory holds other KV under their hash.
+    pub out_of_room: bool,
     /// `(namespace, hash)` of blocks evicted to make room.
     pub evicted: Vec<(u64, u64)>,
 }
@@ -294,6 +297,7 @@ impl MemoryTier {
             }
             let Some(slot) = slot else {
                 res.rejected = hashes.len() - i;
+                res.out_of_room = true;
                 break;
             };
             if let Err(e) = self.arena.ensure(slot) {
@@ -302,6 +306,7 @@ impl MemoryTier {
                     return Err(e);
                 }
                 res.rejected = hashes.len() - i;
+                res.out_of_room = true;
                 break;
             }
             inner.entries[slot as usize] = Some(Entry {

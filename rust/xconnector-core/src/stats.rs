@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub stored_blocks: AtomicU64,
     pub store_existing_blocks: AtomicU64,
     pub store_rejected_blocks: AtomicU64,
+    pub store_spilled_blocks: AtomicU64,
     pub stored_bytes: AtomicU64,
     pub store_ns: AtomicU64,
     pub loads: AtomicU64,
@@ -54,6 +55,8 @@ pub struct EngineStats {
     pub store_existing_blocks: u64,
     /// Blocks a store could not keep (budget full of pinned blocks, or a concurrent writer).
     pub store_rejected_blocks: u64,
+    /// Blocks memory had no room for, stored straight to the tiers below.
+    pub store_spilled_blocks: u64,
     pub stored_bytes: u64,
     pub store_ns: u64,
     pub loads: u64,
@@ -91,6 +94,7 @@ impl Counters {
             stored_blocks: self.stored_blocks.load(Relaxed),
             store_existing_blocks: self.store_existing_blocks.load(Relaxed),
             store_rejected_blocks: self.store_rejected_blocks.load(Relaxed),
+            store_spilled_blocks: self.store_spilled_blocks.load(Relaxed),
             stored_bytes: self.stored_bytes.load(Relaxed),
             store_ns: self.store_ns.load(Relaxed),
             loads: self.loads.load(Relaxed),

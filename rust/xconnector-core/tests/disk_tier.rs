@@ -174,3 +174,31 @@ fn the_directory_and_files_are_private() {
         assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
+
+#[test]
+fn a_prompt_longer_than_memory_reaches_the_disk_whole() {
+    // Memory holds 8 blocks; the prompt has 20. The 12 memory has no room for go straight to
+    // the disk, after their parents, so a restarted worker finds and loads the whole prompt.
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<u32> = (500..500 + 20 * BS as u32).collect();
+    {
+        let e = engine(dir.path(), 8, 64);
+        let out = e.store(&tokens, &payload(&tokens), X).unwrap();
+        assert_eq!((out.stored, out.spilled, out.rejected), (8, 12, 0));
+        assert!(e.flush(Duration::from_secs(10)));
+        let s = e.stats();
+        assert_eq!((s.disk.unwrap().written_blocks, s.store_spilled_blocks), (20, 12));
+        assert_eq!(e.lookup(&tokens, X).unwrap(), 20 * BS);
+    }
+    let e = engine(dir.path(), 8, 64);
+    assert_eq!(e.lookup(&tokens, X).unwrap(), 20 * BS);
+    let mut out = vec![0u8; 20 * BB];
+    // Memory takes 8 of them on the way; the other 12 are served from what was read below.
+    assert_eq!(e.load(&tokens, &mut out, X).unwrap(), 20 * BS);
+    assert_eq!(out, payload(&tokens));
+    assert_eq!(e.stats().tier.entries, 8);
+    // Stored again: nothing new, nothing spilled twice.
+    let again = e.store(&tokens, &payload(&tokens), X).unwrap();
+    assert!(e.flush(Duration::from_secs(10)));
+    assert_eq!(e.stats().disk.unwrap().entries, 20, "{again:?}");
+}

@@ -239,7 +239,7 @@ impl Engine {
         let region = guarded(py, || ByteRegion::get(payload, "payload"))?;
         let bytes = region.as_slice();
         let out = detached(py, || self.inner.store(&toks, bytes, extras(&lora_name, &cache_salt, &lora_id)))?;
-        Ok(out.stored)
+        Ok(out.stored + out.spilled)
     }
 
     /// Copies the longest cached prefix into `out` (blocks back to back, at most as many blocks
@@ -319,7 +319,7 @@ impl Engine {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = detached(py, || Ok(self.inner.stats()))?;
         let d = PyDict::new(py);
-        let ints: [(&str, u64); 25] = [
+        let ints: [(&str, u64); 26] = [
             ("lookups", s.lookups),
             ("hit_tokens", s.hit_tokens),
             ("miss_tokens", s.miss_tokens),
@@ -327,6 +327,7 @@ impl Engine {
             ("stored_blocks", s.stored_blocks),
             ("store_existing_blocks", s.store_existing_blocks),
             ("store_rejected_blocks", s.store_rejected_blocks),
+            ("store_spilled_blocks", s.store_spilled_blocks),
             ("stored_bytes", s.stored_bytes),
             ("loads", s.loads),
             ("loaded_blocks", s.loaded_blocks),

@@ -193,7 +193,7 @@ impl PagedKv {
                 }
             })
         })?;
-        Ok(out.stored)
+        Ok(out.stored + out.spilled)
     }
 
     /// Loads the longest cached prefix of `tokens` (as many engine blocks as `block_ids` covers)
