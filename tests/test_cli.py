@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -153,3 +154,61 @@ def test_without_a_file_it_checks_what_this_environment_gives_a_worker() -> None
     )
     r = run("check-config", env={"DYN_DEPLOYMENT_CONFIG": "{not json"})
     assert r.returncode == 1 and r.stderr.startswith("error: DYN_DEPLOYMENT_CONFIG: not valid")
+
+
+def test_help_exits_0_and_lists_every_command_and_option() -> None:
+    top = run("--help")
+    assert top.returncode == 0 and top.stderr == ""
+    for command in ("check-config", "stats", "version", "bench", "migrate-config"):
+        assert f"  {command}" in top.stdout, top.stdout
+    bench = run("bench", "-h")
+    assert bench.returncode == 0
+    for option in ("--requests", "--seed", "--cache-mib", "--block-kib", "--plot"):
+        assert option in bench.stdout, bench.stdout
+    assert "-- WORKER COMMAND" in run("check-config", "--help").stdout
+
+
+def test_output_goes_through_pythons_streams(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In-process, what the native command prints is what sys.stdout/sys.stderr receive."""
+    from xconnector.cli import check_config, main
+
+    path = tmp_path / "agg.yaml"
+    path.write_text(RISKY)
+    assert main(["check-config", str(path), "--service", "VllmWorker"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{path}: valid; XConnector is enabled")
+    assert "warnings (2):" in captured.out and captured.err == ""
+    out, err = io.StringIO(), io.StringIO()
+    assert check_config(str(tmp_path / "missing.yaml"), out=out, err=err) == 2
+    assert out.getvalue() == "" and "no such file" in err.getvalue()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_an_exception_in_a_python_callback_propagates_unchanged(tmp_path: Path) -> None:
+    from xconnector.cli import run as run_cli
+
+    png = tmp_path / "no-such-dir" / "bench.png"
+    args = ["bench", "--requests", "60", "--cache-mib", "8", "--plot", str(png)]
+    with pytest.raises(FileNotFoundError):
+        run_cli(args, io.StringIO(), io.StringIO())
+
+
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path: Path) -> None:
+    path = tmp_path / "agg.yaml"
+    path.write_text(RISKY)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first write fails with EPIPE
+    try:
+        r = subprocess.run(
+            [str(CONSOLE_SCRIPT), "check-config", str(path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

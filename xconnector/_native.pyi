@@ -27,6 +27,7 @@ __all__ = [
     "__version__",
     "_inject_fault",
     "block_ids_from_slots",
+    "cli_main",
     "config_discover",
     "config_engine_settings",
     "config_env_vars",
@@ -519,6 +520,20 @@ def replay(
     block_bytes: int,
     progress: Callable[[int, int], object] | None = None,
 ) -> dict[str, Any]: ...
+
+# The `xconnector` command (`xconnector.cli`): argv without the program name; output written
+# through `out` and `err` (text streams: `write(str)` and `flush()`, e.g. sys.stdout); the
+# package versions only Python can read; `plot(path, hit_rates, lookup_us, lookup_p99_us)` for
+# `bench --plot`. Returns the exit code; an exception from a callback or a stream propagates.
+_TextStream: TypeAlias = Any
+
+def cli_main(
+    argv: list[str],
+    out: _TextStream,
+    err: _TextStream,
+    versions: Callable[[], list[tuple[str, str | None]]],
+    plot: Callable[[str, list[float], list[float], float], object],
+) -> int: ...
 
 # Config (DESIGN section 2). Normalized sections are plain dicts; `xconnector.sdk.config` wraps
 # them in dataclasses. Every function raises `ConfigError` on an invalid or unreadable config.

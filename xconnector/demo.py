@@ -23,20 +23,15 @@ BLOCK_BYTES = 2 * LAYERS * KV_HEADS * HEAD_DIM * DTYPE_BYTES * BLOCK_SIZE
 
 
 def fake_prefill(tokens: array[int]) -> bytes:
-    """Stands in for the model: KV bytes for the full blocks of `tokens`, derived from the tokens.
-
-    Each block's bytes depend on its whole prefix, as real KV does.
-    """
-    out = bytearray()
-    for end in range(BLOCK_SIZE, len(tokens) + 1, BLOCK_SIZE):
-        out += random.Random(hash(tuple(tokens[:end]))).randbytes(BLOCK_BYTES)
-    return bytes(out)
+    """Stands in for the model: KV bytes for the full blocks of `tokens`, each block's derived
+    from its whole prefix, as real KV is."""
+    ends = range(BLOCK_SIZE, len(tokens) + 1, BLOCK_SIZE)
+    return b"".join(random.Random(hash(tuple(tokens[:end]))).randbytes(BLOCK_BYTES) for end in ends)
 
 
 def serve(engine: Engine, name: str, tokens: array[int]) -> None:
     """One request: look up its prefix, load the hit, prefill (store) the rest."""
     hit = engine.lookup(tokens)
-    mib = hit // BLOCK_SIZE * BLOCK_BYTES / 2**20
     line = f"{name:<28} {len(tokens):>6} tokens  hit {hit:>6} ({hit / len(tokens):6.1%})"
     if hit:
         out = bytearray(hit // BLOCK_SIZE * BLOCK_BYTES)
@@ -46,22 +41,17 @@ def serve(engine: Engine, name: str, tokens: array[int]) -> None:
         dt = time.perf_counter() - t0
         assert loaded == hit
         assert out == fake_prefill(tokens[:hit]), "loaded KV differs from stored KV"
-        line += (
-            f"  loaded {mib:6.1f} MiB in {dt * 1e3:6.2f} ms ({mib * 2**20 / dt / 1e9:5.1f} GB/s)"
-        )
+        mib = len(out) / 2**20
+        line += f"  loaded {mib:6.1f} MiB in {dt * 1e3:6.2f} ms ({len(out) / dt / 1e9:5.1f} GB/s)"
     # Prefill computes only the tokens after the hit (at least the last token, for its logits).
-    computed = len(tokens) - min(hit, len(tokens) - 1)
-    line += f"  -> prefill {computed} tokens"
-    kv = fake_prefill(tokens)
-    engine.store(tokens, kv)
-    print(line)
+    print(f"{line}  -> prefill {len(tokens) - min(hit, len(tokens) - 1)} tokens")
+    engine.store(tokens, fake_prefill(tokens))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="XConnector engine demo")
     ap.add_argument("--cache-mib", type=int, default=512, help="memory tier budget (MiB)")
     args = ap.parse_args()
-
     engine = Engine(
         block_size=BLOCK_SIZE,
         block_bytes=BLOCK_BYTES,
@@ -72,16 +62,13 @@ def main() -> None:
     )
     print(f"engine: {engine!r}")
     print(f"block: {BLOCK_SIZE} tokens = {BLOCK_BYTES // 1024} KiB of KV\n")
-
     rng = random.Random(0)
-    system_prompt = array("I", (rng.randrange(32_000) for _ in range(3_000)))
-    question_a = array("I", (rng.randrange(32_000) for _ in range(200)))
-    question_b = array("I", (rng.randrange(32_000) for _ in range(150)))
-
-    serve(engine, "1. system + question A", system_prompt + question_a)
-    serve(engine, "2. same request again", system_prompt + question_a)
-    serve(engine, "3. system + question B", system_prompt + question_b)
-
+    system, question_a, question_b = (
+        array("I", (rng.randrange(32_000) for _ in range(n))) for n in (3_000, 200, 150)
+    )
+    serve(engine, "1. system + question A", system + question_a)
+    serve(engine, "2. same request again", system + question_a)
+    serve(engine, "3. system + question B", system + question_b)
     s = engine.stats()
     print(
         f"\nstats: {s['lookups']} lookups, hit rate {s['hit_rate']:.1%}, "

@@ -4,6 +4,7 @@
 mod args;
 mod buffers;
 mod call;
+mod cli;
 mod config;
 mod convert;
 mod engine;
@@ -132,3 +133,4 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(migrate::config_migrate, m)?)?;
     Ok(())
 }
+    m.add_function(wrap_pyfunction!(cli::cli_main, m)?)?;

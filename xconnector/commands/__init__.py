@@ -1,1 +1,0 @@
-"""The `xconnector` command's subcommands, one module each."""
