@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -80,12 +81,17 @@ def test_cache_adapter_settings(tmp_path: Path) -> None:
         assert isinstance(adapter, LMCacheAdapter)
         return adapter
 
-    assert cache({"max_cache_size": 2048}).capacity_bytes == 2 << 30
-    assert cache({"max_cache_size": "512MB"}).capacity_bytes == 512_000_000
-    assert cache({"local_cpu": True, "max_local_cpu_size": 5.0}).capacity_bytes == 5_000_000_000
-    assert cache({"chunk_size": 256}).chunk_size == 256
+    def settings(config: dict[str, object]) -> dict[str, Any]:
+        return cache(config).engine_settings
+
+    assert settings({"max_cache_size": 2048})["memory_bytes"] == 2 << 30
+    assert settings({"max_cache_size": "512MB"})["memory_bytes"] == 512_000_000
+    five_gb = settings({"local_cpu": True, "max_local_cpu_size": 5.0})
+    assert five_gb["memory_bytes"] == 5_000_000_000
+    assert settings({"chunk_size": 256})["chunk_size"] == 256
     disk = cache({"local_disk": f"file://{tmp_path}", "max_local_disk_size": 2.5})
-    assert (disk.disk_path, disk.disk_capacity_bytes) == (str(tmp_path), 2_500_000_000)
+    assert disk.engine_settings["disk"]["capacity_bytes"] == 2_500_000_000
+    assert disk.health()["disk_path"] == str(tmp_path)
     for bad, message in [
         ({"storage_backend": "disk"}, "storage_backend: disk needs local_disk"),
         ({"remote_url": "redis://localhost:6379"}, "remote_url: a shared Redis tier is hybrid"),
@@ -211,6 +217,25 @@ def test_monitoring_snapshot(sdk: XConnectorSDK) -> None:
     assert snap["adapters"]["lmcache"]["engines"][0]["stored_blocks"] == 2
     assert [t["name"] for t in snap["router"]] == ["lmcache", "vllm"]
     assert len(caches) == LAYERS
+
+
+def test_cache_adapter_keeps_one_engine_per_geometry_and_namespace() -> None:
+    # A disabled cache adapter is replaced by the default one (default settings), not dropped.
+    off = {"name": "lmcache", "enabled": False, "config": {"max_cache_size": 64}}
+    with XConnectorSDK({"adapters": [off]}) as s:
+        cache = s.get_adapter("lmcache")
+        assert isinstance(cache, LMCacheAdapter) and cache.config.config == {}
+        geometry = {"kv_block_size": BLOCK, "kv_block_bytes": 64, "dtype": "f16", "kv_layout": "x"}
+        a, again = cache.engine_for(model="m", **geometry), cache.engine_for(model="m", **geometry)
+        other = cache.engine_for(model="n", **geometry)
+        toks = tokens(BLOCK)
+        assert a.store(toks, bytes(64)) == 1
+        assert again.lookup(toks) == BLOCK and other.lookup(toks) == 0  # the same engine, or not
+        assert len(cache.pool.engines()) == 2
+        cache.stop()
+        assert cache.pool.engines() == []
+        with pytest.raises(ConfigError, match="the lmcache adapter is stopped"):
+            cache.engine_for(model="m", **geometry)
 
 
 def test_facade_routes_by_name_and_type_with_backoff() -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "BlockView",
     "Engine",
     "EngineBlocks",
+    "EnginePool",
     "EventSubscriber",
     "LookupClient",
     "LookupServer",
@@ -48,8 +49,10 @@ __all__ = [
     "local_block_hashes",
     "lookup_socket_path",
     "lora_identity",
+    "merge_expositions",
     "replay",
     "reset_log_cache",
+    "sdk_adapters_to_load",
     "sequence_hashes",
     "usable_prefix",
     "vllm_transfer_config",
@@ -564,3 +567,44 @@ def config_read_document(path: str) -> Any: ...
 def config_migrate(source: str, text: str | None = None) -> dict[str, Any]: ...
 def config_setting_bytes(adapter: str, key: str, value: Any) -> int: ...
 def config_redact(value: Any, key: str = "") -> Any: ...
+
+# The cache adapter's engines, the SDK's metrics and its adapter rules (xconnector_core::
+# engine_pool, ::exposition, ::sdk_plan).
+@final
+class EnginePool:
+    """The engines of one cache adapter, one per KV geometry and namespace, built on first use
+    from its settings in a validated section."""
+
+    def __new__(
+        cls, section: Mapping[str, Any], source: str = "<section>", name: str = "lmcache"
+    ) -> Self: ...
+    @property
+    def settings(self) -> dict[str, Any]: ...
+    def set_events(self, nats_url: str, subject: str, worker_id: str) -> None: ...
+    def engine_for(
+        self,
+        *,
+        kv_block_size: int,
+        kv_block_bytes: int,
+        model: str = "",
+        dtype: str = "",
+        kv_layout: str = "",
+        tp_world_size: int = 1,
+        tp_rank: int = 0,
+        extra: dict[str, str] | None = None,
+        revision: str = "",
+        quantization: str = "",
+        pp_world_size: int = 1,
+        pp_rank: int = 0,
+    ) -> Engine: ...
+    def engines(self) -> list[Engine]: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+def merge_expositions(texts: list[str]) -> str: ...
+def sdk_adapters_to_load(
+    adapters: Sequence[Mapping[str, Any]],
+    loaded: list[str],
+    initial: bool = False,
+    source: str = "<dict>",
+) -> list[dict[str, Any]]: ...

@@ -10,7 +10,8 @@ from xconnector.adapters.base import Adapter
 
 __all__ = ["ADAPTERS", "Adapter", "adapter_class"]
 
-#: name -> "module:Class"; imported only when configured.
+#: name -> "module:Class"; imported only when configured. The config schema admits only these
+#: names (`KNOWN_ADAPTERS` in the core), so every validated adapter config has a class here.
 ADAPTERS = {
     "lmcache": "xconnector.adapters.lmcache:LMCacheAdapter",
     "vllm": "xconnector.adapters.vllm:VLLMAdapter",
@@ -19,13 +20,6 @@ ADAPTERS = {
 
 
 def adapter_class(name: str) -> type[Adapter]:
-    from xconnector.exceptions import ConfigError
-
-    try:
-        module, cls = ADAPTERS[name].split(":")
-    except KeyError:
-        raise ConfigError(
-            f"unknown adapter {name!r}; known adapters: {', '.join(ADAPTERS)}"
-        ) from None
+    module, cls = ADAPTERS[name].split(":")
     found: type[Adapter] = getattr(importlib.import_module(module), cls)
     return found

@@ -21,27 +21,26 @@ class DynamoAdapter(Adapter):
 
     def __init__(self, config: AdapterConfig, sdk_config: SDKConfig) -> None:
         super().__init__(config, sdk_config)
-        self.namespace: str = self.settings.get("namespace", "dynamo")
-        self.component: str = self.settings.get("component", "VllmWorker")
+        s = self.settings
+        self.namespace: str = s.get("namespace", "dynamo")
+        self.component: str = s.get("component", "VllmWorker")
         #: Unique among the deployment's workers; defaults to host and process.
-        self.worker_id: str = self.settings.get("worker_id") or default_worker_id()
+        self.worker_id: str = s.get("worker_id") or default_worker_id()
         #: Where peer events are published and read (NATS), if anywhere.
-        self.nats_url: str | None = self.settings.get("nats_url")
-        self.kv_events_subject: str = self.settings.get(
-            "kv_events_subject", f"{self.namespace}.xconnector.kv_events"
-        )
+        self.nats_url: str | None = s.get("nats_url")
+        subject = s.get("kv_events_subject", f"{self.namespace}.xconnector.kv_events")
+        self.kv_events_subject: str = subject
 
     def health(self) -> dict[str, Any]:
-        out = super().health()
-        out.update(
-            namespace=self.namespace,
-            component=self.component,
-            worker_id=self.worker_id,
-            # Health output is pasted into tickets: no password of the NATS URL.
-            nats_url=None if self.nats_url is None else load_native().config_redact(self.nats_url),
-            kv_events_subject=self.kv_events_subject,
-        )
-        return out
+        # Health output is pasted into tickets: no password of the NATS URL.
+        nats = None if self.nats_url is None else load_native().config_redact(self.nats_url)
+        return super().health() | {
+            "namespace": self.namespace,
+            "component": self.component,
+            "worker_id": self.worker_id,
+            "nats_url": nats,
+            "kv_events_subject": self.kv_events_subject,
+        }
 
 
 def default_worker_id() -> str:

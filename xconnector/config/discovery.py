@@ -1,19 +1,12 @@
-"""Finds the XConnector config the way a worker process (Dynamo or vLLM) sees it.
-
-Order (DESIGN section 2), first channel set wins:
-1. `XCONNECTOR_CONFIG`: a path to a YAML file (`xconnector:` key, or the section itself), or the
-   YAML/JSON inline;
-2. `DYNAMO_SERVICE_CONFIG`: the JSON `dynamo serve` hands every process it starts;
-   `Common.xconnector` overlaid by `<service>.xconnector`, the service from `--service-name`;
-3. `DYN_DEPLOYMENT_CONFIG`: the same shape, as YAML or JSON (Kubernetes);
-4. `-f` / `--config-file` / `--config` on argv (the `dynamo serve` process itself);
-5. none: XConnector stays off.
-
+"""Finds the XConnector config the way a worker process (Dynamo or vLLM) sees it: from
+`XCONNECTOR_CONFIG`, `DYNAMO_SERVICE_CONFIG` (`Common.xconnector` overlaid by the service's),
+`DYN_DEPLOYMENT_CONFIG` or `-f FILE` on argv, first set wins (DESIGN section 2); none: off.
 The reading, overlaying and validation run in the native core.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,6 +16,7 @@ from typing import Any
 
 from xconnector._loader import load_native
 from xconnector.config.schema import SDKConfig
+from xconnector.exceptions import ConfigError
 
 __all__ = [
     "DetectedConfig",
@@ -69,7 +63,6 @@ class DetectedConfig:
 
     @classmethod
     def from_native(cls, found: Mapping[str, Any]) -> DetectedConfig:
-        """From what the native discovery functions return."""
         return cls(
             config=SDKConfig.from_normalized(found["config"]),
             source=found["source"],
@@ -85,11 +78,10 @@ def detect_config(
 ) -> DetectedConfig:
     """The config this process would use (defaults: `os.environ`, `sys.argv`). Raises
     `ConfigError` when a channel is set but unreadable or invalid."""
-    native = load_native()
-    env = os.environ if environ is None else environ
+    native, env = load_native(), os.environ if environ is None else environ
     wanted = {k: env[k] for k in native.config_env_vars() if k in env}
-    args = list(sys.argv if argv is None else argv)
-    return DetectedConfig.from_native(native.config_discover(wanted, args))
+    found = native.config_discover(wanted, list(sys.argv if argv is None else argv))
+    return DetectedConfig.from_native(found)
 
 
 def load_config_file(
@@ -100,9 +92,10 @@ def load_config_file(
 ) -> DetectedConfig:
     """Reads one YAML/JSON file the way `xconnector check-config` does; `argv`, the worker's
     command line, gives the block size the settings must fit (`--block-size`)."""
-    native = load_native()
-    found = native.config_load_file(os.fspath(path), service, None if argv is None else list(argv))
-    return DetectedConfig.from_native(found)
+    args = None if argv is None else list(argv)
+    return DetectedConfig.from_native(
+        load_native().config_load_file(os.fspath(path), service, args)
+    )
 
 
 def resolve_dynamo_config(
@@ -124,6 +117,7 @@ def load_config_from_dynamo(
     return resolve_dynamo_config(dynamo_config, service=service).config
 
 
+log = logging.getLogger("xconnector")
 _checked: dict[str, bool] = {}
 
 
@@ -132,10 +126,6 @@ def check_this_machine(section: Mapping[str, Any], *, strict: bool) -> bool:
     variable, Redis answering), checked once per process and section, before the first request.
     Each problem is logged once; False when XConnector cannot run at all. With `strict`, any
     problem is a `ConfigError` (startup stops)."""
-    import json
-
-    from xconnector.exceptions import ConfigError
-
     key = json.dumps(section, sort_keys=True, default=str)
     if key in _checked:
         return _checked[key]
@@ -143,11 +133,8 @@ def check_this_machine(section: Mapping[str, Any], *, strict: bool) -> bool:
     if problems and strict:
         said = "; ".join(message for message, _ in problems)
         raise ConfigError(f"XConnector cannot start on this machine: {said}")
-    log = logging.getLogger("xconnector")
     for message, fatal in problems:
-        if fatal:
-            log.error("XConnector is off, the worker runs without it: %s", message)
-        else:
-            log.error("XConnector runs degraded: %s", message)
+        what = "is off, the worker runs without it" if fatal else "runs degraded"
+        log.error("XConnector %s: %s", what, message)
     _checked[key] = not any(fatal for _, fatal in problems)
     return _checked[key]

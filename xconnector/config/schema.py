@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from xconnector._loader import load_native
 
@@ -27,25 +27,35 @@ __all__ = [
 
 Mode = Literal["embedded", "hybrid"]
 AdapterType = Literal["cache", "inference", "distributed"]
-
-_T = TypeVar("_T")
-
-
-def _build(cls: type[_T], values: Mapping[str, Any]) -> _T:
-    """An instance from already-normalized values, without validating them a second time."""
-    obj = object.__new__(cls)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        object.__setattr__(obj, f.name, values[f.name])
-    return obj
+_M = TypeVar("_M", bound="_Mirror")
 
 
-def _assign(obj: object, values: Mapping[str, Any]) -> None:
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        object.__setattr__(obj, f.name, values[f.name])
+class _Mirror:
+    """What the mirrors share: the native validator's output assigned as is (never validated a
+    second time), and `to_dict`, the plain form the validator reads."""
+
+    #: The key of a nested section (`integration`, `performance`), validated inside a section.
+    _key: ClassVar[str] = ""
+
+    @classmethod
+    def from_normalized(cls: type[_M], values: Mapping[str, Any]) -> _M:
+        """An instance from the native validator's output, without validating it again."""
+        obj = object.__new__(cls)
+        vars(obj).update(values)
+        return obj
+
+    def __post_init__(self) -> None:
+        section = {"enabled": False, self._key: self.to_dict()}
+        normalized = load_native().config_normalize(section, source=f"{type(self).__name__}(...)")
+        vars(self).update(normalized[self._key])
+
+    def to_dict(self) -> dict[str, Any]:
+        # Nested mirrors, and dicts or lists of them (as users may pass them), become plain.
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(_Mirror):
     """One adapter: `lmcache` (cache), `vllm` (inference) or `dynamo` (distributed)."""
 
     name: str
@@ -59,41 +69,24 @@ class AdapterConfig:
 
     def __repr__(self) -> str:
         # Settings may hold secrets (remote_url's password, remote_auth_key): shown redacted.
-        shown = load_native().config_redact(self.config)
-        return (
-            f"AdapterConfig(name={self.name!r}, type={self.type!r}, config={shown!r}, "
-            f"enabled={self.enabled!r}, priority={self.priority!r})"
-        )
+        shown = {**vars(self), "config": load_native().config_redact(self.config)}
+        return f"AdapterConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def __post_init__(self) -> None:
-        normalized = load_native().config_normalize_adapter(
-            self._raw(), source=f"AdapterConfig(name={self.name!r})"
-        )
-        _assign(self, normalized)
-
-    def _raw(self) -> dict[str, Any]:
-        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if not raw["type"]:
-            del raw["type"]
-        return raw
+        raw = {k: v for k, v in self.to_dict().items() if k != "type" or v}
+        source = f"AdapterConfig(name={self.name!r})"
+        vars(self).update(load_native().config_normalize_adapter(raw, source=source))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>") -> AdapterConfig:
-        return _build(cls, load_native().config_normalize_adapter(data, source=source))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "config": dict(self.config),
-            "enabled": self.enabled,
-            "priority": self.priority,
-        }
+        return cls.from_normalized(load_native().config_normalize_adapter(data, source=source))
 
 
 @dataclass
-class IntegrationConfig:
+class IntegrationConfig(_Mirror):
     """What the autopatch patches, and in which Dynamo services it acts."""
+
+    _key: ClassVar[str] = "integration"
 
     targets: list[str] = field(
         default_factory=lambda: [
@@ -105,22 +98,12 @@ class IntegrationConfig:
     #: Raise at startup on a configuration error instead of leaving the worker unpatched.
     strict: bool = False
 
-    def __post_init__(self) -> None:
-        section = {"enabled": False, "integration": self.to_dict()}
-        normalized = load_native().config_normalize(section, source="IntegrationConfig(...)")
-        _assign(self, normalized["integration"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "targets": list(self.targets),
-            "services": list(self.services),
-            "strict": self.strict,
-        }
-
 
 @dataclass
-class PerformanceConfig:
+class PerformanceConfig(_Mirror):
     """Block size, background threads, pinning, batch sizes, and an optional metrics port."""
+
+    _key: ClassVar[str] = "performance"
 
     block_size: int = 16
     #: Background I/O threads; 0 picks a default from the machine.
@@ -129,17 +112,9 @@ class PerformanceConfig:
     batch_size: int = 64
     metrics_port: int | None = None
 
-    def __post_init__(self) -> None:
-        section = {"enabled": False, "performance": self.to_dict()}
-        normalized = load_native().config_normalize(section, source="PerformanceConfig(...)")
-        _assign(self, normalized["performance"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
 
 @dataclass
-class SDKConfig:
+class SDKConfig(_Mirror):
     """The `xconnector:` section. Defaults match DESIGN section 2; `enabled` is off by default."""
 
     enabled: bool = False
@@ -153,28 +128,8 @@ class SDKConfig:
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     def __post_init__(self) -> None:
-        normalized = load_native().config_normalize(self._raw(), source="SDKConfig(...)")
-        _assign(self, vars(SDKConfig.from_normalized(normalized)))
-
-    def _raw(self) -> dict[str, Any]:
-        def plain(v: Any) -> Any:
-            return v.to_dict() if hasattr(v, "to_dict") else v
-
-        # Users may pass a mapping name -> settings, as in YAML, despite the annotation.
-        adapters: Any = self.adapters
-        if isinstance(adapters, Mapping):
-            adapters = {k: plain(v) for k, v in adapters.items()}
-        elif isinstance(adapters, (list, tuple)):
-            adapters = [plain(a) for a in adapters]
-        return {
-            "enabled": self.enabled,
-            "mode": self.mode,
-            "enable_distributed": self.enable_distributed,
-            "enable_caching": self.enable_caching,
-            "adapters": adapters,
-            "integration": plain(self.integration),
-            "performance": plain(self.performance),
-        }
+        normalized = load_native().config_normalize(self.to_dict(), source="SDKConfig(...)")
+        vars(self).update(vars(SDKConfig.from_normalized(normalized)))
 
     @classmethod
     def from_dict(
@@ -185,13 +140,15 @@ class SDKConfig:
         return cls.from_normalized(load_native().config_normalize(data, source=source, path=path))
 
     @classmethod
-    def from_normalized(cls, normalized: Mapping[str, Any]) -> SDKConfig:
-        """An instance from the native validator's output, without validating it again."""
-        out = dict(normalized)
-        out["adapters"] = [_build(AdapterConfig, a) for a in normalized["adapters"]]
-        out["integration"] = _build(IntegrationConfig, normalized["integration"])
-        out["performance"] = _build(PerformanceConfig, normalized["performance"])
-        return _build(cls, out)
+    def from_normalized(cls, values: Mapping[str, Any]) -> SDKConfig:
+        return super().from_normalized(
+            {
+                **values,
+                "adapters": [AdapterConfig.from_normalized(a) for a in values["adapters"]],
+                "integration": IntegrationConfig.from_normalized(values["integration"]),
+                "performance": PerformanceConfig.from_normalized(values["performance"]),
+            }
+        )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], *, service: str | None = None) -> SDKConfig:
@@ -200,18 +157,6 @@ class SDKConfig:
         A Dynamo config without a section gives the default, disabled config."""
         found = load_native().config_load_file(os.fspath(path), service)
         return cls.from_normalized(found["config"])
-
-    def to_dict(self) -> dict[str, Any]:
-        """The normalized section: every key, adapters as a list sorted by priority."""
-        return {
-            "enabled": self.enabled,
-            "mode": self.mode,
-            "enable_distributed": self.enable_distributed,
-            "enable_caching": self.enable_caching,
-            "adapters": [a.to_dict() for a in self.adapters],
-            "integration": self.integration.to_dict(),
-            "performance": self.performance.to_dict(),
-        }
 
     def adapter(self, name: str) -> AdapterConfig | None:
         """The adapter configured under `name`, if any."""

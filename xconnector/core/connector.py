@@ -24,18 +24,11 @@ class XConnector:
     ) -> None:
         self.sdk = sdk if sdk is not None else XConnectorSDK(config)
 
-    # lifecycle
     def start(self) -> None:
         self.sdk.initialize()
 
     def stop(self) -> None:
         self.sdk.shutdown()
-
-    async def astart(self) -> None:
-        await self.sdk.ainitialize()
-
-    async def astop(self) -> None:
-        await self.sdk.ashutdown()
 
     def __enter__(self) -> XConnector:
         self.start()
@@ -44,7 +37,6 @@ class XConnector:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # adapters
     def load_adapter(self, config: AdapterConfig | Mapping[str, Any]) -> Adapter:
         if not self.sdk.initialized:
             self.sdk.initialize()
@@ -60,11 +52,9 @@ class XConnector:
         """Calls `operation(*args, **kwargs)` on the adapter named `selector`, or on the
         adapters of type `selector` in router order until one succeeds. A target that raises is
         reported to the router, which skips it for a backoff period."""
-        router = self.sdk.router
-        last: Exception | None = None
+        router, last = self.sdk.router, None
         for name in router.candidates(selector):  # raises while none is available
-            adapter = self.sdk.adapters[name]
-            fn = getattr(adapter, operation, None)
+            fn = getattr(self.sdk.adapters[name], operation, None)
             if not callable(fn):
                 raise InvalidInputError(f"adapter {name!r} has no operation {operation!r}")
             try:

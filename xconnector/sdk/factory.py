@@ -15,30 +15,11 @@ __all__ = ["KVCacheSDK", "create_kv_cache_sdk", "create_xconnector_sdk"]
 _CACHE_BACKENDS = ("lmcache",)
 
 
-def _with(
-    config: SDKConfig | Mapping[str, Any] | None, *, force: bool = False, **keys: Any
-) -> SDKConfig:
-    """`config` with `keys` set; a different value already there is an error unless `force`."""
-    if isinstance(config, SDKConfig):
-        data = config.to_dict()
-    elif config is None:
-        data = {}
-    else:
-        data = dict(config)
-    for key, value in keys.items():
-        if not force and key in data and data[key] != value:
-            raise ConfigError(
-                f"{key} is {value!r} in the call but {data[key]!r} in config; give it once"
-            )
-        data[key] = value
-    return coerce_config(data)
-
-
 def create_xconnector_sdk(
     mode: str = "embedded", config: SDKConfig | Mapping[str, Any] | None = None
 ) -> XConnectorSDK:
     """An initialized SDK. A `config` dict without `enabled` is enabled."""
-    sdk = XConnectorSDK(_with(config, mode=mode))
+    sdk = XConnectorSDK(coerce_config(config, mode=mode))
     sdk.initialize()
     return sdk
 
@@ -55,10 +36,10 @@ def create_kv_cache_sdk(
         raise ConfigError(
             f"unknown cache_backend {cache_backend!r}; available: {', '.join(_CACHE_BACKENDS)}"
         )
-    cfg = _with(config, force=True, enable_distributed=False)
+    cfg = coerce_config(config, force=True, enable_distributed=False)
     if cfg.adapter(cache_backend) is None:
         adapters = [*cfg.to_dict()["adapters"], {"name": cache_backend}]
-        cfg = _with(cfg, force=True, adapters=adapters)
+        cfg = coerce_config(cfg, force=True, adapters=adapters)
     sdk = KVCacheSDK(cfg)
     sdk.initialize()
     return sdk

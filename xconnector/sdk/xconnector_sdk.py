@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from types import TracebackType
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, ParamSpec, TypeVar
 
+from xconnector._loader import load_native
 from xconnector._native import Router
 from xconnector.adapters import adapter_class
 from xconnector.adapters.base import Adapter
@@ -36,20 +36,27 @@ from xconnector.sdk.handlers.monitoring import MonitoringHandler
 log = logging.getLogger("xconnector.sdk")
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
-def coerce_config(config: SDKConfig | Mapping[str, Any] | None) -> SDKConfig:
-    """An SDK built in code is meant to be on: a dict without `enabled` means enabled (a config
-    *file* must say `enabled:` explicitly, see the schema)."""
-    if config is None:
-        return SDKConfig(enabled=True)
-    if isinstance(config, SDKConfig):
+def coerce_config(
+    config: SDKConfig | Mapping[str, Any] | None, *, force: bool = False, **keys: Any
+) -> SDKConfig:
+    """`config` as an `SDKConfig`, with `keys` set (a different value already there is an error
+    unless `force`). An SDK built in code is meant to be on: a dict without `enabled` means
+    enabled (a config *file* must say `enabled:` explicitly, see the schema)."""
+    if isinstance(config, SDKConfig) and not keys:
         return config
-    if not isinstance(config, Mapping):
+    if config is not None and not isinstance(config, (SDKConfig, Mapping)):
         raise ConfigError(f"config must be an SDKConfig or a dict, not {type(config).__name__}")
-    data = dict(config)
-    data.setdefault("enabled", True)
-    return SDKConfig.from_dict(data, source="XConnectorSDK(config=...)")
+    data = config.to_dict() if isinstance(config, SDKConfig) else dict(config or {})
+    for key, value in keys.items():
+        if not force and data.get(key, value) != value:
+            raise ConfigError(
+                f"{key} is {value!r} in the call but {data[key]!r} in config; give it once"
+            )
+    section = {"enabled": True, **data, **keys}
+    return SDKConfig.from_dict(section, source="XConnectorSDK(config=...)")
 
 
 # Why a worker-facing call fell back, by the error's class (the first match counts).
@@ -61,15 +68,20 @@ _REASONS: dict[type[BaseException], str] = {
 }
 
 
+def _off_loop(fn: Callable[_P, _T]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    async def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    run.__doc__ = f"`{fn.__name__}` in a thread, off the event loop."
+    return run
+
+
 class XConnectorSDK:
     """The SDK. `initialize()` loads the configured adapters (plus the `lmcache` cache and `vllm`
     inference adapters with defaults when none of that type is configured)."""
 
     def __init__(
-        self,
-        config: SDKConfig | Mapping[str, Any] | None = None,
-        *,
-        router: Router | None = None,
+        self, config: SDKConfig | Mapping[str, Any] | None = None, *, router: Router | None = None
     ) -> None:
         self.config = coerce_config(config)
         self.router = router if router is not None else Router()
@@ -111,18 +123,7 @@ class XConnectorSDK:
                 return True
             if self._state == "shutdown":
                 raise StateError("XConnectorSDK.initialize() after shutdown(); create a new SDK")
-            wanted = [a for a in self.config.adapters if a.enabled]
-            types = {a.type for a in wanted}
-            if "cache" not in types:
-                wanted.append(AdapterConfig(name="lmcache"))
-            if "inference" not in types:
-                wanted.append(AdapterConfig(name="vllm"))
-            try:
-                self._load(wanted)
-                self._build_handlers()
-            except BaseException:
-                self._stop_adapters()
-                raise
+            self._load(self.config.adapters, initial=True)
             self._state = "initialized"
             self._serve_metrics()
             log.debug("initialized with adapters %s", list(self.adapters))
@@ -135,45 +136,37 @@ class XConnectorSDK:
         `ConfigError` (one adapter per name)."""
         with self._lock:
             self._require("load_adapters")
-            configs = [
-                a if isinstance(a, AdapterConfig) else AdapterConfig.from_dict(a)
-                for a in adapter_configs
-            ]
-            loaded = self._load(configs)
-            self._build_handlers()
-            return loaded
+            return self._load(adapter_configs)
 
-    def _load(self, configs: list[AdapterConfig]) -> list[Adapter]:
+    def _load(
+        self, configs: Iterable[AdapterConfig | Mapping[str, Any]], initial: bool = False
+    ) -> list[Adapter]:
+        """Starts and registers the adapters the native rules pick from `configs`
+        (`sdk_adapters_to_load`: with `initial`, the enabled ones plus defaults for the missing
+        types; one adapter per name) and rebuilds the handlers over them; on any error, the
+        adapters started here are stopped and unregistered again."""
+        entries = [c.to_dict() if isinstance(c, AdapterConfig) else c for c in configs]
+        plan = load_native().sdk_adapters_to_load(entries, list(self.adapters), initial)
         loaded: list[Adapter] = []
-        for cfg in configs:
-            if cfg.name in self.adapters or any(a.name == cfg.name for a in loaded):
-                raise ConfigError(
-                    f"adapter {cfg.name!r} is configured twice; each adapter is loaded once "
-                    "(merge the two entries' settings)"
-                )
         try:
-            for cfg in configs:
+            for cfg in map(AdapterConfig.from_normalized, plan):
                 adapter = adapter_class(cfg.name)(cfg, self.config)
                 adapter.start()
+                loaded.append(adapter)
                 self.router.add_adapter(cfg.name, cfg.type, cfg.priority)
                 self.adapters[cfg.name] = adapter
-                loaded.append(adapter)
+            self._build_handlers()
         except BaseException:
-            for adapter in loaded:
-                adapter.stop()
-                self.router.remove(adapter.name)
-                self.adapters.pop(adapter.name, None)
+            self._stop_adapters(loaded)
             raise
         return loaded
 
-    def _first(self, kind: str) -> Adapter | None:
-        for name in self.router.order(kind):
-            return self.adapters[name]
+    def _of_type(self, kind: str) -> Adapter | None:
+        # One adapter per name, and each built-in adapter has its own type (`sdk_plan`).
         return next((a for a in self.adapters.values() if a.type == kind), None)
 
     def _build_handlers(self) -> None:
-        cache = self._first("cache")
-        inference = self._first("inference")
+        cache, inference = self._of_type("cache"), self._of_type("inference")
         assert isinstance(cache, LMCacheAdapter) and isinstance(inference, VLLMAdapter)
         block_size = self.config.performance.block_size
         kv = self._kv
@@ -181,19 +174,15 @@ class XConnectorSDK:
             # Keep the handler (and its engines) when loading adds only other adapters.
             kv = KVCacheHandler(cache, inference, block_size=block_size, monitoring=self.monitoring)
             self._kv = kv
-        dynamo = self._first("distributed")
+        dynamo = self._of_type("distributed")
         worker = dynamo.worker_id if isinstance(dynamo, DynamoAdapter) else default_worker_id()
-        current = self._distributed
-        if self.config.enable_distributed and (current is None or current.worker_id != worker):
+        if not self.config.enable_distributed:
+            return
+        if self._distributed is None or self._distributed.worker_id != worker:
             self._distributed = DistributedHandler(worker, kv, block_size)
-        if (
-            self.config.enable_distributed
-            and isinstance(dynamo, DynamoAdapter)
-            and dynamo.nats_url
-            and self._distributed is not None
-        ):
+        if isinstance(dynamo, DynamoAdapter) and dynamo.nats_url:
             # This worker's engines publish its blocks; its handler follows everyone's.
-            cache.events = (dynamo.nats_url, dynamo.kv_events_subject, worker)
+            cache.pool.set_events(dynamo.nats_url, dynamo.kv_events_subject, worker)
             self._distributed.follow_events(dynamo.nats_url, dynamo.kv_events_subject)
 
     def _serve_metrics(self) -> None:
@@ -212,14 +201,15 @@ class XConnectorSDK:
         except Exception as e:  # no prometheus_client, port taken: metrics only, never the worker
             log.error("XConnector metrics port %d not served: %s", port, e)
 
-    def _stop_adapters(self) -> None:
-        for name in reversed(list(self.adapters)):
-            adapter = self.adapters.pop(name)
-            self.router.remove(name)
+    def _stop_adapters(self, adapters: Iterable[Adapter] | None = None) -> None:
+        """Stops and unregisters `adapters` (all by default), last loaded first."""
+        for adapter in reversed(list(self.adapters.values() if adapters is None else adapters)):
+            self.adapters.pop(adapter.name, None)
+            self.router.remove(adapter.name)
             try:
                 adapter.stop()
             except Exception:
-                log.exception("adapter %s failed to stop", name)
+                log.exception("adapter %s failed to stop", adapter.name)
 
     def shutdown(self) -> None:
         """Flushes and stops every adapter. Idempotent."""
@@ -231,10 +221,9 @@ class XConnectorSDK:
                 self._metrics_server.shutdown()
                 self._metrics_server.server_close()
                 self._metrics_server = None
-            self._kv = None
             if self._distributed is not None:
                 self._distributed.stop_following()
-            self._distributed = None
+            self._kv = self._distributed = None
             self._state = "shutdown"
 
     # -- handlers ------------------------------------------------------------------------------
@@ -260,7 +249,7 @@ class XConnectorSDK:
 
     def _engines(self) -> list[Any]:
         cache = self.adapters.get("lmcache")
-        return cache.engines() if isinstance(cache, LMCacheAdapter) else []
+        return cache.pool.engines() if isinstance(cache, LMCacheAdapter) else []
 
     def _monitoring_sources(self) -> dict[str, Any]:
         return {
@@ -270,22 +259,15 @@ class XConnectorSDK:
 
     # -- worker-facing KV calls ----------------------------------------------------------------
 
-    def _fallback(self, e: BaseException, kind: str) -> str:
-        """Counts the fallback; logs a warning the first time for each reason."""
-        reason = next((r for c, r in _REASONS.items() if isinstance(e, c)), "unexpected_error")
-        first = self.monitoring.fallback(reason) == 1
-        say = log.warning if first else log.debug
-        say("XConnector %s fell back to the worker's path (%s): %s", kind, reason, e)
-        return reason
-
     def cache_call(
         self, kind: str, fn: Callable[..., _T], *args: Any, **kwargs: Any
     ) -> tuple[_T | None, str | None]:
         """Runs `fn(*args, **kwargs)`, the cache operation `kind` (`receive`, `load`, ...), the
         way every worker-facing call fails open, v0 and v1 alike: skipped while the cache adapter
-        backs off after failures; an error is counted, logged once per reason, reported to the
-        router (which backs off when it is the target's fault, `Router.settle`) and never raised.
-        Returns `(result, None)`, or `(None, why it fell back)`."""
+        backs off after failures; an error is counted, logged once per reason (a warning the
+        first time, then debug), reported to the router (which backs off when it is the target's
+        fault, `Router.settle`) and never raised. Returns `(result, None)`, or `(None, why it
+        fell back)`."""
         if self._state != "initialized":
             return None, "not_initialized"
         if not (self.config.enabled and self.config.enable_caching):
@@ -298,7 +280,9 @@ class XConnectorSDK:
         try:
             result = fn(*args, **kwargs)
         except Exception as e:
-            reason = self._fallback(e, kind)
+            reason = next((r for c, r in _REASONS.items() if isinstance(e, c)), "unexpected_error")
+            say = log.warning if self.monitoring.fallback(reason) == 1 else log.debug
+            say("XConnector %s fell back to the worker's path (%s): %s", kind, reason, e)
             self.router.settle(target, reason)
             return None, reason
         self.router.settle(target)
@@ -309,11 +293,9 @@ class XConnectorSDK:
     ) -> KVReceiveResult:
         """Serves a v0 batch's cached prefixes. Never raises for a failure inside XConnector."""
         self._require("handle_kv_receive")
-        kv = self._kv
-        assert kv is not None
-        result, why = self.cache_call(
-            "receive", kv.receive, model_executable, model_input, kv_caches
-        )
+        assert self._kv is not None
+        args = (model_executable, model_input, kv_caches)
+        result, why = self.cache_call("receive", self._kv.receive, *args)
         return result or KVReceiveResult(False, 0, 0, model_input, fallback_reason=why)
 
     def handle_kv_send_sync(
@@ -325,73 +307,32 @@ class XConnectorSDK:
     ) -> KVSendResult:
         """Stores what a v0 batch computed. Never raises for a failure inside XConnector."""
         self._require("handle_kv_send")
-        kv = self._kv
-        assert kv is not None
-        result, why = self.cache_call(
-            "send", kv.send, model_executable, model_input, kv_caches, hidden_or_intermediate_states
-        )
+        assert self._kv is not None
+        args = (model_executable, model_input, kv_caches, hidden_or_intermediate_states)
+        result, why = self.cache_call("send", self._kv.send, *args)
         return result or KVSendResult(0, 0, fallback_reason=why)
 
-    async def handle_kv_receive(
-        self, model_executable: Any, model_input: Any, kv_caches: Any
-    ) -> KVReceiveResult:
-        """`handle_kv_receive_sync` off the event loop (the copies release the GIL)."""
-        self._require("handle_kv_receive")
-        return await asyncio.to_thread(
-            self.handle_kv_receive_sync, model_executable, model_input, kv_caches
-        )
-
-    async def handle_kv_send(
-        self,
-        model_executable: Any,
-        model_input: Any,
-        kv_caches: Any,
-        hidden_or_intermediate_states: Any = None,
-    ) -> KVSendResult:
-        self._require("handle_kv_send")
-        return await asyncio.to_thread(
-            self.handle_kv_send_sync,
-            model_executable,
-            model_input,
-            kv_caches,
-            hidden_or_intermediate_states,
-        )
-
-    # -- async lifecycle and context managers -------------------------------------------------
-
-    async def ainitialize(self) -> bool:
-        return self.initialize()
-
-    async def aload_adapters(
-        self, adapter_configs: Iterable[AdapterConfig | Mapping[str, Any]]
-    ) -> list[Adapter]:
-        return self.load_adapters(adapter_configs)
-
-    async def ashutdown(self) -> None:
-        self.shutdown()
+    # Async forms, in a thread off the event loop (initializing may wait on disk or Redis; the
+    # KV copies release the GIL).
+    handle_kv_receive = _off_loop(handle_kv_receive_sync)
+    handle_kv_send = _off_loop(handle_kv_send_sync)
+    ainitialize = _off_loop(initialize)
+    aload_adapters = _off_loop(load_adapters)
+    ashutdown = _off_loop(shutdown)
 
     def __enter__(self) -> XConnectorSDK:
         self.initialize()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
     async def __aenter__(self) -> XConnectorSDK:
-        return self.__enter__()
+        await self.ainitialize()
+        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.shutdown()
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.ashutdown()
 
     def __repr__(self) -> str:
         return f"XConnectorSDK(state={self._state!r}, adapters={list(self.adapters)})"

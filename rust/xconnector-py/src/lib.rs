@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod convert;
 mod engine;
+mod engine_pool;
 mod errors;
 mod kv_namespace;
 mod logging;
@@ -18,6 +19,7 @@ mod peer_events;
 mod replay;
 mod router;
 mod sdk;
+mod sdk_plan;
 mod transfer_plan;
 mod vllm_events;
 mod vllm_transfer;
@@ -97,6 +99,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<router::OverlapIndex>()?;
     m.add_class::<sdk::SdkStats>()?;
     m.add_class::<sdk::PeerOverlap>()?;
+    m.add_class::<engine_pool::EnginePool>()?;
+    m.add_function(wrap_pyfunction!(engine_pool::merge_expositions, m)?)?;
+    m.add_function(wrap_pyfunction!(sdk_plan::sdk_adapters_to_load, m)?)?;
     m.add_class::<peer_events::EventSubscriber>()?;
     m.add_class::<lookup::LookupServer>()?;
     m.add_class::<lookup::LookupClient>()?;
@@ -131,6 +136,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_engine_settings, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_runtime_problems, m)?)?;
     m.add_function(wrap_pyfunction!(migrate::config_migrate, m)?)?;
+    m.add_function(wrap_pyfunction!(cli::cli_main, m)?)?;
     Ok(())
 }
-    m.add_function(wrap_pyfunction!(cli::cli_main, m)?)?;

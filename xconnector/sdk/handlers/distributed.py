@@ -1,8 +1,8 @@
 """Where KV lives among workers: prefix-overlap scoring, the quantity Dynamo's KV router routes
 by. This worker's own overlap is exact (a lookup in its engine); other workers' comes from the
-blocks they announced (`record_stored`/`record_removed`, fed by peer events once the event plane is
-connected). The ranking (own announcements ignored, in tokens, ties by name) is native:
-`PeerOverlap`."""
+blocks they announced (`record_stored`/`record_removed`, or their peer events once
+`follow_events` connects). The ranking (own announcements ignored, in tokens, ties by name) is
+native: `PeerOverlap`."""
 
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ class DistributedHandler:
 
     def follow_events(self, url: str, subject: str) -> bool:
         """Feeds the overlap index from other workers' peer events on NATS (XConnector's own
-        channel), in a native thread.
-        False (logged) when NATS cannot be reached now."""
+        channel), in a native thread. False (logged) when NATS cannot be reached now."""
         try:
             self._index.follow(url, subject)
         except Exception as e:
@@ -58,12 +57,6 @@ class DistributedHandler:
 
     def record_removed(self, worker: str, tokens: Any) -> None:
         self._index.removed(worker, self._request(tokens, local=False)[0])
-
-    def record_stored_hashes(self, worker: str, hashes: Iterable[int]) -> None:
-        self._index.stored(worker, list(hashes))
-
-    def record_removed_hashes(self, worker: str, hashes: Iterable[int]) -> None:
-        self._index.removed(worker, list(hashes))
 
     def forget_worker(self, worker: str) -> None:
         self._index.forget(worker)

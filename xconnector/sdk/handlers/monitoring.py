@@ -1,13 +1,14 @@
 """Counters the SDK keeps about its own work (receives, hits, stores, fallbacks by reason) and a
 snapshot that adds the engines' native statistics and the router's view of each target. The
-counting, the hit rate and the SDK's metric families are native (`SdkStats`)."""
+counting, the hit rate, the SDK's metric families and their merge with the engines' are native
+(`SdkStats`, `merge_expositions`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from xconnector._native import SdkStats
+from xconnector._native import SdkStats, merge_expositions
 
 
 class MonitoringHandler:
@@ -39,47 +40,29 @@ class MonitoringHandler:
         return self._stats.hit_rate()
 
     def snapshot(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        sources = self._sources() if self._sources is not None else {}
+        return {
             "counters": self.counters(),
             "fallbacks": self.fallbacks(),
             "hit_rate": self.hit_rate(),
+            **sources,
         }
-        if self._sources is not None:
-            out.update(self._sources())
-        return out
-
-    def collector(self) -> Any:
-        """A `prometheus_client` collector of every XConnector metric, for the worker's own
-        registry (`REGISTRY.register(...)`), so they appear on its existing `/metrics`."""
-        return _Collector(self)
 
     def prometheus_text(self) -> str:
-        """Every metric in Prometheus' text format."""
-        from prometheus_client import CollectorRegistry, generate_latest
+        """Every metric in Prometheus' text format: the SDK's families and each engine's, each
+        family once."""
+        engines = self._engines() if self._engines is not None else []
+        return merge_expositions([self._stats.prometheus(), *(e.prometheus() for e in engines)])
 
-        registry = CollectorRegistry(auto_describe=True)
-        registry.register(self.collector())
-        return generate_latest(registry).decode()
-
-
-class _Collector:
-    """The SDK's families and each engine's native exposition, merged family by family."""
-
-    def __init__(self, monitoring: MonitoringHandler) -> None:
-        self._m = monitoring
+    def collector(self) -> MonitoringHandler:
+        """A `prometheus_client` collector of every XConnector metric (this handler), for the
+        worker's own registry (`REGISTRY.register(...)`), so they appear on its `/metrics`."""
+        return self
 
     def collect(self) -> Any:
         from prometheus_client.parser import text_string_to_metric_families
 
-        engines = self._m._engines() if self._m._engines is not None else []
-        merged: dict[str, Any] = {}
-        for text in [self._m._stats.prometheus(), *(engine.prometheus() for engine in engines)]:
-            for family in text_string_to_metric_families(text):
-                if family.name in merged:
-                    merged[family.name].samples.extend(family.samples)
-                else:
-                    merged[family.name] = family
-        yield from merged.values()
+        yield from text_string_to_metric_families(self.prometheus_text())
 
     def describe(self) -> Any:
         # Names known up front, so registering twice is refused as a duplicate.
