@@ -55,6 +55,8 @@ __all__ = [
     "sdk_adapters_to_load",
     "sequence_hashes",
     "usable_prefix",
+    "v0_prefills",
+    "v0_skip",
     "vllm_transfer_config",
 ]
 
@@ -474,6 +476,23 @@ def vllm_transfer_config(
 ) -> tuple[dict[str, Any] | None, str | None]: ...
 def detect_kv_layout(shape: list[int], block_size: int, num_blocks: int | None = None) -> str: ...
 def kv_block_dim(layout: str) -> int: ...
+
+# vLLM v0 batches (`xconnector.adapters.vllm_v0`): the index arithmetic, done by the core.
+def v0_prefills(
+    num_tokens: int,
+    num_slots: int,
+    seq_lens: list[int],
+    *,
+    num_prefills: int | None = None,
+    query_start_loc: list[int] | None = None,
+    query_lens: list[int] | None = None,
+) -> list[tuple[int, int, bool]]: ...
+def v0_skip(
+    prefills: list[tuple[int, int, int]],
+    *,
+    num_seqs: int,
+    fields: Mapping[str, list[int] | int],
+) -> dict[str, list[int] | int] | None: ...
 def kv_namespace(
     *,
     model: str,

@@ -9,39 +9,27 @@ gathered on the device and copied through a pinned host staging buffer.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
-from xconnector._loader import load_native
-from xconnector._native import Engine, EngineBlocks
-from xconnector.adapters._arrays import dtype_name, is_torch
+from xconnector._native import (
+    Engine,
+    EngineBlocks,
+    PagedKv,
+    config_setting_bytes,
+    detect_kv_layout,
+    kv_block_dim,
+    kv_namespace,
+)
+from xconnector._native import key_tokens as _key_tokens
+from xconnector._native import lora_identity as _lora_identity
 from xconnector.adapters.base import Adapter
 from xconnector.config.schema import AdapterConfig, SDKConfig
 from xconnector.exceptions import InvalidInputError
 
 DEFAULT_STAGING_BYTES = 256 << 20
-
-
-class KvIO(Protocol):
-    """Moves blocks between a model's KV caches and an engine."""
-
-    layout: str
-    block_size: int
-    block_bytes: int
-    num_blocks: int
-
-    def store(
-        self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
-    ) -> int: ...
-    def load(
-        self,
-        engine: Engine,
-        tokens: Any,
-        block_ids: Sequence[int],
-        first_block: int = 0,
-        **extras: str | None,
-    ) -> int: ...
 
 
 def layer_tensors(kv_caches: Any) -> list[Any]:
@@ -53,19 +41,19 @@ def layer_tensors(kv_caches: Any) -> list[Any]:
 
 
 class HostKv:
-    """KV caches in host memory: the native strided copy, GIL released."""
+    """KV caches in host memory (CPU torch, numpy): the native strided copy (`PagedKv`, GIL
+    released), with `load`'s `first_block` positional as the connector passes it."""
 
     def __init__(self, tensors: list[Any], block_size: int, layout: str | None) -> None:
-        self._kv = load_native().PagedKv(tensors, block_size, layout=layout)
-        self.layout: str = self._kv.layout
-        self.block_size: int = self._kv.block_size
-        self.block_bytes: int = self._kv.block_bytes
-        self.num_blocks: int = self._kv.num_blocks
+        self.kv = PagedKv(tensors, block_size, layout=layout)
+        self.layout, self.block_size = self.kv.layout, self.kv.block_size
+        self.block_bytes, self.num_blocks = self.kv.block_bytes, self.kv.num_blocks
+        self.pack, self.unpack = self.kv.pack, self.kv.unpack  # raw payloads (tests, benchmarks)
 
     def store(
         self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
     ) -> int:
-        return int(self._kv.store(engine, tokens, list(block_ids), **extras))
+        return self.kv.store(engine, tokens, list(block_ids), **extras)
 
     def load(
         self,
@@ -75,17 +63,7 @@ class HostKv:
         first_block: int = 0,
         **extras: str | None,
     ) -> int:
-        return int(
-            self._kv.load(engine, tokens, list(block_ids), first_block=first_block, **extras)
-        )
-
-    def pack(self, block_ids: Sequence[int]) -> bytes:
-        out = self._kv.pack(list(block_ids))
-        assert out is not None
-        return bytes(out)
-
-    def unpack(self, block_ids: Sequence[int], payload: Any) -> None:
-        self._kv.unpack(list(block_ids), payload)
+        return self.kv.load(engine, tokens, list(block_ids), first_block=first_block, **extras)
 
 
 class StagedKv:
@@ -99,10 +77,9 @@ class StagedKv:
     ) -> None:
         import torch
 
-        native = load_native()
         first = tensors[0]
-        self.layout = layout or native.detect_kv_layout(list(first.shape), block_size)
-        self.block_dim = native.kv_block_dim(self.layout)
+        self.layout = layout or detect_kv_layout(list(first.shape), block_size)
+        self.block_dim = kv_block_dim(self.layout)
         self.block_size = block_size
         self.num_blocks = int(first.shape[self.block_dim])
         self._tensors = tensors
@@ -111,7 +88,6 @@ class StagedKv:
         ]
         self.block_bytes = sum(self._layer_bytes)
         self._device = first.device
-        self._pin = first.device.type == "cuda"
         self._staging_bytes = max(staging_bytes, self.block_bytes)
         self._staging: Any = None
         self._lock = threading.Lock()
@@ -119,8 +95,8 @@ class StagedKv:
 
     def _host(self, nbytes: int) -> Any:
         if self._staging is None or self._staging.numel() < nbytes:
-            size = max(nbytes, self._staging_bytes)
-            self._staging = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=self._pin)
+            size, pin = max(nbytes, self._staging_bytes), self._device.type == "cuda"
+            self._staging = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=pin)
         return self._staging[:nbytes]
 
     def _ids(self, block_ids: Sequence[int]) -> Any:
@@ -132,22 +108,15 @@ class StagedKv:
         return ids
 
     def pack_device(self, block_ids: Sequence[int]) -> Any:
-        ids = self._ids(block_ids)
-        n = len(block_ids)
+        ids, n, u8 = self._ids(block_ids), len(block_ids), self._torch.uint8
         parts = [
-            t.index_select(self.block_dim, ids)
-            .movedim(self.block_dim, 0)
-            .contiguous()
-            .view(self._torch.uint8)
-            .reshape(n, -1)
+            t.index_select(self.block_dim, ids).movedim(self.block_dim, 0).contiguous().view(u8)
             for t in self._tensors
         ]
-        return self._torch.cat(parts, dim=1)
+        return self._torch.cat([p.reshape(n, -1) for p in parts], dim=1)
 
     def unpack_device(self, block_ids: Sequence[int], data: Any) -> None:
-        ids = self._ids(block_ids)
-        n = len(block_ids)
-        col = 0
+        ids, n, col = self._ids(block_ids), len(block_ids), 0
         for t, nbytes in zip(self._tensors, self._layer_bytes, strict=True):
             part = data[:, col : col + nbytes].contiguous().view(t.dtype)
             rest = [int(d) for i, d in enumerate(t.shape) if i != self.block_dim]
@@ -156,19 +125,16 @@ class StagedKv:
 
     def _blocks(self, engine: Engine) -> EngineBlocks:
         """How these KV blocks compose the engine's (the core's rule; raises if they do not)."""
-        blocks: EngineBlocks = load_native().EngineBlocks(
+        return EngineBlocks(
             self.block_size, self.block_bytes, engine.block_size, engine.block_bytes
         )
-        return blocks
 
     def store(
         self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
     ) -> int:
-        blocks = self._blocks(engine)
-        tokens = list(tokens)
+        blocks, tokens = self._blocks(engine), list(tokens)
         full = blocks.full_engine_blocks(len(tokens))
-        cached = engine.lookup(tokens, **extras) // engine.block_size
-        if full <= cached:
+        if full <= engine.lookup(tokens, **extras) // engine.block_size:
             return 0
         n = blocks.store_kv_blocks(len(tokens), len(block_ids))
         with self._lock:
@@ -197,6 +163,19 @@ class StagedKv:
             return loaded
 
 
+#: What moves a request's blocks between a model's KV caches and an engine (`VLLMAdapter.kv_io`).
+KvIO = HostKv | StagedKv
+
+
+def _namespace(model: Any, tensors: list[Any], **worker: Any) -> dict[str, Any]:
+    """The core's namespace (`kv_namespace`) of these KV tensors and what the worker reports."""
+    dtype = str(getattr(tensors[0], "dtype", type(tensors[0]).__name__))
+    shapes = [[int(d) for d in t.shape] for t in tensors]
+    return kv_namespace(
+        model=str(model), tensor_dtype=dtype.removeprefix("torch."), layer_shapes=shapes, **worker
+    )
+
+
 def vllm_namespace(
     vllm_config: Any,
     tensors: list[Any],
@@ -205,19 +184,16 @@ def vllm_namespace(
     pp_rank: int,
     model_id: str | None = None,
 ) -> dict[str, Any]:
-    """The namespace of a vLLM v1 worker's blocks, derived by the core (`kv_namespace`) from
-    what the worker's config and KV tensors report."""
-    model = vllm_config.model_config
+    """The namespace of a vLLM v1 worker's blocks, from what its config and KV tensors report."""
+    model, cache = vllm_config.model_config, vllm_config.cache_config
     parallel = vllm_config.parallel_config
-    cache = vllm_config.cache_config
-    ns: dict[str, Any] = load_native().kv_namespace(
-        model=str(model.model),
+    return _namespace(
+        model.model,
+        tensors,
         model_id=model_id,
         revision=str(getattr(model, "revision", None) or ""),
         quantization=str(getattr(model, "quantization", None) or ""),
         cache_dtype=getattr(cache, "cache_dtype", None),
-        tensor_dtype=dtype_name(tensors[0]),
-        layer_shapes=_shapes(tensors),
         block_size=int(cache.block_size),
         tp_world_size=int(parallel.tensor_parallel_size),
         tp_rank=tp_rank,
@@ -225,11 +201,6 @@ def vllm_namespace(
         pp_rank=pp_rank,
         **_model_config(model),
     )
-    return ns
-
-
-def _shapes(tensors: list[Any]) -> list[list[int]]:
-    return [[int(d) for d in t.shape] for t in tensors]
 
 
 def _model_config(model_config: Any) -> dict[str, Any]:
@@ -247,8 +218,7 @@ def _model_config(model_config: Any) -> dict[str, Any]:
 def lora_identity(lora_request: Any) -> str:
     """What a LoRA adapter's KV depends on beyond its name: the content of its files, or its path
     when it is not a local directory (the core's rule)."""
-    identity: str = load_native().lora_identity(str(getattr(lora_request, "lora_path", "") or ""))
-    return identity
+    return _lora_identity(str(getattr(lora_request, "lora_path", "") or ""))
 
 
 def key_tokens(tokens: Sequence[int], mm_features: Sequence[Any] | None) -> list[int]:
@@ -262,8 +232,7 @@ def key_tokens(tokens: Sequence[int], mm_features: Sequence[Any] | None) -> list
         if identifier is None or pos is None:
             raise InvalidInputError("a multimodal item without a hash or position cannot be keyed")
         items.append((str(identifier), int(pos.offset), int(pos.length)))
-    keyed: list[int] = load_native().key_tokens(list(tokens), items)
-    return keyed
+    return _key_tokens(list(tokens), items)
 
 
 class VLLMAdapter(Adapter):
@@ -279,7 +248,7 @@ class VLLMAdapter(Adapter):
         self.staging_bytes = (
             DEFAULT_STAGING_BYTES
             if staging is None
-            else load_native().config_setting_bytes(self.name, "staging_buffer_size", staging)
+            else config_setting_bytes(self.name, "staging_buffer_size", staging)
         )
         self._io: dict[tuple[Any, ...], KvIO] = {}
         self._lock = threading.Lock()
@@ -291,8 +260,8 @@ class VLLMAdapter(Adapter):
         with self._lock:
             io = self._io.get(key)
             if io is None:
-                on_device = is_torch(tensors[0]) and tensors[0].device.type != "cpu"
-                if on_device:
+                first = tensors[0]
+                if type(first).__module__.startswith("torch") and first.device.type != "cpu":
                     io = StagedKv(tensors, block_size, self.kv_layout, self.staging_bytes)
                 else:
                     io = HostKv(tensors, block_size, self.kv_layout)
@@ -302,7 +271,6 @@ class VLLMAdapter(Adapter):
     def namespace(self, model_executable: Any, kv_caches: Any, io: KvIO) -> dict[str, Any]:
         """What makes KV bytes incompatible: the model, dtype, layout and per-block shape, and
         the tensor-parallel rank (derived by the core, as for v1)."""
-        tensors = layer_tensors(kv_caches)
         config = getattr(model_executable, "config", None)
         model = (
             getattr(config, "_name_or_path", None)
@@ -310,11 +278,10 @@ class VLLMAdapter(Adapter):
             or type(model_executable).__qualname__
         )
         world, rank = _tp_world_and_rank()
-        ns = load_native().kv_namespace(
-            model=str(model),
+        ns = _namespace(
+            model,
+            layer_tensors(kv_caches),
             model_id=self.settings.get("model_id"),
-            tensor_dtype=dtype_name(tensors[0]),
-            layer_shapes=_shapes(tensors),
             block_size=io.block_size,
             layout=io.layout,
             tp_world_size=world,
@@ -329,16 +296,12 @@ class VLLMAdapter(Adapter):
 
 
 def _address(t: Any) -> int:
-    if hasattr(t, "data_ptr"):
-        return int(t.data_ptr())
-    return int(t.__array_interface__["data"][0])
+    return int(t.data_ptr() if hasattr(t, "data_ptr") else t.__array_interface__["data"][0])
 
 
 def _tp_world_and_rank() -> tuple[int, int]:
     """Tensor-parallel size and rank when torch.distributed runs, else (1, 0). Never imports
     torch just to ask."""
-    import sys
-
     dist = sys.modules.get("torch.distributed")
     try:
         if dist is not None and dist.is_available() and dist.is_initialized():

@@ -39,6 +39,7 @@ pub mod sdk_plan;
 pub mod sdk_stats;
 pub mod stats;
 pub mod transfer_plan;
+pub mod v0_batch;
 pub mod vllm_events;
 pub mod vllm_transfer;
 pub mod workload;

@@ -21,6 +21,7 @@ mod router;
 mod sdk;
 mod sdk_plan;
 mod transfer_plan;
+mod v0_batch;
 mod vllm_events;
 mod vllm_transfer;
 
@@ -108,6 +109,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vllm_events::VllmBlockNames>()?;
     m.add_class::<vllm_events::VllmRankAgreement>()?;
     m.add_class::<transfer_plan::TransferPlanner>()?;
+    m.add_function(wrap_pyfunction!(v0_batch::v0_prefills, m)?)?;
+    m.add_function(wrap_pyfunction!(v0_batch::v0_skip, m)?)?;
     m.add_function(wrap_pyfunction!(lookup::lookup_socket_path, m)?)?;
     m.add_function(wrap_pyfunction!(paged::block_ids_from_slots, m)?)?;
     m.add_function(wrap_pyfunction!(paged::detect_kv_layout, m)?)?;

@@ -6,11 +6,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from xconnector._loader import load_native
-from xconnector._native import Engine
+from xconnector._native import Engine, block_ids_from_slots, usable_prefix
 from xconnector.adapters.lmcache import LMCacheAdapter
 from xconnector.adapters.vllm import KvIO, VLLMAdapter
 from xconnector.adapters.vllm_v0 import PrefillRequest, prefill_requests, rebuild_model_input
@@ -23,8 +22,7 @@ _PENDING_MAX = 256
 
 @dataclass
 class KVReceiveResult:
-    """What `recv_kv_caches` should do. `data` is its return value:
-    `(hidden_or_None, bypass_model_exec, model_input)`."""
+    """What `recv_kv_caches` should do."""
 
     cache_hit: bool
     #: Prompt tokens whose KV was loaded, all requests together.
@@ -33,21 +31,20 @@ class KVReceiveResult:
     prompt_tokens: int
     #: The batch to run: the original, or one that skips the loaded tokens.
     model_input: Any
-    hidden_states: Any = None
-    bypass_model_exec: bool = False
-    #: Loaded tokens per prefill request, in batch order.
-    per_request: list[int] = field(default_factory=list)
     #: Why the cache was not used, when an error made the call fall back.
     fallback_reason: str | None = None
 
     @property
     def data(self) -> tuple[Any, bool, Any]:
-        return (self.hidden_states, self.bypass_model_exec, self.model_input)
+        """`recv_kv_caches`' return value `(hidden_or_None, bypass_model_exec, model_input)`:
+        the model always runs, for the tokens not loaded (the last one at least)."""
+        return (None, False, self.model_input)
 
 
 @dataclass
 class KVSendResult:
     stored_blocks: int
+    #: Fresh prefill requests with a full block to store.
     requests: int
     fallback_reason: str | None = None
 
@@ -68,14 +65,10 @@ class KVCacheHandler:
         self.inference = inference
         self.block_size = block_size
         self.monitoring = monitoring
-        self._engine: Engine | None = None
+        #: The engine of the KV caches seen last (None before any).
+        self.engine: Engine | None = None
         self._pending: OrderedDict[int, tuple[Any, list[PrefillRequest]]] = OrderedDict()
         self._lock = threading.Lock()
-
-    @property
-    def engine(self) -> Engine | None:
-        """The engine of the KV caches seen last (None before any)."""
-        return self._engine
 
     def bind(
         self,
@@ -88,22 +81,19 @@ class KVCacheHandler:
         """The block mover and the engine for these KV caches (created on first use). The
         namespace (model, dtype, TP rank, ...) comes from `model_executable` unless given."""
         io = self.inference.kv_io(kv_caches, block_size or self.block_size)
-        ns = dict(namespace) if namespace is not None else {}
-        ns.setdefault("kv_layout", io.layout)
         if namespace is None:
-            ns = self.inference.namespace(model_executable, kv_caches, io)
-        engine = self.cache.engine_for(
+            namespace = self.inference.namespace(model_executable, kv_caches, io)
+        ns = {"kv_layout": io.layout, **namespace}
+        self.engine = self.cache.engine_for(
             kv_block_size=io.block_size, kv_block_bytes=io.block_bytes, **ns
         )
-        self._engine = engine
-        return io, engine
+        return io, self.engine
 
     # -- per request -------------------------------------------------------------------------
 
     def lookup(self, tokens: Any) -> int:
         """Leading tokens of `tokens` whose KV is cached (0 before any KV caches were seen)."""
-        engine = self._engine
-        return 0 if engine is None else engine.lookup(tokens)
+        return 0 if self.engine is None else self.engine.lookup(tokens)
 
     def store(
         self, tokens: Any, kv_caches: Any, block_ids: Sequence[int], model_executable: Any = None
@@ -136,39 +126,25 @@ class KVCacheHandler:
             return KVReceiveResult(False, 0, 0, model_input)
         requests = prefill_requests(model_input)
         io, engine = self.bind(kv_caches, model_executable)
-        native = load_native()
-        ebs = engine.block_size
+        fresh = [r for r in requests if r.fresh]
         loaded: dict[int, int] = {}
-        prompt_tokens = 0
-        for r in requests:
-            if not r.fresh:
-                continue
-            prompt_tokens += len(r.tokens)
-            usable = native.usable_prefix(engine.lookup(r.tokens), len(r.tokens), ebs)
-            if usable <= 0:
-                continue
-            ids = native.block_ids_from_slots(r.slots[:usable], io.block_size)
-            n = io.load(engine, r.tokens[:usable], ids)
-            if n:
-                loaded[r.index] = n
-        hit = sum(loaded.values())
+        for r in fresh:
+            usable = usable_prefix(engine.lookup(r.tokens), len(r.tokens), engine.block_size)
+            if usable:
+                ids = block_ids_from_slots(r.slots[:usable], io.block_size)
+                if n := io.load(engine, r.tokens[:usable], ids):
+                    loaded[r.index] = n
         new_input = rebuild_model_input(model_input, requests, loaded) if loaded else model_input
         with self._lock:
             self._pending[id(new_input)] = (new_input, requests)
             while len(self._pending) > _PENDING_MAX:
                 self._pending.popitem(last=False)
-        m = self.monitoring
-        m.count("receives")
-        m.count("prompt_tokens", prompt_tokens)
-        m.count("hit_tokens", hit)
-        m.count("hit_requests", len(loaded))
-        return KVReceiveResult(
-            cache_hit=hit > 0,
-            hit_tokens=hit,
-            prompt_tokens=prompt_tokens,
-            model_input=new_input,
-            per_request=[loaded.get(r.index, 0) for r in requests],
-        )
+        hit, prompt_tokens = sum(loaded.values()), sum(len(r.tokens) for r in fresh)
+        self.monitoring.count("receives")
+        self.monitoring.count("prompt_tokens", prompt_tokens)
+        self.monitoring.count("hit_tokens", hit)
+        self.monitoring.count("hit_requests", len(loaded))
+        return KVReceiveResult(hit > 0, hit, prompt_tokens, new_input)
 
     def send(
         self, model_executable: Any, model_input: Any, kv_caches: Any, hidden_states: Any = None
@@ -184,17 +160,13 @@ class KVCacheHandler:
         else:
             requests = prefill_requests(model_input)
         io, engine = self.bind(kv_caches, model_executable)
-        native = load_native()
-        ebs = engine.block_size
-        stored = handled = 0
+        ebs, stored, handled = engine.block_size, 0, 0
         for r in requests:
-            full = len(r.tokens) // ebs * ebs
-            if not r.fresh or full == 0:
-                continue
-            ids = native.block_ids_from_slots(r.slots[:full], io.block_size)
-            n = io.store(engine, r.tokens[:full], ids)
-            stored += n
-            handled += 1
+            full = len(r.tokens) // ebs * ebs  # a partial engine block is not stored
+            if r.fresh and full:
+                ids = block_ids_from_slots(r.slots[:full], io.block_size)
+                stored += io.store(engine, r.tokens[:full], ids)
+                handled += 1
         self.monitoring.count("sends")
         self.monitoring.count("stored_blocks", stored)
         return KVSendResult(stored_blocks=stored, requests=handled)
