@@ -123,6 +123,21 @@ def test_xconnector_run_preloads_the_autopatch(baseline: dict[str, Any]) -> None
     assert out["computed"] == CACHED_COMPUTED and out["outputs"] == baseline["outputs"]
 
 
+def test_xconnector_run_usage_and_a_missing_command() -> None:
+    runner = str(VENV_BIN / "xconnector-run")
+    for args, rc, where in [
+        ([], 2, "stderr"),
+        (["--help"], 0, "stdout"),
+        (["--", "-h"], 0, "stdout"),
+    ]:
+        proc = subprocess.run([runner, *args], capture_output=True, text=True, check=False)
+        assert proc.returncode == rc and "usage: xconnector-run" in getattr(proc, where), args
+    proc = subprocess.run(
+        [runner, "no-such-command-xc"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 127 and "cannot run 'no-such-command-xc'" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "env",
     [

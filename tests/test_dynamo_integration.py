@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from v0_worker import BLOCK, SyncVLLMWorker, VLLMWorker, expected_kv
+from v0_worker import BLOCK, SyncVLLMWorker, VLLMWorker, build_model_input, expected_kv
 
 from xconnector.integrations.dynamo.sdk_integration import DynamoXConnectorIntegration
-from xconnector.integrations.dynamo.worker_wrapper import VLLMWorkerWrapper, is_wrapper
+from xconnector.integrations.dynamo.worker_wrapper import VLLMWorkerWrapper, make_recv_wrapper
+from xconnector.patching import is_wrapper
 from xconnector.sdk import ConfigError, XConnectorSDK
 
 TESTS = Path(__file__).resolve().parent
@@ -34,7 +35,7 @@ def test_worker_wrapper_keeps_sync_and_async_and_serves_hits() -> None:
         # Async worker through the wrapper: the wrapper's methods are awaitable.
         inner = VLLMWorker({"num_blocks": 32})
         wrapped = VLLMWorkerWrapper(inner, sdk)
-        assert asyncio.iscoroutinefunction(wrapped._recv) and wrapped.num_blocks == 32
+        assert asyncio.iscoroutinefunction(wrapped.recv_kv_caches) and wrapped.num_blocks == 32
         inner.recv_kv_caches = wrapped.recv_kv_caches  # type: ignore[method-assign]
         inner.send_kv_caches = wrapped.send_kv_caches  # type: ignore[method-assign]
         asyncio.run(inner.prefill([p]))
@@ -45,13 +46,36 @@ def test_worker_wrapper_keeps_sync_and_async_and_serves_hits() -> None:
         # Sync worker: plain calls, same cache (same SDK).
         sync = SyncVLLMWorker({"num_blocks": 32, "seed": 5})
         w2 = VLLMWorkerWrapper(sync, sdk)
-        assert not asyncio.iscoroutinefunction(w2._recv)
+        assert not asyncio.iscoroutinefunction(w2.recv_kv_caches)
         sync.recv_kv_caches = w2.recv_kv_caches  # type: ignore[method-assign]
         sync.send_kv_caches = w2.send_kv_caches  # type: ignore[method-assign]
         sync.prefill_sync([p])
         assert sync.model.computed_tokens == 2
         for got, want in zip(sync.kv_of(p, sync.last_tables[0]), expected_kv(p), strict=True):
             assert np.array_equal(got, want)
+
+
+def test_renamed_parameters_called_by_keyword_get_the_rebuilt_model_input() -> None:
+    with XConnectorSDK() as sdk:
+        p = prompt(3 * BLOCK + 2, 3)
+        worker = SyncVLLMWorker({"num_blocks": 32})
+        w = VLLMWorkerWrapper(worker, sdk)
+        worker.send_kv_caches = w.send_kv_caches  # type: ignore[method-assign]
+        worker.prefill_sync([p])
+        worker.finish()
+        seen = []
+
+        def recv(mx: object, mi: object, kv: object) -> tuple[None, bool, object]:
+            seen.append(mi)  # the arguments found by position, whatever their names
+            return None, False, mi
+
+        tables = [worker.allocator.allocate(4)]
+        full = build_model_input([p], tables)
+        wrapped = make_recv_wrapper(recv, lambda: sdk)
+        assert wrapped(kv=worker.kv_caches, mi=full, mx=worker.model)[2] is seen[0]
+        assert seen[0] is not full and len(seen[0].input_tokens) == 2  # only the uncached rest
+        worker.model(seen[0], worker.kv_caches, [p], tables)  # the loaded prefix is p's KV
+        assert worker.model.computed_tokens == len(p) + 2
 
 
 def test_wrapper_without_an_sdk_is_the_worker_itself() -> None:

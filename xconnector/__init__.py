@@ -36,18 +36,6 @@ __all__ = [
     "sequence_hashes",
 ]
 
-_NATIVE_NAMES = frozenset(
-    {
-        "BlockView",
-        "Engine",
-        "OverlapIndex",
-        "PagedKv",
-        "Router",
-        "local_block_hashes",
-        "sequence_hashes",
-    }
-)
-
 
 def native() -> Any:
     """The compiled extension module, or `NativeModuleError` saying why it cannot be loaded."""
@@ -57,6 +45,7 @@ def native() -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _NATIVE_NAMES:
+    """The names of `__all__` that live in the extension, loaded on first use."""
+    if name in __all__ and name not in ("__version__", "native"):
         return getattr(native(), name)
     raise AttributeError(f"module 'xconnector' has no attribute {name!r}")

@@ -7,17 +7,13 @@ from types import ModuleType
 
 from xconnector.exceptions import NativeModuleError
 
-_module: ModuleType | None = None
-
 
 def load_native() -> ModuleType:
-    global _module
-    if _module is None:
-        try:
-            _module = importlib.import_module("xconnector._native")
-        except ImportError as e:
-            raise NativeModuleError(
-                f"the XConnector native extension could not be loaded ({e}); reinstall the "
-                "xconnector wheel for this Python and platform, or build it with `pip install .`"
-            ) from e
-    return _module
+    """The extension (after the first call, from `sys.modules`)."""
+    try:
+        return importlib.import_module("xconnector._native")
+    except ImportError as e:
+        raise NativeModuleError(
+            f"the XConnector native extension could not be loaded ({e}); reinstall the "
+            "xconnector wheel for this Python and platform, or build it with `pip install .`"
+        ) from e

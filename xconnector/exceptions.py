@@ -6,16 +6,6 @@ so callers (the autopatch above all) can catch and report that failure cleanly.
 
 from __future__ import annotations
 
-__all__ = [
-    "CacheError",
-    "ConfigError",
-    "InternalError",
-    "InvalidInputError",
-    "NativeModuleError",
-    "StateError",
-    "XConnectorError",
-]
-
 
 class XConnectorError(Exception):
     """Base of every error XConnector raises on purpose."""

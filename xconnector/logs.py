@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import logging
 
-LOGGER_NAME = "xconnector"
 
-
-def set_level(level: int | str, name: str = LOGGER_NAME) -> None:
-    """Set an `xconnector` logger's level and make the native side notice at once.
-
-    The native bridge caches logger levels so that disabled levels never take the GIL; changing a
-    level with `logging` directly takes effect for native records only after this is called.
-    """
+def set_level(level: int | str, name: str = "xconnector") -> None:
+    """Sets an `xconnector` logger's level so that the native side notices at once: its bridge
+    caches logger levels (disabled levels never take the GIL) until the cache is reset."""
     logging.getLogger(name).setLevel(level)
     from xconnector._loader import load_native
 

@@ -10,6 +10,7 @@ Standard library only; nothing here knows about Dynamo or vLLM.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib.util
 import logging
@@ -32,6 +33,7 @@ MISSING: Any = object()
 lock = threading.RLock()
 # (owner, attribute, what its __dict__ held before, or MISSING), in patching order.
 _patches: list[tuple[type, str, Any]] = []
+_hooks: dict[str, list[Callable[[ModuleType], None]]] = {}  # by module name, until restore_all
 _finder: _PostImportFinder | None = None
 
 
@@ -52,21 +54,24 @@ def patched() -> list[tuple[type, str]]:
         return [(owner, name) for owner, name, _ in _patches]
 
 
+def call_hook(hook: Callable[[Any], None], arg: Any, what: str) -> None:
+    """`hook(arg)`, its failure logged: the host's import or class statement must succeed."""
+    try:
+        hook(arg)
+    except Exception as e:
+        log.error("XConnector could not patch %s: %s", what, e)
+
+
 class _HookedLoader:
-    """Runs the real loader, then the hooks."""
+    """The real loader (every other attribute is its), then the module's hooks."""
 
-    def __init__(self, loader: Any, hooks: list[Callable[[ModuleType], None]]) -> None:
-        self._loader = loader
-        self._hooks = hooks
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        create = getattr(self._loader, "create_module", None)
-        return None if create is None else create(spec)
+    def __init__(self, loader: Any, name: str) -> None:
+        self._loader, self._name = loader, name
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        for hook in self._hooks:
-            _run(hook, module, module.__name__)
+        for hook in list(_hooks.get(self._name, ())):
+            call_hook(hook, module, self._name)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
@@ -74,14 +79,12 @@ class _HookedLoader:
 
 class _PostImportFinder:
     def __init__(self) -> None:
-        self.hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
         self._busy: set[str] = set()
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        hooks = self.hooks.get(fullname)
-        if not hooks or fullname in self._busy:
+        if fullname not in _hooks or fullname in self._busy:
             return None
         self._busy.add(fullname)
         try:
@@ -90,17 +93,9 @@ class _PostImportFinder:
             return None
         finally:
             self._busy.discard(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None
-        spec.loader = _HookedLoader(spec.loader, list(hooks))  # type: ignore[assignment]
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _HookedLoader(spec.loader, fullname)  # type: ignore[assignment]
         return spec
-
-
-def _run(hook: Callable[[Any], None], arg: Any, what: str) -> None:
-    try:
-        hook(arg)
-    except Exception as e:  # the host's import or class statement must succeed
-        log.error("XConnector could not patch %s: %s", what, e)
 
 
 def when_imported(module: str, hook: Callable[[ModuleType], None]) -> None:
@@ -108,16 +103,16 @@ def when_imported(module: str, hook: Callable[[ModuleType], None]) -> None:
     global _finder
     loaded = sys.modules.get(module)
     if loaded is not None:
-        _run(hook, loaded, module)
+        call_hook(hook, loaded, module)
         return
     with lock:
+        _hooks.setdefault(module, []).append(hook)
         if _finder is None:
             _finder = _PostImportFinder()
             sys.meta_path.insert(0, _finder)
-        _finder.hooks.setdefault(module, []).append(hook)
 
 
-def initializing(module: ModuleType) -> bool:
+def initializing(module: ModuleType | None) -> bool:
     """`module` is still executing (the import line is in the module itself)."""
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
@@ -134,24 +129,20 @@ _original_build_class: Any = None
 
 def _build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> Any:
     cls = _original_build_class(func, name, *bases, **kwargs)
-    key = (getattr(cls, "__module__", ""), getattr(cls, "__qualname__", ""))
     with lock:
+        key = (getattr(cls, "__module__", ""), getattr(cls, "__qualname__", ""))
         hook = _awaited.pop(key, None)
-        for module, qualname in list(_awaited):
-            loaded = sys.modules.get(module)
-            if loaded is None or not initializing(loaded):
-                del _awaited[(module, qualname)]  # done (or gone) without that class
+        for done in [k for k in _awaited if not initializing(sys.modules.get(k[0]))]:
+            del _awaited[done]  # its module finished (or is gone) without that class
         if not _awaited:
             _restore_build_class()
     if hook is not None:
-        _run(hook, cls, name)
+        call_hook(hook, cls, name)
     return cls
 
 
 def _restore_build_class() -> None:
     global _original_build_class
-    import builtins
-
     if _original_build_class is not None:
         builtins.__build_class__ = _original_build_class
         _original_build_class = None
@@ -160,8 +151,6 @@ def _restore_build_class() -> None:
 def when_class_defined(module: str, qualname: str, hook: Callable[[type], None]) -> None:
     """Runs `hook(cls)` when the executing `module` defines class `qualname`."""
     global _original_build_class
-    import builtins
-
     with lock:
         _awaited[(module, qualname)] = hook
         if _original_build_class is None:
@@ -182,6 +171,7 @@ def restore_all() -> None:
                 setattr(owner, name, original)
         _awaited.clear()
         _restore_build_class()
+        _hooks.clear()
         if _finder is not None:
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(_finder)

@@ -2,13 +2,10 @@
 
     import xconnector.integrations.dynamo.autopatch
 
-It reads the `xconnector:` config (see `xconnector.config.discovery`), and in worker processes
-patches the KV receive/send methods of the configured worker classes, whenever they are
-imported. With
-`XCONNECTOR_DISABLE=1` or `XCONNECTOR_ENABLED=0` it imports nothing beyond `os` (in
-`xconnector.switches`) and returns.
-It never raises into the importing program, except with `integration.strict: true` (or
-`XCONNECTOR_STRICT=1`), where a configuration error stops startup.
+It reads the `xconnector:` config and, in worker processes, patches the configured worker
+classes whenever they are imported (`worker_injector`). With `XCONNECTOR_DISABLE=1` or
+`XCONNECTOR_ENABLED=0` it imports nothing beyond `os` (in `xconnector.switches`). It never raises
+into the importing program, except with `integration.strict: true` (or `XCONNECTOR_STRICT=1`).
 """
 
 from xconnector.switches import disabled as _disabled

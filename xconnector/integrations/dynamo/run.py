@@ -20,20 +20,16 @@ DYN_DEPLOYMENT_CONFIG, -f/--config-file); XCONNECTOR_DISABLE=1 turns it off."""
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "--":
-        args = args[1:]
+    args = args[1:] if args[:1] == ["--"] else args
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stderr if not args else sys.stdout)
-        return 2 if not args else 0
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = BOOTSTRAP + (os.pathsep + path if path else "")
+        print(USAGE, file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    paths = [BOOTSTRAP, *filter(None, [os.environ.get("PYTHONPATH")])]
     try:
-        os.execvpe(args[0], args, env)
+        os.execvpe(args[0], args, {**os.environ, "PYTHONPATH": os.pathsep.join(paths)})
     except OSError as e:
         print(f"xconnector-run: cannot run {args[0]!r}: {e.strerror}", file=sys.stderr)
         return 127
-    return 0  # not reached
 
 
 if __name__ == "__main__":

@@ -8,11 +8,8 @@ from typing import Any
 
 from xconnector.config.discovery import resolve_dynamo_config
 from xconnector.integrations.dynamo.worker_injector import WORKER_METHODS
-from xconnector.integrations.dynamo.worker_wrapper import (
-    is_wrapper,
-    make_recv_wrapper,
-    make_send_wrapper,
-)
+from xconnector.integrations.dynamo.worker_wrapper import wrap_methods
+from xconnector.patching import is_wrapper
 from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
 
@@ -26,13 +23,11 @@ class DynamoXConnectorIntegration:
         """Reads `Common.xconnector` (overlaid by the service's) and starts the SDK. False when
         the config does not enable XConnector. A bad config raises `ConfigError`."""
         found = resolve_dynamo_config(self.config, service=self.service, source="dynamo_config")
-        if not found.enabled:
-            return False
-        if self.sdk is None:
+        if found.enabled and self.sdk is None:
             sdk = XConnectorSDK(found.config)
             sdk.initialize()
             self.sdk = sdk
-        return True
+        return found.enabled
 
     async def asetup(self) -> bool:
         return self.setup()
@@ -47,15 +42,7 @@ class DynamoXConnectorIntegration:
     def wrap_kv_methods(self, worker_instance: Any) -> bool:
         """Wraps this instance's `recv_kv_caches`/`send_kv_caches` (the class stays as it is).
         Idempotent; False if the worker has neither method."""
-        wrapped = False
-        for name, make in zip(WORKER_METHODS, (make_recv_wrapper, make_send_wrapper), strict=True):
-            method = getattr(worker_instance, name, None)
-            if method is None:
-                continue
-            if not is_wrapper(method):
-                setattr(worker_instance, name, make(method, lambda: self.sdk))
-            wrapped = True
-        return wrapped
+        return wrap_methods(worker_instance, worker_instance, lambda: self.sdk)
 
     def unwrap(self, worker_instance: Any) -> None:
         """Removes the instance-level wrappers."""

@@ -1,13 +1,9 @@
-"""Wrappers for a worker's KV methods, with the vLLM-v0 connector shapes:
+"""Wrappers for a worker's KV methods, with the vLLM-v0 connector shapes (DESIGN 3.2):
+`recv(model_executable, model_input, kv_caches) -> (hidden_or_None, bypass, model_input)` and
+`send(model_executable, model_input, kv_caches, hidden_or_intermediate_states) -> None`.
 
-    recv(model_executable, model_input, kv_caches)
-        -> (hidden_or_None, bypass_model_exec, model_input)
-    send(model_executable, model_input, kv_caches, hidden_or_intermediate_states) -> None
-
-Receive: XConnector loads each fresh prefill request's cached prefix into the paged KV tensors,
-then the original runs, once, on the batch rebuilt to cover only the uncached rest. Send: the
-original runs first; then XConnector stores the full blocks just computed.
-
+Receive: XConnector loads the cached prefixes, then the original runs on the batch rebuilt to
+cover only the uncached rest. Send: the original runs, then XConnector stores the new blocks.
 Sentry's rule: XConnector's bookkeeping runs inside `_guard`, which swallows and counts its
 errors (logged once per kind); the host's call runs outside it, exactly once, and its exceptions
 propagate unchanged. A sync method gets a sync wrapper, a coroutine function an async one.
@@ -24,154 +20,103 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from xconnector._native import SdkStats
+from xconnector.integrations.dynamo.worker_injector import WORKER_METHODS
 from xconnector.patching import MARK, is_wrapper
 from xconnector.sdk.xconnector_sdk import XConnectorSDK
-
-__all__ = [
-    "MARK",
-    "SdkProvider",
-    "VLLMWorkerWrapper",
-    "errors",
-    "is_wrapper",
-    "make_recv_wrapper",
-    "make_send_wrapper",
-]
 
 log = logging.getLogger("xconnector.autopatch")
 
 SdkProvider = Callable[[], "XConnectorSDK | None"]
 _Args = tuple[tuple[Any, ...], dict[str, Any]]
-
-
+_ROLES = ("model_executable", "model_input", "kv_caches", "hidden_or_intermediate_states")
 _errors = SdkStats()  # native: counts by kind, thread-safe, the first of each reported once
-
-
-def errors() -> dict[str, int]:
-    """Errors swallowed by the guard, by kind (`receive`, `send`)."""
-    return _errors.counters()
+#: `errors()`: the errors the guard swallowed, by kind (`receive`, `send`).
+errors = _errors.counters
 
 
 @contextlib.contextmanager
-def _guard(kind: str, sdk: XConnectorSDK | None) -> Iterator[None]:
+def _guard(kind: str, sdk: XConnectorSDK) -> Iterator[None]:
     try:
         yield
     except Exception as e:
         first = _errors.count(kind) == 1
-        if sdk is not None:
-            sdk.get_monitoring_handler().fallback(f"wrapper_{kind}")
+        sdk.get_monitoring_handler().fallback(f"wrapper_{kind}")
         say = log.warning if first else log.debug
         say("XConnector %s failed (%s: %s); the worker's own path ran", kind, type(e).__name__, e)
 
 
-class _Call:
-    """A call's arguments by role, and how to re-issue it with another model_input."""
+def _wrap(original: Callable[..., Any], get_sdk: SdkProvider, kind: str) -> Callable[..., Any]:
+    """XConnector's part runs before the original (`receive`) or after it (`send`), in a thread
+    when the original is a coroutine function."""
+    sig = inspect.signature(original)
+    receive = kind == "receive"
+    # Each role's parameter: by name, else by position (user code may name them differently).
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p.name for p in sig.parameters.values() if p.name != "self" and p.kind in kinds]
+    names = [
+        r if r in sig.parameters or i >= len(params) else params[i] for i, r in enumerate(_ROLES)
+    ]
 
-    _ROLES = ("model_executable", "model_input", "kv_caches", "hidden_or_intermediate_states")
+    def consult(sdk: XConnectorSDK, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Args:
+        """Receive: the call's arguments, its model_input rebuilt to skip what XConnector
+        loaded. Send: stores the blocks the original computed."""
+        with _guard(kind, sdk):
+            bound = sig.bind(*args, **kwargs)
+            values = [bound.arguments.get(name) for name in names]
+            if not receive:
+                sdk.handle_kv_send_sync(*values)
+            elif (result := sdk.handle_kv_receive_sync(*values[:3])).cache_hit:
+                bound.arguments[names[1]] = result.model_input
+                return bound.args, bound.kwargs
+        return args, kwargs
 
-    def __init__(
-        self, sig: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        self.args = args
-        self.kwargs = kwargs
-        bound = sig.bind(*args, **kwargs)
-        params = [p for p in sig.parameters.values() if p.name != "self"]
-        positional = [
-            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        self.names: dict[str, str] = {}
-        for i, role in enumerate(self._ROLES):
-            if role in bound.arguments:
-                self.names[role] = role
-            elif i < len(positional):  # user code may name them differently
-                self.names[role] = positional[i]
-        self.values = {role: bound.arguments.get(name) for role, name in self.names.items()}
-        self._positional = positional
-        self._has_self = "self" in sig.parameters
+    async def hop(sdk: XConnectorSDK, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Args:
+        with _guard(kind, sdk):  # `consult` guards itself; this, the thread hop
+            return await asyncio.to_thread(consult, sdk, args, kwargs)
+        return args, kwargs
 
-    def get(self, role: str) -> Any:
-        return self.values.get(role)
+    async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+        sdk = get_sdk()
+        if sdk is not None and receive:
+            args, kwargs = await hop(sdk, args, kwargs)
+        out = await original(*args, **kwargs)
+        if sdk is not None and not receive:
+            await hop(sdk, args, kwargs)
+        return out
 
-    def with_model_input(self, model_input: Any) -> _Args:
-        name = self.names["model_input"]
-        if name in self.kwargs:
-            return self.args, {**self.kwargs, name: model_input}
-        index = self._positional.index(name) + (1 if self._has_self else 0)
-        args = list(self.args)
-        args[index] = model_input
-        return tuple(args), self.kwargs
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sdk = get_sdk()
+        if sdk is not None and receive:
+            args, kwargs = consult(sdk, args, kwargs)
+        out = original(*args, **kwargs)
+        if sdk is not None and not receive:
+            consult(sdk, args, kwargs)
+        return out
 
-
-def _mark(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
-    functools.update_wrapper(wrapper, original)
-    setattr(wrapper, MARK, True)
-    return wrapper
+    chosen = async_wrapper if inspect.iscoroutinefunction(original) else wrapper
+    functools.update_wrapper(chosen, original)
+    setattr(chosen, MARK, True)
+    return chosen
 
 
 def make_recv_wrapper(original: Callable[..., Any], get_sdk: SdkProvider) -> Callable[..., Any]:
-    sig = inspect.signature(original)
-
-    def served(sdk: XConnectorSDK, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Args:
-        """The call's arguments, its model_input rebuilt to skip what XConnector loaded."""
-        with _guard("receive", sdk):
-            call = _Call(sig, args, kwargs)
-            result = sdk.handle_kv_receive_sync(
-                call.get("model_executable"), call.get("model_input"), call.get("kv_caches")
-            )
-            if result.cache_hit:
-                return call.with_model_input(result.model_input)
-        return args, kwargs
-
-    if inspect.iscoroutinefunction(original):
-
-        async def async_recv(*args: Any, **kwargs: Any) -> Any:
-            sdk = get_sdk()
-            if sdk is not None:
-                with _guard("receive", sdk):  # `served` guards itself; this, the thread hop
-                    args, kwargs = await asyncio.to_thread(served, sdk, args, kwargs)
-            return await original(*args, **kwargs)
-
-        return _mark(async_recv, original)
-
-    def recv(*args: Any, **kwargs: Any) -> Any:
-        sdk = get_sdk()
-        if sdk is not None:
-            args, kwargs = served(sdk, args, kwargs)
-        return original(*args, **kwargs)
-
-    return _mark(recv, original)
+    return _wrap(original, get_sdk, "receive")
 
 
 def make_send_wrapper(original: Callable[..., Any], get_sdk: SdkProvider) -> Callable[..., Any]:
-    sig = inspect.signature(original)
+    return _wrap(original, get_sdk, "send")
 
-    def store(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sdk = get_sdk()
-        if sdk is None:
-            return
-        with _guard("send", sdk):
-            call = _Call(sig, args, kwargs)
-            sdk.handle_kv_send_sync(
-                call.get("model_executable"),
-                call.get("model_input"),
-                call.get("kv_caches"),
-                call.get("hidden_or_intermediate_states"),
-            )
 
-    if inspect.iscoroutinefunction(original):
-
-        async def async_send(*args: Any, **kwargs: Any) -> Any:
-            out = await original(*args, **kwargs)
-            await asyncio.to_thread(store, args, kwargs)
-            return out
-
-        return _mark(async_send, original)
-
-    def send(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        store(args, kwargs)
-        return out
-
-    return _mark(send, original)
+def wrap_methods(target: Any, source: Any, get_sdk: SdkProvider) -> bool:
+    """Sets `target`'s receive and send methods to wrappers of `source`'s (those it has, unless
+    they are wrappers already). False if `source` has neither."""
+    found = False
+    for name, make in zip(WORKER_METHODS, (make_recv_wrapper, make_send_wrapper), strict=True):
+        method = getattr(source, name, None)
+        if method is not None and not is_wrapper(method):
+            setattr(target, name, make(method, get_sdk))
+        found = found or method is not None
+    return found
 
 
 class VLLMWorkerWrapper:
@@ -181,14 +126,7 @@ class VLLMWorkerWrapper:
     def __init__(self, original_worker: Any, xconnector_sdk: XConnectorSDK | None) -> None:
         self.worker = original_worker
         self.sdk = xconnector_sdk
-        self._recv = make_recv_wrapper(original_worker.recv_kv_caches, lambda: self.sdk)
-        self._send = make_send_wrapper(original_worker.send_kv_caches, lambda: self.sdk)
-
-    def recv_kv_caches(self, *args: Any, **kwargs: Any) -> Any:
-        return self._recv(*args, **kwargs)
-
-    def send_kv_caches(self, *args: Any, **kwargs: Any) -> Any:
-        return self._send(*args, **kwargs)
+        wrap_methods(self, original_worker, lambda: self.sdk)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.worker, name)
