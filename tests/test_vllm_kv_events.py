@@ -215,13 +215,12 @@ def test_vllm_blocks_inside_a_larger_xconnector_block_are_named_alike_at_store_a
 
 def test_blocks_carry_vllms_names_and_a_removal_names_what_was_stored() -> None:
     from xconnector import native
-    from xconnector.integrations.vllm.kv_events import BlockNames, events_for_vllm
+    from xconnector.integrations.vllm.kv_events import events_for_vllm
 
     tokens = list(range(64))
-    extras = {"lora_name": None, "cache_salt": "tenant-a", "lora_id": None}
     ours = native().sequence_hashes(tokens, 16, cache_salt="tenant-a")
-    names = BlockNames()
-    names.learn(16, 16, tokens, [101, 102, 103, 104], extras)
+    names = native().VllmBlockNames()
+    names.learn(16, 16, tokens, [101, 102, 103, 104], cache_salt="tenant-a")
     stored = ("stored", "memory", None, ours[:2], tokens[:32], None, "tenant-a")
     on_disk = ("stored", "disk", ours[1], ours[2:], tokens[32:], None, "tenant-a")
     first, second = events_for_vllm([stored, on_disk], 16, 16, names)
@@ -236,15 +235,15 @@ def test_blocks_carry_vllms_names_and_a_removal_names_what_was_stored() -> None:
     assert r.block_hashes == [101] and s.block_hashes == [101]
     # Stored under a fallback name (vLLM's names unknown then), learnt later: the removal
     # still names what the router was told.
-    fresh = BlockNames()
+    fresh = native().VllmBlockNames()
     (early,) = events_for_vllm([stored], 16, 16, fresh)
     assert early.block_hashes == ours[:2]
-    fresh.learn(16, 16, tokens, [101, 102, 103, 104], extras)
+    fresh.learn(16, 16, tokens, [101, 102, 103, 104], cache_salt="tenant-a")
     (late,) = events_for_vllm(
         [("removed", "memory", None, ours[:2], [], None, None)], 16, 16, fresh
     )
     assert late.block_hashes == ours[:2]
     # The learnt names are bounded, least recently used first.
-    small = BlockNames(capacity=2)
-    small.learn(16, 16, tokens, [101, 102, 103, 104], extras)
+    small = native().VllmBlockNames(2)
+    small.learn(16, 16, tokens, [101, 102, 103, 104], cache_salt="tenant-a")
     assert small.of(ours[3], 1) == [104] and small.of(ours[0], 1) == [ours[0]]

@@ -1,44 +1,17 @@
 """`XConnectorV1`: XConnector as a vLLM v1 KV connector (`KVConnectorBase_V1`, vLLM 0.32).
+Usage, keys and KV events: `integrations/vllm/README.md`.
 
-    --kv-transfer-config '{"kv_connector": "XConnectorV1",
-                           "kv_connector_module_path": "xconnector.integrations.vllm.connector",
-                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                           "kv_connector_extra_config": {"xconnector": {...}}}'
-
-`kv_connector_extra_config` carries the XConnector section inline (`"xconnector": {...}`), or a
-path to a YAML file (`"xconnector": "/etc/xconnector.yaml"`); without either, the usual discovery
-(`XCONNECTOR_CONFIG`, `DYNAMO_SERVICE_CONFIG`, ...) applies, and with nothing found the connector
-runs with defaults: naming it is opting in.
-
-KV events: with vLLM's `--kv-events-config '{"enable_kv_cache_events": true, ...}'`, the blocks
-XConnector holds in host memory and on disk are reported in vLLM's event stream (`kv_events.py`),
-which `dynamo.vllm` relays to Dynamo's KV router; `"report_kv_events": false` in
-`kv_connector_extra_config` leaves them out.
-
-Scheduler side: `get_num_new_matched_tokens` looks the prompt up (no side effects on the cache,
-cheap, at most the last whole block before the final prompt token); `update_state_after_alloc`
-plans the load into the blocks vLLM allocated; `build_connector_meta` hands the worker the
-step's loads and the saves of prompts whose prefill is complete. Worker side: loads run in
-`start_load_kv` (synchronously, before the forward pass), saves in `wait_for_save` (after it),
-straight between vLLM's paged KV tensors and the engine. Stores are best effort
-(`requires_kv_delivery` is False).
+Scheduler side: `get_num_new_matched_tokens` looks the prompt up (side-effect free, never the
+block of the last prompt token); the native `TransferPlanner` plans each step's loads into the
+blocks vLLM allocated and the saves of prompts whose prefill is complete. Worker side: loads run
+in `start_load_kv`, saves in `wait_for_save`, straight between vLLM's paged KV and the engine.
 
 Never keeping wrong KV: a load that fails or comes up short is reported through
-`get_block_ids_with_load_errors`, so vLLM recomputes those blocks (set
-`kv_load_failure_policy: recompute`). Everything computed in that step on top of them is wrong
-too, on every tensor-parallel rank, and so is what another request computed over them when
-vLLM's prefix cache shares them. So a request whose blocks include any a load wrote is saved
-only once the workers have confirmed that load's step (`build_connector_worker_meta` ->
-`update_connector_output`), or, with a single worker, in the load's own step if no load of that
-step failed; after a failure, only once vLLM has recomputed the prompt.
-
-Keys: a block's key is its tokens, LoRA (name, and the adapter's path and id in the namespace)
-and cache salt. Multimodal placeholders are keyed by the item's hash (the placeholder token ids
-are the same for every image); requests with prompt embeddings, and encoder-decoder models, are
-not cached (counted as skipped).
-
-With tensor parallelism > 1 the scheduler runs in another process than the workers: it asks
-every rank over a Unix socket (`lookup_service`) and uses the smallest answer.
+`get_block_ids_with_load_errors` (vLLM recomputes those blocks). Whatever is computed on top of
+a load (on any rank, or by another request sharing the blocks through vLLM's prefix cache) is
+saved only once the workers confirmed that load's step (`build_connector_worker_meta` ->
+`update_connector_output`), or, with one worker, in the load's own step if none of its loads
+failed; after a failure, only once vLLM has recomputed the prompt.
 """
 
 from __future__ import annotations
@@ -66,7 +39,6 @@ from xconnector.config.schema import SDKConfig
 from xconnector.exceptions import ConfigError
 from xconnector.integrations.vllm import lookup_service
 from xconnector.integrations.vllm.kv_events import (
-    BlockNames,
     RankAgreement,
     XConnectorKVEvents,
     events_for_vllm,
@@ -127,19 +99,15 @@ class Transfer:
     req_id: str
     tokens: list[int]
     block_ids: list[int]
-    first_block: int = 0
-    lora_name: str | None = None
-    cache_salt: str | None = None
-    lora_id: str | None = None
-    #: A save planned in the step of a load it depends on (one worker only): done only if no
-    #: load of that step failed.
-    if_loads_ok: bool = False
+    #: `lora_name`, `cache_salt`, `lora_id`: what besides the tokens keys the blocks.
+    extras: dict[str, str | None] = field(default_factory=dict)
     #: vLLM's names (block hashes, as its KV events carry them) of the blocks of `tokens`, for
     #: XConnector's KV events; None when vLLM has none at this block size.
     names: list[Any] | None = None
-
-    def extras(self) -> dict[str, str | None]:
-        return {"lora_name": self.lora_name, "cache_salt": self.cache_salt, "lora_id": self.lora_id}
+    first_block: int = 0
+    #: A save planned in the step of a load it depends on (one worker only): done only if no
+    #: load of that step failed.
+    if_loads_ok: bool = False
 
 
 @dataclass
@@ -168,10 +136,12 @@ class _Key:
     """What a request's blocks are keyed by, fixed at its lookup."""
 
     tokens: list[int]
-    lora_name: str | None
-    cache_salt: str | None
-    lora_id: str | None
+    extras: dict[str, str | None]
     names: list[Any] | None = None
+
+    def transfer(self, req_id: str, end: int, block_ids: list[int], named: int, **kw: Any) -> Any:
+        names = self.names[:named] if self.names is not None else None
+        return Transfer(req_id, self.tokens[:end], block_ids, self.extras, names, **kw)
 
 
 def load_config(extra: dict[str, Any]) -> SDKConfig:
@@ -226,7 +196,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                     self._config.to_dict(), strict=strict
                 ):
                     self._config = None
-            except ConfigError as e:
+            except Exception as e:  # a bad config, or a broken install: never vLLM's failure
                 if strict or getattr(e, "strict", False):
                     raise
                 log.error("XConnector is off, vLLM runs without it: %s", e)
@@ -246,6 +216,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             and bool(getattr(events_config, "enable_kv_cache_events", False))
             and extra.get("report_kv_events", True) is not False
         )
+        # vLLM's names of the blocks XConnector reports (native `VllmBlockNames`).
+        self._names: Any = load_native().VllmBlockNames() if self._report_events else None
         self._events: list[KVCacheEvent] = []
         self._events_dropped = 0
         # Scheduler side.
@@ -276,9 +248,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._failed_reqs: set[str] = set()
         self._loaded_steps: set[int] = set()
         self._failed_steps: set[int] = set()
-        self._names = BlockNames()
         self._steps_undrained = 0
-        self._totals = {"loads": 0, "loaded_tokens": 0, "load_failures": 0, "saved_blocks": 0}
         self._logged: set[str] = set()
 
     # -- common ---------------------------------------------------------------------------------
@@ -287,11 +257,20 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped save is a later miss, nothing more
 
+    def _once(self, kind: str) -> bool:
+        """True the first time `kind` happens: what a log line is said for."""
+        seen = kind in self._logged
+        self._logged.add(kind)
+        return not seen
+
+    def _count(self, name: str, n: int = 1) -> None:
+        if self._sdk is not None:
+            self._sdk.get_monitoring_handler().count(name, n)
+
     def _fail(self, kind: str, e: BaseException) -> None:
         if self._sdk is not None:
             self._sdk.get_monitoring_handler().fallback(f"v1_{kind}")
-        if kind not in self._logged:
-            self._logged.add(kind)
+        if self._once(kind):
             log.warning("XConnector %s failed, vLLM goes on without it: %s", kind, e)
 
     # -- scheduler side -------------------------------------------------------------------------
@@ -299,20 +278,11 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def _lookup(self, key: _Key) -> int:
         engine = _engines.get(self._engine_id)
         if engine is not None:
-            return int(
-                engine.lookup(
-                    key.tokens,
-                    lora_name=key.lora_name,
-                    cache_salt=key.cache_salt,
-                    lora_id=key.lora_id,
-                )
-            )
+            return int(engine.lookup(key.tokens, **key.extras))
         if self._client is None:
             # Every (tensor, pipeline) rank holds its own part of each block: ask them all.
             self._client = lookup_service.client(self._engine_id, self._tp * self._pp)
-        return self._client.lookup(
-            key.tokens, lora_name=key.lora_name, cache_salt=key.cache_salt, lora_id=key.lora_id
-        )
+        return self._client.lookup(key.tokens, **key.extras)
 
     def _key(self, request: Request) -> _Key | None:
         """The request's key, or None (counted) when its KV cannot be keyed safely."""
@@ -323,19 +293,18 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             reason = "prompt_embeds"
         if reason is not None:
             self._skipped[reason] = self._skipped.get(reason, 0) + 1
-            if reason not in self._logged:
-                self._logged.add(reason)
+            if self._once(reason):
                 log.info("XConnector does not cache requests with %s", reason.replace("_", " "))
             return None
         tokens = key_tokens(request.prompt_token_ids or [], getattr(request, "mm_features", None))
         lora = getattr(request, "lora_request", None)
-        return _Key(
-            tokens=tokens,
-            lora_name=lora.lora_name if lora is not None else None,
-            cache_salt=getattr(request, "cache_salt", None),
-            lora_id=lora_identity(lora) if lora is not None else None,
-            names=vllm_names(request, self._block_size) if self._report_events else None,
-        )
+        extras = {
+            "lora_name": lora.lora_name if lora is not None else None,
+            "cache_salt": getattr(request, "cache_salt", None),
+            "lora_id": lora_identity(lora) if lora is not None else None,
+        }
+        names = vllm_names(request, self._block_size) if self._report_events else None
+        return _Key(tokens, extras, names)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -413,32 +382,15 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         load: tuple[str, int, list[int], int] | None,
         save: tuple[str, int, list[int], bool] | None,
     ) -> None:
-        """The planner's load and save of one request, as the workers get them: its key's
-        tokens and vLLM's names up to the planned end."""
-
-        def transfer(
-            req_id: str, end: int, block_ids: list[int], named: int, **kind: Any
-        ) -> Transfer:
-            names = key.names[:named] if key.names is not None else None
-            return Transfer(
-                req_id=req_id,
-                tokens=key.tokens[:end],
-                block_ids=block_ids,
-                lora_name=key.lora_name,
-                cache_salt=key.cache_salt,
-                lora_id=key.lora_id,
-                names=names,
-                **kind,
-            )
-
+        """The planner's load and save of one request, with its key up to the planned end."""
         if load is not None:
-            req_id, end, block_ids, first_block = load
-            named = end // self._block_size
-            meta.loads.append(transfer(req_id, end, block_ids, named, first_block=first_block))
+            rid, end, ids, first = load
+            meta.loads.append(
+                key.transfer(rid, end, ids, end // self._block_size, first_block=first)
+            )
         if save is not None:
-            req_id, end, block_ids, if_loads_ok = save
-            named = len(block_ids)
-            meta.saves.append(transfer(req_id, end, block_ids, named, if_loads_ok=if_loads_ok))
+            rid, end, ids, ok = save
+            meta.saves.append(key.transfer(rid, end, ids, len(ids), if_loads_ok=ok))
 
     def update_connector_output(self, connector_output: Any) -> None:
         events = getattr(connector_output, "kv_cache_events", None)
@@ -466,8 +418,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             for event in self._agreement.merge(batches):
                 if isinstance(event, BlockStored) and len(self._events) >= _EVENTS_WAITING:
                     self._events_dropped += 1
-                    if "events_dropped" not in self._logged:
-                        self._logged.add("events_dropped")
+                    if self._once("events_dropped"):
                         log.warning("XConnector: KV events are not being published; dropping")
                     continue
                 self._events.append(event)
@@ -529,20 +480,16 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._fail("register_kv_caches", e)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
-        if not isinstance(meta, XConnectorMetadata):
+        meta, io, engine, sdk = self._get_connector_metadata(), self._io, self._engine, self._sdk
+        if not isinstance(meta, XConnectorMetadata) or not meta.loads:
             return
         for t in meta.loads:
-            loaded = 0
             self._name_blocks(t)
-            io, engine, sdk = self._io, self._engine, self._sdk
+            loaded = 0
             if io is not None and engine is not None and sdk is not None:
-                done, _ = sdk.cache_call(
-                    "load", io.load, engine, t.tokens, t.block_ids, t.first_block, **t.extras()
-                )
+                ids, first = t.block_ids, t.first_block
+                done, _ = sdk.cache_call("load", io.load, engine, t.tokens, ids, first, **t.extras)
                 loaded = done or 0
-            self._loaded_steps.add(meta.step)
-            self._totals["loads"] += 1
             if loaded < len(t.tokens):
                 # Evicted since the lookup, refused (not this block's KV) or failed: vLLM
                 # recomputes these blocks, and the scheduler saves nothing of this request
@@ -551,11 +498,10 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 self._load_errors.update(t.block_ids[start:])
                 self._failed_reqs.add(t.req_id)
                 self._failed_steps.add(meta.step)
-                self._totals["load_failures"] += 1
-            loaded_here = max(0, loaded - t.first_block * self._block_size)
-            self._totals["loaded_tokens"] += loaded_here
-            if self._sdk is not None:
-                self._sdk.get_monitoring_handler().count("v1_loaded_tokens", loaded_here)
+                self._count("load_failures")
+            self._count("loads")
+            self._count("loaded_tokens", max(0, loaded - t.first_block * self._block_size))
+        self._loaded_steps.add(meta.step)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -583,10 +529,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 self._failed_reqs.add(t.req_id)  # computed over a failed load: not kept
                 continue
             self._name_blocks(t)
-            extras = t.extras()
-            stored, _ = sdk.cache_call("save", io.store, engine, t.tokens, t.block_ids, **extras)
-            self._totals["saved_blocks"] += stored or 0
-            sdk.get_monitoring_handler().count("v1_stored_blocks", stored or 0)
+            stored, _ = sdk.cache_call("save", io.store, engine, t.tokens, t.block_ids, **t.extras)
+            self._count("saved_blocks", stored or 0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -615,7 +559,9 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         if not self._report_events or t.names is None:
             return
         try:
-            self._names.learn(self._engine_block, self._block_size, t.tokens, t.names, t.extras())
+            salt, lora = t.extras.get("cache_salt"), t.extras.get("lora_name")
+            args = (self._engine_block, self._block_size, t.tokens, t.names)
+            self._names.learn(*args, lora_name=lora, cache_salt=salt)
         except Exception as e:
             self._fail("kv_events", e)
 
@@ -629,11 +575,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def shutdown(self) -> None:
         if self._sdk is not None:
             # One line an operator (and the end-to-end tests) can read: what this worker did.
-            fallbacks = self._sdk.get_monitoring_handler().snapshot().get("fallbacks", {})
-            log.info(
-                "XConnector worker summary: %s",
-                json.dumps({**self._totals, "fallbacks": fallbacks}, sort_keys=True),
-            )
+            log.info("XConnector worker summary: %s", json.dumps(self._worker_totals()))
         elif self._skipped or self._client is not None or self._events_dropped:
             summary: dict[str, Any] = {"skipped": self._skipped}
             if self._events_dropped:
@@ -654,13 +596,20 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
 
     # -- for tests and tools ---------------------------------------------------------------------
 
+    def _worker_totals(self) -> dict[str, Any]:
+        """What this worker did: loads, loaded tokens, load failures, saved blocks, fallbacks."""
+        m = None if self._sdk is None else self._sdk.get_monitoring_handler()
+        counts = {} if m is None else m.counters()
+        names = ("load_failures", "loaded_tokens", "loads", "saved_blocks")
+        return {**{k: counts.get(k, 0) for k in names}, "fallbacks": m.fallbacks() if m else {}}
+
     def stats(self) -> dict[str, Any]:
         out = {} if self._sdk is None else self._sdk.get_monitoring_handler().snapshot()
         if self._engine is not None and self._report_events:
             engine = self._engine.stats()
             out["block_events_reported"] = engine.get("block_events_reported", 0)
             out["block_events_dropped"] = engine.get("block_events_dropped", 0)
-        return {**out, **self._totals, "skipped": dict(self._skipped)}
+        return {**out, **self._worker_totals(), "skipped": dict(self._skipped)}
 
 
 def _parallel_ranks() -> tuple[int, int]:

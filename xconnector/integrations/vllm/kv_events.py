@@ -1,24 +1,14 @@
 """XConnector's blocks as vLLM KV events, so a KV-aware router (Dynamo's, through `dynamo.vllm`'s
-relay of vLLM's event stream) knows which worker holds a prefix in host memory or on disk.
-
-Worker side: the engine records what its memory and disk tiers gain and lose
-(`Engine.enable_block_events` / `take_block_events`); each step `events_for_vllm` turns that into
-`BlockStored` / `BlockRemoved` in vLLM's terms and the connector hands them up in an
-`XConnectorKVEvents` container. Scheduler side: `RankAgreement` keeps what every worker reported
-(a block only some tensor/pipeline ranks hold is no hit) for vLLM's publisher.
-
-The rules live in the core (`xconnector_core::vllm_events`, through `VllmBlockNames` and
-`VllmRankAgreement`): blocks are named as vLLM names them (its block hashes, learnt from the
-requests that store or load them), else by XConnector's sequence hash or a name derived from it
-and the position (LMCache's `chunk_size`), the same at store and at removal; parent linkage, LoRA
-name and cache salt as vLLM's own events carry them; mediums "CPU" (host memory) and "STORAGE"
-(disk), the shared Redis tier unreported. This module builds vLLM's objects from what it decides.
+relay of vLLM's event stream) knows which worker holds a prefix in host memory ("CPU") or on disk
+("STORAGE"). Worker side: `events_for_vllm` turns the engine's block changes into `BlockStored` /
+`BlockRemoved`, handed up in an `XConnectorKVEvents` container; scheduler side: `RankAgreement`
+merges every rank's. What to report, under which names, is decided by the core
+(`xconnector_core::vllm_events`); this module only builds vLLM's objects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any
 
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent, KVConnectorKVEvents
@@ -47,36 +37,14 @@ def vllm_names(request: Any, block_size: int) -> list[Any] | None:
     return [maybe_convert_block_hash(h) for h in hashes]
 
 
-class BlockNames:
-    """vLLM's names for XConnector's blocks, kept by the core (`VllmBlockNames`), made on first
-    use so that this module imports without the extension."""
-
-    def __init__(self, capacity: int | None = None) -> None:
-        self._capacity = capacity
-
-    @cached_property
-    def core(self) -> Any:
-        return native().VllmBlockNames(self._capacity)
-
-    def learn(
-        self, engine_block: int, block_size: int, tokens: Any, names: Any, extras: Any
-    ) -> None:
-        lora, salt = extras["lora_name"], extras["cache_salt"]
-        self.core.learn(engine_block, block_size, tokens, names, lora_name=lora, cache_salt=salt)
-
-    def of(self, h: int, k: int, medium: str | None = None) -> list[Any]:
-        """The names block `h` goes by (in `medium`, if it was reported stored there)."""
-        return self.core.of(h, k, medium)  # type: ignore[no-any-return]
-
-
 def events_for_vllm(
-    changes: Sequence[Change], block_size: int, engine_block: int, names: BlockNames | None = None
+    changes: Sequence[Change], block_size: int, engine_block: int, names: Any = None
 ) -> list[KVCacheEvent]:
     """vLLM events for the engine's changes; `block_size` is vLLM's, `engine_block` XConnector's
-    (a multiple of it)."""
-    core = (names if names is not None else BlockNames()).core
+    (a multiple of it); `names`, a native `VllmBlockNames`, holds vLLM's names learnt so far."""
+    names = native().VllmBlockNames() if names is None else names
     out: list[KVCacheEvent] = []
-    for kind, medium, ids, parent, tokens, lora, keys in core.events(
+    for kind, medium, ids, parent, tokens, lora, keys in names.events(
         changes, block_size, engine_block
     ):
         if kind == "removed":
@@ -124,10 +92,7 @@ class RankAgreement:
 
     def __init__(self, world: int) -> None:
         self.world = world
-
-    @cached_property
-    def core(self) -> Any:
-        return native().VllmRankAgreement(self.world)
+        self.core = native().VllmRankAgreement(world)
 
     def merge(self, batches: list[list[KVCacheEvent]]) -> list[KVCacheEvent]:
         out: list[KVCacheEvent] = []

@@ -1,15 +1,6 @@
-"""Scheduler-side lookups across processes.
-
-With tensor or pipeline parallelism every worker rank is a process of its own, holding its own
-part of each block's KV, while vLLM's scheduler (which asks "how many tokens can you load?") runs
-elsewhere. Each rank's engine answers lookups on a Unix socket, from native threads; the
-scheduler asks every rank at once and takes the minimum, so it promises only what every rank can
-load. A rank that does not answer in time (100 ms), or that it refuses, makes the answer 0.
-
-Trust: the sockets live in a directory private to this user (`XCONNECTOR_SOCKET_DIR`, else
-`$XDG_RUNTIME_DIR/xconnector`, else `<tmp>/xconnector-<uid>`), and each side checks that the
-other runs as this user, so no other local user can read prompts or answer lookups. The wire
-format, bounds and timeouts are in `xconnector_core::lookup_service`.
+"""Scheduler-side lookups across processes (tensor or pipeline parallel > 1): each rank's engine
+answers on a Unix socket in a directory private to this user; the scheduler asks every rank and
+takes the smallest answer. Rules, trust checks, wire format: `xconnector_core::lookup_service`.
 """
 
 from __future__ import annotations
