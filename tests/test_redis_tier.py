@@ -83,6 +83,9 @@ def test_a_prompt_longer_than_memory_reaches_redis_whole(redis: RedisServer) -> 
     assert writer.flush(30)
     stats = writer.stats()
     assert (stats["store_spilled_blocks"], stats["redis_written_blocks"]) == (12, 20)
+    # Stored again: what Redis holds is neither copied nor sent again.
+    assert writer.store(toks, block_payload(toks)) == 0
+    assert writer.stats()["store_spilled_blocks"] == 12
     reader = engine(redis.url, blocks=8)
     assert reader.lookup(toks) == 20 * BLOCK
     out = bytearray(20 * BLOCK_BYTES)

@@ -441,7 +441,7 @@ impl Engine {
         let (rejected, out_of_room) = (reserved.res.rejected, reserved.res.out_of_room);
         // Copied for the lower tiers while the slots are still ours: once published they may be
         // evicted and reused at any moment.
-        let mut behind: Vec<Pending> = match (&self.lower, &self.redis) {
+        let behind: Vec<Pending> = match (&self.lower, &self.redis) {
             (None, None) => Vec::new(),
             _ => reserved.res.new_blocks[..filled]
                 .iter()
@@ -456,13 +456,6 @@ impl Engine {
                 .collect(),
         };
         let res = reserved.publish(filled);
-        // A prompt longer than memory holds: the blocks memory has no room for go straight to
-        // the tiers below, after their parents, so disk and Redis hold the whole prompt.
-        let spilled = if out_of_room && all_filled && (self.lower.is_some() || self.redis.is_some()) {
-            self.spill(tokens, extras, &hashes, &digests, ns, hashes.len() - rejected, &mut fill, &mut behind)
-        } else {
-            0
-        };
         if !behind.is_empty() {
             for (name, policy) in self.router.write_plan(Some("tier")) {
                 if policy != WritePolicy::WriteBehind {
@@ -479,6 +472,13 @@ impl Engine {
                 }
             }
         }
+        // A prompt longer than memory holds: the blocks memory has no room for go straight to
+        // the tiers below, after their parents (queued above), so disk and Redis hold the whole prompt.
+        let spilled = if out_of_room && all_filled {
+            self.spill(tokens, extras, &hashes, &digests, ns, hashes.len() - rejected, &mut fill)
+        } else {
+            0
+        };
         if let Some(events) = &self.events {
             self.announce(events, tokens, extras, &hashes, &res);
         }
@@ -614,8 +614,10 @@ impl Engine {
         }
     }
 
-    /// Copies blocks `from..` of a store (those memory had no room for) for the tiers below,
-    /// appending them to `behind`; returns how many.
+    /// Sends blocks `from..` of a store (those memory had no room for) straight to the
+    /// write-behind tiers below, one block at a time (never more than one block's copy at
+    /// once): skipping the leading run the tiers below hold already (the first of disk, then
+    /// Redis), and stopping at the first block no queue takes. Returns how many were queued.
     #[allow(clippy::too_many_arguments)]
     fn spill(
         &self,
@@ -626,20 +628,40 @@ impl Engine {
         ns: u64,
         from: usize,
         fill: &mut impl FnMut(usize, &mut [u8]),
-        behind: &mut Vec<Pending>,
     ) -> usize {
+        let behind = |tier: &str| {
+            self.router.write_plan(Some("tier")).iter().any(|(name, p)| name == tier && *p == WritePolicy::WriteBehind)
+        };
+        let disk = self.lower.as_ref().filter(|_| behind("disk"));
+        let redis = self.redis.as_ref().filter(|_| behind("redis"));
+        let held = match (disk, redis) {
+            (Some(lower), _) => lower.disk.contains_prefix(ns, &hashes[from..]),
+            (None, Some(redis)) => redis.contains_prefix(ns, &hashes[from..]),
+            (None, None) => return 0,
+        };
         let mut spilled = 0;
-        for i in from..hashes.len() {
+        for i in from + held..hashes.len() {
             if faults::check(FaultPoint::StoreCopy).is_err() {
                 break; // the blocks from here on are not stored
             }
             let mut data = vec![0; self.cfg.block_bytes];
             fill(i, &mut data);
-            let change = self
-                .journal
-                .get()
-                .map(|_| BlockChange::stored(Medium::Disk, hashes, tokens, self.cfg.block_size, i..i + 1, extras));
-            behind.push(Pending { ns, hash: hashes[i], digest: digests[i], depth: i as u32, data, change });
+            let (hash, digest) = (hashes[i], digests[i]);
+            let mut queued = false;
+            if let Some(redis) = redis {
+                let data = if disk.is_some() { data.clone() } else { std::mem::take(&mut data) };
+                queued |= redis.put_behind(Write { ns, hash, digest, data });
+            }
+            if let Some(lower) = disk {
+                let change = self
+                    .journal
+                    .get()
+                    .map(|_| BlockChange::stored(Medium::Disk, hashes, tokens, self.cfg.block_size, i..i + 1, extras));
+                queued |= self.queue_disk(lower, Pending { ns, hash, digest, depth: i as u32, data, change });
+            }
+            if !queued {
+                break; // the queues are full: the rest would be dropped too
+            }
             spilled += 1;
         }
         spilled
@@ -656,12 +678,19 @@ impl Engine {
                 data: p.data.clone(),
                 change: p.change.clone(),
             };
-            lower.in_flight.fetch_add(1, Relaxed);
-            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = lower.queue.try_send(p) {
-                lower.in_flight.fetch_sub(1, Relaxed);
-                self.counters.write_behind_dropped.fetch_add(1, Relaxed);
-            }
+            self.queue_disk(lower, p);
         }
+    }
+
+    /// Queues one block for the disk tier; false (counted) when the queue is full.
+    fn queue_disk(&self, lower: &Lower, p: Pending) -> bool {
+        lower.in_flight.fetch_add(1, Relaxed);
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = lower.queue.try_send(p) {
+            lower.in_flight.fetch_sub(1, Relaxed);
+            self.counters.write_behind_dropped.fetch_add(1, Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Copies the blocks after the memory tier's prefix that lower tiers hold (in the router's

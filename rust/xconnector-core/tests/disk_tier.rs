@@ -197,8 +197,29 @@ fn a_prompt_longer_than_memory_reaches_the_disk_whole() {
     assert_eq!(e.load(&tokens, &mut out, X).unwrap(), 20 * BS);
     assert_eq!(out, payload(&tokens));
     assert_eq!(e.stats().tier.entries, 8);
-    // Stored again: nothing new, nothing spilled twice.
+    // Stored again: the blocks the disk holds are neither copied nor queued again.
     let again = e.store(&tokens, &payload(&tokens), X).unwrap();
+    assert_eq!((again.spilled, again.rejected), (0, 12), "{again:?}");
     assert!(e.flush(Duration::from_secs(10)));
-    assert_eq!(e.stats().disk.unwrap().entries, 20, "{again:?}");
+    assert_eq!(e.stats().disk.unwrap().entries, 20);
+}
+
+#[test]
+fn a_spill_stops_at_a_full_queue_and_counts_only_what_was_queued() {
+    // A disk queue of 2 blocks behind an 8-block memory and a 200-block prompt. However fast the
+    // writer thread drains it, every block written is one a queue took: memory's 8 (each queued
+    // or dropped, counted) and the spilled ones; the spill stops at the first block refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = engine(dir.path(), 8, 400).config().clone();
+    cfg.disk.as_mut().unwrap().queue_blocks = 2;
+    let e = Engine::new(cfg).unwrap();
+    let tokens: Vec<u32> = (9000..9000 + 200 * BS as u32).collect();
+    let out = e.store(&tokens, &payload(&tokens), X).unwrap();
+    assert_eq!((out.stored, out.stored + out.spilled + out.rejected), (8, 200), "{out:?}");
+    assert!(e.flush(Duration::from_secs(10)));
+    let s = e.stats();
+    let (on_disk, dropped) = (s.disk.unwrap().entries as usize, s.write_behind_dropped as usize);
+    let refused = usize::from(out.rejected > 0);
+    assert_eq!(on_disk + dropped, 8 + out.spilled + refused, "{out:?} {on_disk} {dropped}");
+    assert_eq!(s.store_spilled_blocks, out.spilled as u64);
 }
