@@ -24,10 +24,22 @@ def test_sdk_stats_counts_and_exposes_families() -> None:
         "xconnector_receives",
         "xconnector_prompt_tokens",
         "xconnector_served_tokens",
+        "xconnector_step_wait_seconds",
     }
     (sample,) = families["xconnector_fallbacks"].samples
     assert (sample.labels, sample.value) == ({"reason": "cache_backoff"}, 2)
     assert families["xconnector_served_tokens"].samples[0].value == 16
+    # How long steps waited inside XConnector, by op: a histogram per op, read back as exported.
+    s.step_wait("save", 0.004)
+    s.step_wait("save", 0.002)
+    assert s.step_waits() == {"load": (0, 0.0), "save": (2, pytest.approx(0.006))}
+    waits = next(
+        f
+        for f in text_string_to_metric_families(s.prometheus())
+        if f.name.endswith("step_wait_seconds")
+    )
+    counts = {x.labels["op"]: x.value for x in waits.samples if x.name.endswith("_count")}
+    assert counts == {"load": 0, "save": 2}
 
 
 def test_peer_overlap_ranks_in_tokens_and_ignores_itself() -> None:

@@ -8,8 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use parking_lot::Mutex;
+
+use crate::histogram::{Histogram, HistogramSnapshot};
+
+/// What a step of the host's forward pass waits for inside XConnector, one histogram each
+/// (`xconnector_step_wait_seconds{op=...}`): loading KV before it, saving KV after it.
+pub const STEP_WAITS: [&str; 2] = ["load", "save"];
 
 /// Counters exported as plain families: (metric name without `_total`, help, counter key).
 pub const PLAIN_FAMILIES: [(&str, &str, &str); 3] = [
@@ -27,6 +34,7 @@ struct Inner {
 #[derive(Default)]
 pub struct SdkStats {
     inner: Mutex<Inner>,
+    waits: [Histogram; STEP_WAITS.len()],
 }
 
 fn bump(map: &mut BTreeMap<String, u64>, name: &str, n: u64) -> u64 {
@@ -52,6 +60,18 @@ impl SdkStats {
     /// A call fell back to the worker's own path for `reason`; how many times it has so far.
     pub fn fallback(&self, reason: &str) -> u64 {
         bump(&mut self.inner.lock().fallbacks, reason, 1)
+    }
+
+    /// A step waited `d` inside XConnector for `op` (one of [`STEP_WAITS`]; others are ignored).
+    pub fn step_wait(&self, op: &str, d: Duration) {
+        if let Some(i) = STEP_WAITS.iter().position(|&o| o == op) {
+            self.waits[i].observe(d);
+        }
+    }
+
+    /// `(op, histogram)` for each of [`STEP_WAITS`].
+    pub fn step_waits(&self) -> Vec<(&'static str, HistogramSnapshot)> {
+        STEP_WAITS.iter().zip(&self.waits).map(|(&op, h)| (op, h.snapshot())).collect()
     }
 
     pub fn counters(&self) -> BTreeMap<String, u64> {
@@ -88,6 +108,17 @@ impl SdkStats {
             let _ = writeln!(out, "# TYPE xconnector_{family}_total counter");
             let _ = writeln!(out, "xconnector_{family}_total {n}");
         }
+        let name = "xconnector_step_wait_seconds";
+        let _ = writeln!(out, "# HELP {name} Time a step of the forward pass waited inside XConnector, by op.");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (op, h) in self.step_waits() {
+            for (bound, n) in &h.buckets {
+                let le = if bound.is_infinite() { "+Inf".to_owned() } else { format!("{bound}") };
+                let _ = writeln!(out, "{name}_bucket{{op=\"{op}\",le=\"{le}\"}} {n}");
+            }
+            let _ = writeln!(out, "{name}_count{{op=\"{op}\"}} {}", h.count);
+            let _ = writeln!(out, "{name}_sum{{op=\"{op}\"}} {}", h.sum_seconds);
+        }
         out
     }
 }
@@ -116,6 +147,21 @@ mod tests {
         });
         assert_eq!(firsts, 1);
         assert_eq!(s.fallbacks()["x"], 8);
+    }
+
+    #[test]
+    fn step_waits_are_histograms_by_op_and_always_exported() {
+        let s = SdkStats::new();
+        assert!(s.prometheus().contains("xconnector_step_wait_seconds_count{op=\"save\"} 0\n"));
+        s.step_wait("load", Duration::from_millis(3));
+        s.step_wait("load", Duration::from_micros(40));
+        s.step_wait("bogus", Duration::from_secs(1));
+        let waits = s.step_waits();
+        assert_eq!((waits[0].0, waits[0].1.count, waits[1].1.count), ("load", 2, 0));
+        assert!((waits[0].1.sum_seconds - 0.00304).abs() < 1e-9);
+        let text = s.prometheus();
+        assert!(text.contains("xconnector_step_wait_seconds_bucket{op=\"load\",le=\"0.00005\"} 1\n"), "{text}");
+        assert!(text.contains("xconnector_step_wait_seconds_bucket{op=\"load\",le=\"+Inf\"} 2\n"));
     }
 
     #[test]

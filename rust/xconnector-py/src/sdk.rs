@@ -47,6 +47,21 @@ impl SdkStats {
         guarded(py, || Ok(self.inner.hit_rate()))
     }
 
+    /// A step of the forward pass waited `seconds` inside XConnector for `op` (`load`, `save`).
+    fn step_wait(&self, py: Python<'_>, op: &str, seconds: f64) -> PyResult<()> {
+        guarded(py, || {
+            self.inner.step_wait(op, Duration::try_from_secs_f64(seconds.max(0.0)).unwrap_or_default());
+            Ok(())
+        })
+    }
+
+    /// `{op: (count, sum of seconds)}` of the step waits.
+    fn step_waits(&self, py: Python<'_>) -> PyResult<BTreeMap<String, (u64, f64)>> {
+        guarded(py, || {
+            Ok(self.inner.step_waits().into_iter().map(|(op, h)| (op.to_owned(), (h.count, h.sum_seconds))).collect())
+        })
+    }
+
     /// The SDK's own families in Prometheus' text format.
     fn prometheus(&self, py: Python<'_>) -> PyResult<String> {
         guarded(py, || Ok(self.inner.prometheus()))
