@@ -53,9 +53,12 @@ impl EnginePool {
         &self,
         kv_block_size: u64,
         kv_block_bytes: u64,
-        namespace: Namespace,
+        mut namespace: Namespace,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Arc<Engine>> {
+        // `extra` is a set of entries: the same entries in another order are the same namespace
+        // (its id sorts them too), so they must find the same engine.
+        namespace.extra.sort();
         let mut inner = self.inner.lock();
         if !inner.running {
             return Err(CoreError::config(format!("the {} adapter is stopped", self.name)));
@@ -168,5 +171,19 @@ mod tests {
             PeerEventsSettings { nats_url: "nats://h:4222".into(), subject: "s".into(), worker_id: "w".into() };
         pool.set_events(Some(events.clone()));
         assert_eq!(pool.settings().events, Some(events));
+    }
+
+    #[test]
+    fn extra_entries_in_any_order_find_the_same_engine() {
+        let pool = started("lmcache", settings(1 << 20, None));
+        let ns = |extra: &[(&str, &str)]| Namespace {
+            model: "m".into(),
+            extra: extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ..Namespace::default()
+        };
+        let a = pool.engine_for(16, 256, ns(&[("a", "1"), ("b", "2")]), &no_env).unwrap();
+        let b = pool.engine_for(16, 256, ns(&[("b", "2"), ("a", "1")]), &no_env).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(pool.engines().len(), 1);
     }
 }

@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::host::{Host, EXIT_INVALID, EXIT_OK};
+use crate::config::secrets::redact_url;
 
-/// The longest a read of the endpoint may take (connect, and each read).
+/// The longest a read of the endpoint may take, connecting included.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// A metrics page larger than this is not a metrics page.
 const MAX_BODY: u64 = 64 << 20;
@@ -20,19 +21,20 @@ pub type Sample = (BTreeMap<String, String>, f64);
 pub type Samples = BTreeMap<String, Vec<Sample>>;
 
 pub fn run(url: &str, host: &mut dyn Host) -> io::Result<i32> {
+    let shown = redact_url(url); // a password in the URL is not printed
     let text = match http_get(url, TIMEOUT) {
         Ok(text) => text,
         Err(e) => {
-            host.err(&format!("error: cannot read {url}: {e}\n"))?;
+            host.err(&format!("error: cannot read {shown}: {e}\n"))?;
             return Ok(EXIT_INVALID);
         }
     };
     let samples = parse(&text);
     if samples.is_empty() {
-        host.err(&format!("error: {url} serves no xconnector_ metrics; is XConnector on in that worker?\n"))?;
+        host.err(&format!("error: {shown} serves no xconnector_ metrics; is XConnector on in that worker?\n"))?;
         return Ok(EXIT_INVALID);
     }
-    host.out(&format!("XConnector at {url}\n{}", report(&samples)))?;
+    host.out(&format!("XConnector at {shown}\n{}", report(&samples)))?;
     Ok(EXIT_OK)
 }
 
@@ -114,6 +116,29 @@ pub fn human_bytes(n: f64) -> String {
     format!("{n:.1} TiB")
 }
 
+/// How long steps of the forward pass waited inside XConnector for `op` (the SDK's
+/// `xconnector_step_wait_seconds` histogram): the mean and the bucket bound holding the 99th
+/// percentile; empty when no step waited for it.
+fn step_wait(s: &Samples, op: &str) -> String {
+    let name = "xconnector_step_wait_seconds";
+    let n = sum(s, &format!("{name}_count"), Some(("op", op)));
+    if n <= 0.0 {
+        return String::new();
+    }
+    let mean = sum(s, &format!("{name}_sum"), Some(("op", op))) / n;
+    let mut bounds: Vec<(f64, f64)> = s
+        .get(&format!("{name}_bucket"))
+        .into_iter()
+        .flatten()
+        .filter(|(l, _)| l.get("op").is_some_and(|o| o == op))
+        .filter_map(|(l, v)| Some((l.get("le")?.parse::<f64>().ok()?, *v)))
+        .collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let p99 = bounds.iter().find(|(_, c)| *c >= 0.99 * n).map_or(f64::INFINITY, |(b, _)| *b);
+    let p99 = if p99.is_finite() { format!("{:.3} ms", p99 * 1e3) } else { "over the last bucket".to_owned() };
+    format!("  step {op:<7} waited {:.3} ms per step on average, p99 <= {p99} ({} steps)\n", mean * 1e3, n as i64)
+}
+
 /// The report `stats` prints under its first line.
 pub fn report(s: &Samples) -> String {
     let count = |name: &str| total(s, name) as i64;
@@ -138,6 +163,9 @@ pub fn report(s: &Samples) -> String {
             let gbs = total(s, &format!("xconnector_bytes_{name}_total")) / seconds / 1e9;
             out += &format!("  {op} speed  {gbs:.2} GB/s (bytes over time spent in {op}s)\n");
         }
+    }
+    for op in ["load", "save"] {
+        out += &step_wait(s, op);
     }
     let tiers: BTreeSet<&String> =
         s.get("xconnector_tier_bytes").into_iter().flatten().filter_map(|(l, _)| l.get("tier")).collect();
@@ -178,6 +206,8 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
         None => return Err("not a URL; give one like http://127.0.0.1:9400/metrics".to_owned()),
     };
     let (authority, path) = rest.find(['/', '?']).map_or((rest, "/"), |at| rest.split_at(at));
+    // User info is not sent anywhere: metrics ports take no credentials in the URL.
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let path = if path.starts_with('?') { format!("/{path}") } else { path.to_owned() };
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !p.contains(']') => (h, p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
@@ -197,18 +227,53 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
         }
     }
     let mut stream = stream.ok_or(last)?;
+    let deadline = Instant::now() + timeout;
     let fetch = |stream: &mut TcpStream| -> io::Result<Vec<u8>> {
-        stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes())?;
+        // Read until the response is complete (by its length, its last chunk, or the server
+        // closing), under one deadline for the whole response however slowly it trickles in.
         let mut raw = Vec::new();
-        stream.take(MAX_BODY).read_to_end(&mut raw)?;
+        let mut buf = [0u8; 64 << 10];
+        let late = || io::Error::new(io::ErrorKind::TimedOut, "no complete response in time");
+        while !response_complete(&raw) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if raw.len() as u64 > MAX_BODY {
+                return Err(io::Error::other("the page is over 64 MiB: not a metrics page"));
+            }
+            if left.is_zero() {
+                return Err(late());
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(late()),
+                Err(e) => return Err(e),
+            }
+        }
         Ok(raw)
     };
     let raw = fetch(&mut stream).map_err(|e| e.to_string())?;
     response_body(&raw)
+}
+
+/// Whether `raw` holds a whole response: its headers and a body of the `Content-Length` they
+/// give, or a chunked body up to its last chunk (without either, only the server closing ends it).
+fn response_complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    let header = |name: &str| {
+        head.split("\r\n")
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_owned()))
+    };
+    if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        return body.len() >= len;
+    }
+    header("transfer-encoding").is_some_and(|v| v.contains("chunked")) && dechunk(body).is_ok()
 }
 
 /// The body of a whole HTTP/1.x response, when its status is 200.
@@ -312,6 +377,17 @@ xconnector_broken
     }
 
     #[test]
+    fn the_report_says_how_long_steps_waited() {
+        let sdk = crate::sdk_stats::SdkStats::new();
+        for ms in [1, 1, 2, 40] {
+            sdk.step_wait("save", std::time::Duration::from_millis(ms));
+        }
+        let r = report(&parse(&sdk.prometheus()));
+        assert!(r.contains("  step save    waited 11.000 ms per step on average, p99 <= 50.000 ms (4 steps)\n"), "{r}");
+        assert!(!r.contains("step load"), "no step waited for a load: {r}");
+    }
+
+    #[test]
     fn human_bytes_as_python_printed_them() {
         assert_eq!(human_bytes(0.0), "0 B");
         assert_eq!(human_bytes(1023.9), "1023 B");
@@ -360,6 +436,46 @@ xconnector_broken
         let mut h = super::super::host::Captured::default();
         assert_eq!(h.run(&["stats", &format!("http://{closed}/metrics")]), EXIT_INVALID);
         assert!(h.err.starts_with(&format!("error: cannot read http://{closed}/metrics: ")), "{}", h.err);
+    }
+
+    /// A server that answers with `head`, then trickles `drip` one byte at a time, and keeps the
+    /// connection open until the client goes.
+    fn keep_open(head: &'static [u8], drip: &'static [u8]) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://user:s3cret@{}/metrics", listener.local_addr().unwrap());
+        thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let _ = conn.read(&mut [0u8; 1024]);
+            conn.write_all(head).unwrap();
+            for b in drip.iter().cycle() {
+                if conn.write_all(&[*b]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn a_complete_response_is_read_without_waiting_for_the_server_to_close() {
+        // Keep-alive servers ignore `Connection: close`: the Content-Length says it is all there.
+        let url = keep_open(b"HTTP/1.1 200 OK\r\nContent-Length: 26\r\n\r\nxconnector_lookup_total 1\n", b"");
+        assert_eq!(http_get(&url, TIMEOUT).unwrap(), "xconnector_lookup_total 1\n");
+    }
+
+    #[test]
+    fn a_trickling_server_cannot_hold_the_command_past_its_deadline() {
+        let url = keep_open(b"HTTP/1.1 200 OK\r\n\r\n", b"x");
+        let err = http_get(&url, Duration::from_millis(300)).unwrap_err();
+        assert!(err.contains("no complete response in time"), "{err}");
+        // The URL's password is neither shown nor sent.
+        let mut h = super::super::host::Captured::default();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        assert_eq!(h.run(&["stats", &format!("http://admin:hunter2@{addr}/metrics")]), EXIT_INVALID);
+        assert!(!h.err.contains("hunter2") && h.err.contains(&addr.to_string()), "{}", h.err);
     }
 
     #[test]

@@ -25,7 +25,11 @@ pub fn redact_url(text: &str) -> String {
 fn redact_one(text: &str) -> String {
     let Some(s) = text.find("://") else { return hide_bare_userinfo(text) };
     let (head, rest) = text.split_at(s + 3);
-    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    // The user-info runs to the last `@` before any next URL, spaces included (a password may
+    // hold them); the URL ends at the first space after it.
+    let scope = &rest[..rest.find("://").unwrap_or(rest.len())];
+    let host = scope.rfind('@').map_or(0, |at| at + 1);
+    let end = host + rest[host..].find(char::is_whitespace).unwrap_or(rest.len() - host);
     let (url, tail) = rest.split_at(end);
     let shown = match url.rfind('@') {
         None => url.to_owned(),
@@ -102,6 +106,8 @@ mod tests {
     fn url_passwords_and_tokens_are_hidden() {
         assert_eq!(redact_url("redis://:hunter2@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
         assert_eq!(redact_url("rediss://app:hunter2@h:6380"), "rediss://app:***@h:6380");
+        // A password with spaces in it: the user-info still runs to the last `@`.
+        assert_eq!(redact_url("rediss://:pa ss S3CR3T9@127.0.0.1:1 down"), "rediss://:***@127.0.0.1:1 down");
         // Written without `//`: still user info.
         assert_eq!(redact_url("bad \"redis:hunter2@127.0.0.1:6379\" x"), "bad \"redis:***@127.0.0.1:6379\" x");
         assert_eq!(redact_url("redis::pw@h"), "redis:***@h");
