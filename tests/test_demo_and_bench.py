@@ -54,7 +54,7 @@ def test_main_job_demo_with_the_kill_switch_computes_everything() -> None:
 
 
 def test_engine_demo_shows_a_full_hit_and_a_prefix_hit() -> None:
-    r = run(sys.executable, "-m", "xconnector.demo", "--cache-mib", "256")
+    r = run(sys.executable, str(ROOT / "examples" / "engine_demo.py"), "--cache-mib", "256")
     lines = r.stdout.splitlines()
     first = next(ln for ln in lines if ln.startswith("1."))
     again = next(ln for ln in lines if ln.startswith("2."))

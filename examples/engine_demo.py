@@ -4,7 +4,7 @@ the prompt (or a prompt sharing its prefix) is served from the cache instead of 
 The KV here is random bytes shaped like a small Llama's (8 layers x 8 KV heads x 128 dims, fp16),
 since no model runs in this demo; the engine treats payloads as opaque bytes either way.
 
-Run: `python -m xconnector.demo` (see README).
+Run: `python examples/engine_demo.py` (see README).
 """
 
 from __future__ import annotations
