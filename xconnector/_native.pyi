@@ -29,6 +29,7 @@ __all__ = [
     "_inject_fault",
     "block_ids_from_slots",
     "cli_main",
+    "config_check_machine",
     "config_discover",
     "config_engine_settings",
     "config_env_vars",
@@ -41,6 +42,7 @@ __all__ = [
     "config_resolve_document",
     "config_runtime_problems",
     "config_setting_bytes",
+    "config_worker_patches",
     "detect_kv_layout",
     "key_tokens",
     "kv_block_dim",
@@ -582,6 +584,10 @@ def config_engine_settings(
     section: Mapping[str, Any], source: str = "<section>"
 ) -> dict[str, Any]: ...
 def config_runtime_problems(section: Mapping[str, Any]) -> list[tuple[str, bool]]: ...
+def config_check_machine(section: Mapping[str, Any], strict: bool) -> bool: ...
+def config_worker_patches(
+    config: Mapping[str, Any], section: bool, source: str, service: str | None, strict: bool
+) -> bool: ...
 def config_discover(environ: Mapping[str, str], argv: list[str]) -> _Resolved: ...
 def config_env_vars() -> list[str]: ...
 def config_read_document(path: str) -> Any: ...

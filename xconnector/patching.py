@@ -48,12 +48,6 @@ def replace(owner: type, name: str, new: Any) -> None:
         setattr(owner, name, new)
 
 
-def patched() -> list[tuple[type, str]]:
-    """What is patched now: (class, attribute)."""
-    with lock:
-        return [(owner, name) for owner, name, _ in _patches]
-
-
 def call_hook(hook: Callable[[Any], None], arg: Any, what: str) -> None:
     """`hook(arg)`, its failure logged: the host's import or class statement must succeed."""
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from xconnector._native import Engine, EnginePool
+from xconnector._native import EnginePool
 from xconnector.adapters.base import Adapter
 from xconnector.config.schema import AdapterConfig, SDKConfig
 
@@ -40,10 +40,8 @@ class LMCacheAdapter(Adapter):
         #: The engines' settings, decided natively and redacted: `memory_bytes`, `chunk_size`
         #: (tokens per cached block; None: one KV block), `disk` and `redis` tiers, `events`.
         self.engine_settings: dict[str, Any] = self.pool.settings
-
-    def engine_for(self, **geometry_and_namespace: Any) -> Engine:
-        """The engine for one KV geometry and namespace (`EnginePool.engine_for`)."""
-        return self.pool.engine_for(**geometry_and_namespace)
+        #: The engine for one KV geometry and namespace, built on first use.
+        self.engine_for = self.pool.engine_for
 
     def start(self) -> None:
         self.pool.start()

@@ -6,8 +6,6 @@ The reading, overlaying and validation run in the native core.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -16,7 +14,6 @@ from typing import Any
 
 from xconnector._loader import load_native
 from xconnector.config.schema import SDKConfig
-from xconnector.exceptions import ConfigError
 
 __all__ = [
     "DetectedConfig",
@@ -117,24 +114,9 @@ def load_config_from_dynamo(
     return resolve_dynamo_config(dynamo_config, service=service).config
 
 
-log = logging.getLogger("xconnector")
-_checked: dict[str, bool] = {}
-
-
 def check_this_machine(section: Mapping[str, Any], *, strict: bool) -> bool:
     """What only this machine can tell about a valid section (disk directory, the auth key's
-    variable, Redis answering), checked once per process and section, before the first request.
-    Each problem is logged once; False when XConnector cannot run at all. With `strict`, any
-    problem is a `ConfigError` (startup stops)."""
-    key = json.dumps(section, sort_keys=True, default=str)
-    if key in _checked:
-        return _checked[key]
-    problems = load_native().config_runtime_problems(section)
-    if problems and strict:
-        said = "; ".join(message for message, _ in problems)
-        raise ConfigError(f"XConnector cannot start on this machine: {said}")
-    for message, fatal in problems:
-        what = "is off, the worker runs without it" if fatal else "runs degraded"
-        log.error("XConnector %s: %s", what, message)
-    _checked[key] = not any(fatal for _, fatal in problems)
-    return _checked[key]
+    variable, Redis answering), checked once per process and config, before the first request.
+    Each problem is logged once (natively); False when XConnector cannot run at all. With
+    `strict`, any problem is a `ConfigError` (startup stops)."""
+    return bool(load_native().config_check_machine(section, strict))

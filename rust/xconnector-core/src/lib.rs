@@ -37,6 +37,7 @@ pub mod router_calls;
 pub mod runtime;
 pub mod sdk_plan;
 pub mod sdk_stats;
+pub mod startup_check;
 pub mod stats;
 pub mod transfer_plan;
 pub mod v0_batch;

@@ -20,6 +20,7 @@ mod replay;
 mod router;
 mod sdk;
 mod sdk_plan;
+mod startup_check;
 mod transfer_plan;
 mod v0_batch;
 mod vllm_events;
@@ -138,6 +139,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vllm_transfer::vllm_transfer_config, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_engine_settings, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_runtime_problems, m)?)?;
+    m.add_function(wrap_pyfunction!(startup_check::config_check_machine, m)?)?;
+    m.add_function(wrap_pyfunction!(startup_check::config_worker_patches, m)?)?;
     m.add_function(wrap_pyfunction!(migrate::config_migrate, m)?)?;
     m.add_function(wrap_pyfunction!(cli::cli_main, m)?)?;
     Ok(())

@@ -30,7 +30,6 @@ V0_CONNECTOR_METHODS = ("recv_kv_caches_and_hidden_states", "send_kv_caches_and_
 V0_CONNECTOR_MODULE = "vllm.distributed.kv_transfer.kv_connector.base"
 
 _installed = False
-patched = patching.patched
 
 
 def patch_class(
@@ -132,23 +131,14 @@ def install(environ: Mapping[str, str] | None = None, argv: Sequence[str] | None
             native = load_native()
             wanted = {k: env[k] for k in native.config_env_vars() if k in env}
             found = native.config_discover(wanted, list(sys.argv if argv is None else argv))
-            config, service = found["config"], found["service"]
-            strict = strict or config["integration"]["strict"]
-            services = config["integration"]["services"]
-            if found["section"] is None or not config["enabled"]:
-                log.debug("XConnector is off (config source: %s)", found["source"])
-                return False
-            if service is not None and service not in services:
-                log.debug("XConnector: service %s not in %s; nothing patched", service, services)
-                return False
-            # A listed service's worker: what only this machine can tell (disk directory, auth
-            # key variable, Redis), once, before the first request. Other processes that import
-            # the graph (supervisor, frontend) stay cheap.
-            from xconnector.config.discovery import DetectedConfig, check_this_machine
-
-            if service is not None and not check_this_machine(config, strict=strict):
+            strict = strict or found["config"]["integration"]["strict"]
+            # Off, another Dynamo service (supervisor, frontend: kept cheap), or a listed
+            # service's worker this machine cannot run XConnector in (checked once, natively).
+            where = (found["section"] is not None, found["source"], found["service"], strict)
+            if not native.config_worker_patches(found["config"], *where):
                 return False
             # A worker process: from here on, the full SDK.
+            from xconnector.config.discovery import DetectedConfig
             from xconnector.integrations.vllm import engine_config
             from xconnector.sdk import process
 

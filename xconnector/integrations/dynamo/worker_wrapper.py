@@ -99,12 +99,8 @@ def _wrap(original: Callable[..., Any], get_sdk: SdkProvider, kind: str) -> Call
     return chosen
 
 
-def make_recv_wrapper(original: Callable[..., Any], get_sdk: SdkProvider) -> Callable[..., Any]:
-    return _wrap(original, get_sdk, "receive")
-
-
-def make_send_wrapper(original: Callable[..., Any], get_sdk: SdkProvider) -> Callable[..., Any]:
-    return _wrap(original, get_sdk, "send")
+make_recv_wrapper = functools.partial(_wrap, kind="receive")
+make_send_wrapper = functools.partial(_wrap, kind="send")
 
 
 def wrap_methods(target: Any, source: Any, get_sdk: SdkProvider) -> bool:

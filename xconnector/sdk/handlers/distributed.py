@@ -22,7 +22,10 @@ class DistributedHandler:
         self.worker_id = worker_id
         self._kv = kv
         self._block_size = block_size
-        self._index = PeerOverlap(worker_id)
+        self._index = index = PeerOverlap(worker_id)
+        #: `peers()`: other workers seen, with the number of blocks each announced.
+        self.peers, self.forget_worker = index.peers, index.forget
+        self.stop_following = index.stop_following
 
     @property
     def events_applied(self) -> int:
@@ -40,9 +43,6 @@ class DistributedHandler:
             return False
         return True
 
-    def stop_following(self) -> None:
-        self._index.stop_following()
-
     def _request(self, tokens: Any, local: bool = True) -> tuple[list[int], int, int]:
         """(block hashes, block size, tokens this worker's engine holds) for `tokens`; the block
         size is the engine's once it exists, else the config's."""
@@ -57,13 +57,6 @@ class DistributedHandler:
 
     def record_removed(self, worker: str, tokens: Any) -> None:
         self._index.removed(worker, self._request(tokens, local=False)[0])
-
-    def forget_worker(self, worker: str) -> None:
-        self._index.forget(worker)
-
-    def peers(self) -> list[tuple[str, int]]:
-        """Other workers seen, with the number of blocks each announced."""
-        return self._index.peers()
 
     def score(self, tokens: Any) -> list[tuple[str, int]]:
         """`[(worker, leading tokens it holds)]`, best first; this worker included when it holds

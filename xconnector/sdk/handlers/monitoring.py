@@ -12,46 +12,30 @@ from xconnector._native import SdkStats, merge_expositions
 
 
 class MonitoringHandler:
+    """The native `SdkStats`' own methods: `count`, `fallback` (a call fell back to the worker's
+    own behaviour; returns how many times so far for that reason, 1 the first, which a caller
+    logs), `counters`, `fallbacks`, `hit_rate` (share of looked-up prompt tokens served from the
+    cache), `step_wait(s)`; plus the snapshot and the Prometheus collector over them."""
+
     def __init__(
         self,
         sources: Callable[[], dict[str, Any]] | None = None,
         engines: Callable[[], list[Any]] | None = None,
     ) -> None:
-        self._stats = SdkStats()
-        self._sources = sources
-        self._engines = engines
-
-    def count(self, name: str, n: int = 1) -> None:
-        self._stats.count(name, n)
-
-    def fallback(self, reason: str) -> int:
-        """A call fell back to the worker's own behaviour, for `reason`; how many times so far
-        (1: the first, which a caller logs)."""
-        return self._stats.fallback(reason)
-
-    def counters(self) -> dict[str, int]:
-        return self._stats.counters()
-
-    def fallbacks(self) -> dict[str, int]:
-        return self._stats.fallbacks()
-
-    def hit_rate(self) -> float:
-        """Share of looked-up prompt tokens served from the cache."""
-        return self._stats.hit_rate()
+        self._stats = stats = SdkStats()
+        self.count, self.fallback, self.hit_rate = stats.count, stats.fallback, stats.hit_rate
+        self.counters, self.fallbacks = stats.counters, stats.fallbacks
+        self.step_wait, self.step_waits = stats.step_wait, stats.step_waits
+        self._sources, self._engines = sources or dict, engines or list
 
     def snapshot(self) -> dict[str, Any]:
-        sources = self._sources() if self._sources is not None else {}
-        return {
-            "counters": self.counters(),
-            "fallbacks": self.fallbacks(),
-            "hit_rate": self.hit_rate(),
-            **sources,
-        }
+        stats = {"counters": self.counters(), "fallbacks": self.fallbacks()}
+        return {**stats, "hit_rate": self.hit_rate(), **self._sources()}
 
     def prometheus_text(self) -> str:
         """Every metric in Prometheus' text format: the SDK's families and each engine's, each
         family once."""
-        engines = self._engines() if self._engines is not None else []
+        engines = self._engines()
         return merge_expositions([self._stats.prometheus(), *(e.prometheus() for e in engines)])
 
     def collector(self) -> MonitoringHandler:
