@@ -359,3 +359,28 @@ def test_the_class_hook_goes_once_the_module_ends_without_the_class(tmp_path: Pa
     )
     out = json.loads(proc.stdout)
     assert out == {"while": True, "after": False}, proc.stderr
+
+
+def test_a_class_statement_racing_the_class_hooks_removal_still_builds() -> None:
+    # Another thread's class statement looked up the wrapped __build_class__ just before the
+    # wrapper removed itself: the call must still build the class (it used to call None).
+    import builtins
+    import importlib.machinery
+    import types
+
+    from xconnector import patching
+
+    module = types.ModuleType("racing_worker")
+    module.__spec__ = importlib.machinery.ModuleSpec("racing_worker", None)
+    module.__spec__._initializing = True  # type: ignore[attr-defined]
+    sys.modules["racing_worker"] = module
+    try:
+        patching.when_class_defined("racing_worker", "Never", lambda cls: None)
+        looked_up = builtins.__build_class__
+        patching.restore_all()
+        assert builtins.__build_class__ is not looked_up
+        built = looked_up(lambda: None, "Built")
+        assert isinstance(built, type) and built.__name__ == "Built"
+    finally:
+        sys.modules.pop("racing_worker", None)
+        patching.restore_all()

@@ -121,18 +121,24 @@ _awaited: dict[tuple[str, str], Callable[[type], None]] = {}
 _original_build_class: Any = None
 
 
-def _build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> Any:
-    cls = _original_build_class(func, name, *bases, **kwargs)
-    with lock:
-        key = (getattr(cls, "__module__", ""), getattr(cls, "__qualname__", ""))
-        hook = _awaited.pop(key, None)
-        for done in [k for k in _awaited if not initializing(sys.modules.get(k[0]))]:
-            del _awaited[done]  # its module finished (or is gone) without that class
-        if not _awaited:
-            _restore_build_class()
-    if hook is not None:
-        call_hook(hook, cls, name)
-    return cls
+def _wrap_build_class(original: Any) -> Any:
+    """`__build_class__` that runs the awaited hooks; it calls the `original` it was made with,
+    so a class statement racing the wrapper's removal in another thread still works."""
+
+    def build_class(func: Any, name: str, *bases: Any, **kwargs: Any) -> Any:
+        cls = original(func, name, *bases, **kwargs)
+        with lock:
+            key = (getattr(cls, "__module__", ""), getattr(cls, "__qualname__", ""))
+            hook = _awaited.pop(key, None)
+            for done in [k for k in _awaited if not initializing(sys.modules.get(k[0]))]:
+                del _awaited[done]  # its module finished (or is gone) without that class
+            if not _awaited:
+                _restore_build_class()
+        if hook is not None:
+            call_hook(hook, cls, name)
+        return cls
+
+    return build_class
 
 
 def _restore_build_class() -> None:
@@ -149,7 +155,7 @@ def when_class_defined(module: str, qualname: str, hook: Callable[[type], None])
         _awaited[(module, qualname)] = hook
         if _original_build_class is None:
             _original_build_class = builtins.__build_class__
-            builtins.__build_class__ = _build_class  # type: ignore[assignment]
+            builtins.__build_class__ = _wrap_build_class(_original_build_class)
 
 
 def restore_all() -> None:
