@@ -87,6 +87,10 @@ def test_the_repeat_is_served_by_xconnector_with_identical_outputs(
     assert [r["cached"] for r in out["results"]] == [0, 192, 128]
     same_outputs(out, plain)
     served_what_vllm_reports(out)
+    # The step-time metric saw the steps that loaded (the repeat, the shared prefix) and saved.
+    counts = served(out)
+    assert counts["load_wait_steps"] >= 2 and counts["save_wait_steps"] >= 1, counts
+    assert counts["load_wait_seconds"] > 0 and counts["save_wait_seconds"] > 0, counts
 
 
 def test_vllms_default_layout_engine_core_in_its_own_process(

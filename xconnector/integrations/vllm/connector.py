@@ -16,9 +16,11 @@ failed; after a failure, only once vLLM has recomputed the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -264,12 +266,24 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         return not seen
 
     def _count(self, name: str, n: int = 1) -> None:
-        if self._sdk is not None:
-            self._sdk.get_monitoring_handler().count(name, n)
+        try:
+            if self._sdk is not None:
+                self._sdk.get_monitoring_handler().count(name, n)
+        except Exception as e:  # bookkeeping: never vLLM's failure
+            self._fail("metrics", e)
+
+    def _step_wait(self, op: str, started: float) -> None:
+        """A step with loads (saves) waited since `started` for them: the step-time histogram."""
+        try:
+            if self._sdk is not None:
+                self._sdk.get_monitoring_handler().step_wait(op, time.perf_counter() - started)
+        except Exception as e:  # bookkeeping: never vLLM's failure
+            self._fail("metrics", e)
 
     def _fail(self, kind: str, e: BaseException) -> None:
-        if self._sdk is not None:
-            self._sdk.get_monitoring_handler().fallback(f"v1_{kind}")
+        with contextlib.suppress(Exception):  # counting it must not fail in turn
+            if self._sdk is not None:
+                self._sdk.get_monitoring_handler().fallback(f"v1_{kind}")
         if self._once(kind):
             log.warning("XConnector %s failed, vLLM goes on without it: %s", kind, e)
 
@@ -483,6 +497,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         meta, io, engine, sdk = self._get_connector_metadata(), self._io, self._engine, self._sdk
         if not isinstance(meta, XConnectorMetadata) or not meta.loads:
             return
+        started = time.perf_counter()
         for t in meta.loads:
             self._name_blocks(t)
             loaded = 0
@@ -502,6 +517,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._count("loads")
             self._count("loaded_tokens", max(0, loaded - t.first_block * self._block_size))
         self._loaded_steps.add(meta.step)
+        self._step_wait("load", started)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -524,6 +540,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         io, engine, sdk = self._io, self._engine, self._sdk
         if not isinstance(meta, XConnectorMetadata) or io is None or engine is None or sdk is None:
             return
+        started = time.perf_counter()
         for t in meta.saves:
             if t.if_loads_ok and meta.step in self._failed_steps:
                 self._failed_reqs.add(t.req_id)  # computed over a failed load: not kept
@@ -531,6 +548,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._name_blocks(t)
             stored, _ = sdk.cache_call("save", io.store, engine, t.tokens, t.block_ids, **t.extras)
             self._count("saved_blocks", stored or 0)
+        if meta.saves:
+            self._step_wait("save", started)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -597,11 +616,15 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     # -- for tests and tools ---------------------------------------------------------------------
 
     def _worker_totals(self) -> dict[str, Any]:
-        """What this worker did: loads, loaded tokens, load failures, saved blocks, fallbacks."""
+        """What this worker did: loads, loaded tokens, load failures, saved blocks, fallbacks,
+        and the steps that waited for loads and saves, with the seconds they waited."""
         m = None if self._sdk is None else self._sdk.get_monitoring_handler()
         counts = {} if m is None else m.counters()
         names = ("load_failures", "loaded_tokens", "loads", "saved_blocks")
-        return {**{k: counts.get(k, 0) for k in names}, "fallbacks": m.fallbacks() if m else {}}
+        out: dict[str, Any] = {k: counts.get(k, 0) for k in names}
+        for op, (steps, seconds) in ({} if m is None else m.step_waits()).items():
+            out[f"{op}_wait_steps"], out[f"{op}_wait_seconds"] = steps, seconds
+        return {**out, "fallbacks": m.fallbacks() if m else {}}
 
     def stats(self) -> dict[str, Any]:
         out = {} if self._sdk is None else self._sdk.get_monitoring_handler().snapshot()
