@@ -7,14 +7,14 @@ of 128 blocks (2048 tokens, 256 MiB) is stored from scattered cache blocks and l
 other scattered blocks. Every figure is the request's bytes over the best of 5 runs, taken in turns
 with the other ways of doing the same job.
 
-- store: `HostKv.store` gathers straight into the engine's slots (one copy of each byte). The
+- store: `PagedKv.store` gathers straight into the engine's slots (one copy of each byte). The
   numpy way needs a contiguous payload for `Engine.store` (each block's layers back to back, as
   the engine keeps them), so it copies twice at best: into a preallocated buffer, then into the
   slots. Two ways of filling the buffer are timed and the better one is the baseline: one
   `buf[b, layer] = kv[:, block]` per block and layer (no temporaries), and `np.take(kv, ids,
   axis=1, out=tmp)` per layer into a preallocated temporary, then one strided copy into the buffer.
   `np.copyto` of the same number of contiguous bytes (one copy) is the memory-bandwidth ceiling.
-- load: `HostKv.load` copies the engine's slots straight into the tensors (one copy) vs three
+- load: `PagedKv.load` copies the engine's slots straight into the tensors (one copy) vs three
   numpy ways, the best of which is the baseline: `Engine.load` into a preallocated buffer, then
   a scatter per layer with fancy indexing (`kv[:, ids] = buf[:, layer]`) or per block and layer
   (two copies); and `Engine.views` (zero-copy read-only views of the engine's slots) with one
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from xconnector import Engine
-from xconnector.adapters.vllm import HostKv
+from xconnector._native import PagedKv
 
 LAYERS, HEADS, DIM, BLOCK = 32, 8, 128, 16
 
@@ -65,7 +65,7 @@ def main() -> None:
     shape = (2, num_blocks, BLOCK, HEADS, DIM)
     src = [rng.standard_normal(shape, dtype=np.float32).astype(np.float16) for _ in range(layers)]
     dst = [np.zeros(shape, np.float16) for _ in range(layers)]
-    kv_src, kv_dst = HostKv(src, BLOCK, None), HostKv(dst, BLOCK, None)
+    kv_src, kv_dst = PagedKv(src, BLOCK), PagedKv(dst, BLOCK)
     bb = kv_src.block_bytes
     tokens = rng.integers(0, 128_000, request_blocks * BLOCK, dtype=np.uint32)
     perm = rng.permutation(num_blocks)

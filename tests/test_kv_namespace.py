@@ -279,12 +279,13 @@ def test_staged_and_host_paths_compose_engine_blocks_alike() -> None:
     native one agree, ids map in order, and blocks before `first_block` are left alone."""
     import torch
 
-    from xconnector.adapters.vllm import HostKv, StagedKv
+    from xconnector._native import PagedKv
+    from xconnector.adapters.vllm import StagedKv
 
     bs, n = 16, 12
     gen = torch.Generator().manual_seed(5)
     src = [torch.randn(n, 2, bs, 8, generator=gen) for _ in range(2)]
-    host = HostKv(src, bs, None)
+    host = PagedKv(src, bs)
     tokens = list(range(5 * bs))  # 2 full engine blocks of 2 KV blocks, and a partial one
     ids = [3, 9, 1, 6, 0]
     for io in (host, StagedKv(src, bs, None, staging_bytes=1 << 20)):
@@ -297,7 +298,7 @@ def test_staged_and_host_paths_compose_engine_blocks_alike() -> None:
                 ids[:3],
             )
         dst = [torch.zeros_like(t) for t in src]
-        target = StagedKv(dst, bs, None, 1 << 20) if io is not host else HostKv(dst, bs, None)
+        target = StagedKv(dst, bs, None, 1 << 20) if io is not host else PagedKv(dst, bs)
         assert target.load(engine, tokens, [4, 5, 6, 7, 8], first_block=1) == 4 * bs
         for s, d in zip(src, dst, strict=True):
             assert not d[4].any()  # before first_block: not written

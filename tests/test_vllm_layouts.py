@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from xconnector import Engine, native
-from xconnector.adapters.vllm import HostKv, StagedKv
+from xconnector._native import PagedKv
+from xconnector.adapters.vllm import StagedKv
 from xconnector.exceptions import InvalidInputError
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -52,7 +53,7 @@ def test_detects_the_layout_and_round_trips_into_other_blocks(layout: str, seed:
     src = random_layers(layout, n, bs, layers=3, seed=seed, permute=False)
     dst = random_layers(layout, n, bs, layers=3, seed=seed + 50, permute=bool(seed % 2))
     before = [d.copy() for d in dst]
-    a, b = HostKv(src, bs, None), HostKv(dst, bs, None)
+    a, b = PagedKv(src, bs), PagedKv(dst, bs)
     assert a.layout == b.layout == layout
     assert a.block_bytes == sum(block(s, layout, 0).nbytes for s in src)
     table_src = rng.choice(n, size=7, replace=False).tolist()
@@ -70,7 +71,7 @@ def test_engine_round_trip_with_chunks_of_several_blocks(layout: str) -> None:
     n, bs = 32, 16
     src = random_layers(layout, n, bs, layers=2, seed=1, permute=False)
     dst = random_layers(layout, n, bs, layers=2, seed=2, permute=True)
-    a, b = HostKv(src, bs, None), HostKv(dst, bs, None)
+    a, b = PagedKv(src, bs), PagedKv(dst, bs)
     # An engine block of 2 KV blocks (LMCache's chunk_size = 32 with vLLM's 16).
     engine = Engine(block_bytes=2 * a.block_bytes, capacity_bytes=64 * a.block_bytes, block_size=32)
     tokens = list(range(1000, 1000 + 4 * 32 + 5))
@@ -88,16 +89,16 @@ def test_detection_and_input_errors() -> None:
     with pytest.raises(InvalidInputError, match="fits several layouts"):
         native().detect_kv_layout([2, 2, 16, 8, 128], 16)
     with pytest.raises(InvalidInputError, match="matches no known layout for block_size 32"):
-        HostKv([np.zeros((4, 2, 16, 8), np.float16)], 32, None)
+        PagedKv([np.zeros((4, 2, 16, 8), np.float16)], 32)
     with pytest.raises(InvalidInputError, match="read-only"):
         ro = np.zeros((4, 2, 16, 8), np.float16)
         ro.flags.writeable = False
-        HostKv([ro], 16, None)
+        PagedKv([ro], 16)
     with pytest.raises(InvalidInputError, match="expected a torch tensor or a numpy array"):
-        HostKv([b"\0" * 64], 16, None)
+        PagedKv([b"\0" * 64], 16)
     with pytest.raises(InvalidInputError, match='unknown KV layout "HND"'):
-        HostKv([np.zeros((4, 2, 16, 8), np.float16)], 16, "HND")
-    kv = HostKv([np.zeros((4, 2, 16, 8), np.float16)], 16, None)
+        PagedKv([np.zeros((4, 2, 16, 8), np.float16)], 16, layout="HND")
+    kv = PagedKv([np.zeros((4, 2, 16, 8), np.float16)], 16)
     engine = Engine(block_bytes=100, capacity_bytes=1000, block_size=16)
     with pytest.raises(InvalidInputError, match="not a whole number of these KV blocks"):
         kv.store(engine, list(range(32)), [0, 1])
@@ -114,7 +115,7 @@ def test_torch_cpu_tensors_and_the_staging_path_give_the_same_bytes(layout: str)
     src = [
         torch.from_numpy(x) for x in random_layers(layout, n, bs, layers=2, seed=3, permute=False)
     ]
-    host = HostKv(src, bs, None)
+    host = PagedKv(src, bs)
     # The staging path (device gather + host buffer), run on CPU tensors: a GPU is not lent here.
     staged = StagedKv(src, bs, None, staging_bytes=1 << 20)
     ids = [4, 0, 11]

@@ -77,8 +77,7 @@ def inject_fault() -> None:
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("adapter exploded")
 
-        vllm.HostKv.load = broken  # type: ignore[method-assign]
-        vllm.HostKv.store = broken  # type: ignore[method-assign]
+        vllm.VLLMAdapter.kv_io = broken  # type: ignore[method-assign]
 
 
 def prompts() -> list[list[int]]:

@@ -40,37 +40,11 @@ def layer_tensors(kv_caches: Any) -> list[Any]:
     return tensors
 
 
-class HostKv:
-    """KV caches in host memory (CPU torch, numpy): the native strided copy (`PagedKv`, GIL
-    released), with `load`'s `first_block` positional as the connector passes it."""
-
-    def __init__(self, tensors: list[Any], block_size: int, layout: str | None) -> None:
-        self.kv = PagedKv(tensors, block_size, layout=layout)
-        self.layout, self.block_size = self.kv.layout, self.kv.block_size
-        self.block_bytes, self.num_blocks = self.kv.block_bytes, self.kv.num_blocks
-        self.pack, self.unpack = self.kv.pack, self.kv.unpack  # raw payloads (tests, benchmarks)
-
-    def store(
-        self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
-    ) -> int:
-        return self.kv.store(engine, tokens, list(block_ids), **extras)
-
-    def load(
-        self,
-        engine: Engine,
-        tokens: Any,
-        block_ids: Sequence[int],
-        first_block: int = 0,
-        **extras: str | None,
-    ) -> int:
-        return self.kv.load(engine, tokens, list(block_ids), first_block=first_block, **extras)
-
-
 class StagedKv:
     """KV caches on a GPU (torch): blocks are gathered/scattered on the device with
     `index_select`/`index_copy_` and cross PCIe through one pinned host buffer, so the copy runs
     at full bandwidth (pageable memory reaches about a third of it). Payload bytes are the same
-    as `HostKv`'s: per block, each layer's block in logical order, layers back to back."""
+    as `PagedKv`'s: per block, each layer's block in logical order, layers back to back."""
 
     def __init__(
         self, tensors: list[Any], block_size: int, layout: str | None, staging_bytes: int
@@ -163,8 +137,8 @@ class StagedKv:
             return loaded
 
 
-#: What moves a request's blocks between a model's KV caches and an engine (`VLLMAdapter.kv_io`).
-KvIO = HostKv | StagedKv
+#: Moves blocks between a model's KV caches and an engine: host tensors natively, CUDA ones staged.
+KvIO = PagedKv | StagedKv
 
 
 def _namespace(model: Any, tensors: list[Any], **worker: Any) -> dict[str, Any]:
@@ -264,7 +238,7 @@ class VLLMAdapter(Adapter):
                 if type(first).__module__.startswith("torch") and first.device.type != "cpu":
                     io = StagedKv(tensors, block_size, self.kv_layout, self.staging_bytes)
                 else:
-                    io = HostKv(tensors, block_size, self.kv_layout)
+                    io = PagedKv(tensors, block_size, layout=self.kv_layout)
                 self._io[key] = io
             return io
 

@@ -102,7 +102,7 @@ class Transfer:
     tokens: list[int]
     block_ids: list[int]
     #: `lora_name`, `cache_salt`, `lora_id`: what besides the tokens keys the blocks.
-    extras: dict[str, str | None] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
     #: vLLM's names (block hashes, as its KV events carry them) of the blocks of `tokens`, for
     #: XConnector's KV events; None when vLLM has none at this block size.
     names: list[Any] | None = None
@@ -138,7 +138,7 @@ class _Key:
     """What a request's blocks are keyed by, fixed at its lookup."""
 
     tokens: list[int]
-    extras: dict[str, str | None]
+    extras: dict[str, Any]
     names: list[Any] | None = None
 
     def transfer(self, req_id: str, end: int, block_ids: list[int], named: int, **kw: Any) -> Any:
@@ -502,8 +502,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._name_blocks(t)
             loaded = 0
             if io is not None and engine is not None and sdk is not None:
-                ids, first = t.block_ids, t.first_block
-                done, _ = sdk.cache_call("load", io.load, engine, t.tokens, ids, first, **t.extras)
+                args = (io.load, engine, t.tokens, t.block_ids)
+                done, _ = sdk.cache_call("load", *args, first_block=t.first_block, **t.extras)
                 loaded = done or 0
             if loaded < len(t.tokens):
                 # Evicted since the lookup, refused (not this block's KV) or failed: vLLM
