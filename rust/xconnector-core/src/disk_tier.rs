@@ -319,6 +319,11 @@ impl DiskTier {
         self.capacity
     }
 
+    /// How many blocks the budget in force holds at most.
+    pub fn block_room(&self) -> usize {
+        (self.budget.load(Relaxed) / self.file_len()) as usize
+    }
+
     /// The directory the tier uses (resolved).
     pub fn dir(&self) -> &Path {
         &self.dir

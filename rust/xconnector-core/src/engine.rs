@@ -86,6 +86,8 @@ pub struct StoreOutcome {
     pub rejected: usize,
     /// Blocks memory had no room for, sent straight to the tiers below (disk, Redis).
     pub spilled: usize,
+    /// Blocks memory had no room for that the tiers below hold already (not sent again).
+    pub below: usize,
 }
 
 pub struct Engine {
@@ -456,6 +458,7 @@ impl Engine {
                 .collect(),
         };
         let res = reserved.publish(filled);
+        let mut disk_took_all = true;
         if !behind.is_empty() {
             for (name, policy) in self.router.write_plan(Some("tier")) {
                 if policy != WritePolicy::WriteBehind {
@@ -467,17 +470,23 @@ impl Engine {
                             redis.put_behind(Write { ns: p.ns, hash: p.hash, digest: p.digest, data: p.data.clone() });
                         }
                     }
-                    ("disk", _, Some(lower)) => self.write_behind(lower, &behind),
+                    ("disk", _, Some(lower)) => disk_took_all = self.write_behind(lower, &behind),
                     _ => {}
                 }
             }
         }
         // A prompt longer than memory holds: the blocks memory has no room for go straight to
         // the tiers below, after their parents (queued above), so disk and Redis hold the whole prompt.
-        let spilled = if out_of_room && all_filled {
-            self.spill(tokens, extras, &hashes, &digests, ns, hashes.len() - rejected, &mut fill)
+        let (below, spilled) = if out_of_room && all_filled {
+            // The disk takes spilled blocks only on top of their parents: all of the prefix
+            // before them held there or queued above, else they could never be reached there.
+            let parents = res.existing;
+            let on_disk = |l: &Lower| l.disk.contains_prefix(ns, &hashes[..parents]) == parents;
+            let disk_ok = disk_took_all && self.lower.as_ref().is_some_and(on_disk);
+            let from = hashes.len() - rejected;
+            self.spill(tokens, extras, &hashes, &digests, ns, from, disk_ok, &mut fill)
         } else {
-            0
+            (0, 0)
         };
         if let Some(events) = &self.events {
             self.announce(events, tokens, extras, &hashes, &res);
@@ -486,8 +495,9 @@ impl Engine {
         let out = StoreOutcome {
             stored: res.new_blocks.len(),
             existing: res.existing,
-            rejected: res.rejected - spilled,
+            rejected: res.rejected - spilled - below,
             spilled,
+            below,
         };
         let c = &self.counters;
         c.stores.fetch_add(1, Relaxed);
@@ -615,9 +625,10 @@ impl Engine {
     }
 
     /// Sends blocks `from..` of a store (those memory had no room for) straight to the
-    /// write-behind tiers below, one block at a time (never more than one block's copy at
-    /// once): skipping the leading run the tiers below hold already (the first of disk, then
-    /// Redis), and stopping at the first block no queue takes. Returns how many were queued.
+    /// write-behind tiers below (the disk only if `disk_ok`), one block at a time (never more
+    /// than one block's copy at once): skipping the leading run the first of them holds
+    /// already, and stopping at the first block no queue takes. Returns (blocks held already,
+    /// blocks queued).
     #[allow(clippy::too_many_arguments)]
     fn spill(
         &self,
@@ -627,20 +638,24 @@ impl Engine {
         digests: &[u128],
         ns: u64,
         from: usize,
+        disk_ok: bool,
         fill: &mut impl FnMut(usize, &mut [u8]),
-    ) -> usize {
+    ) -> (usize, usize) {
         let behind = |tier: &str| {
             self.router.write_plan(Some("tier")).iter().any(|(name, p)| name == tier && *p == WritePolicy::WriteBehind)
         };
-        let disk = self.lower.as_ref().filter(|_| behind("disk"));
+        let disk = self.lower.as_ref().filter(|_| disk_ok && behind("disk"));
         let redis = self.redis.as_ref().filter(|_| behind("redis"));
         let held = match (disk, redis) {
             (Some(lower), _) => lower.disk.contains_prefix(ns, &hashes[from..]),
             (None, Some(redis)) => redis.contains_prefix(ns, &hashes[from..]),
-            (None, None) => return 0,
+            (None, None) => return (0, 0),
         };
+        // A prompt the disk cannot hold whole is not spilled past what it can hold: its own
+        // later blocks would evict its earlier ones.
+        let end = disk.map_or(hashes.len(), |lower| hashes.len().min(lower.disk.block_room()));
         let mut spilled = 0;
-        for i in from + held..hashes.len() {
+        for i in from + held..end {
             if faults::check(FaultPoint::StoreCopy).is_err() {
                 break; // the blocks from here on are not stored
             }
@@ -664,11 +679,13 @@ impl Engine {
             }
             spilled += 1;
         }
-        spilled
+        (held, spilled)
     }
 
-    /// Queues newly stored blocks for the disk tier; a full queue drops them (counted).
-    fn write_behind(&self, lower: &Lower, blocks: &[Pending]) {
+    /// Queues newly stored blocks for the disk tier; a full queue drops them (counted). Whether
+    /// it took them all.
+    fn write_behind(&self, lower: &Lower, blocks: &[Pending]) -> bool {
+        let mut all = true;
         for p in blocks {
             let p = Pending {
                 ns: p.ns,
@@ -678,8 +695,9 @@ impl Engine {
                 data: p.data.clone(),
                 change: p.change.clone(),
             };
-            self.queue_disk(lower, p);
+            all &= self.queue_disk(lower, p);
         }
+        all
     }
 
     /// Queues one block for the disk tier; false (counted) when the queue is full.
