@@ -205,12 +205,13 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<String, String> {
         }
         None => return Err("not a URL; give one like http://127.0.0.1:9400/metrics".to_owned()),
     };
+    // User info (up to the last `@`, whatever it holds) is neither sent nor used: metrics
+    // ports take no credentials in the URL.
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     let (authority, path) = rest.find(['/', '?']).map_or((rest, "/"), |at| rest.split_at(at));
-    // User info is not sent anywhere: metrics ports take no credentials in the URL.
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let path = if path.starts_with('?') { format!("/{path}") } else { path.to_owned() };
     let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') => (h, p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
+        Some((h, p)) if !p.contains(']') => (h, p.parse::<u16>().map_err(|_| "the port is not a number".to_owned())?),
         _ => (authority, 80),
     };
     let addrs =
@@ -476,6 +477,12 @@ xconnector_broken
         drop(listener);
         assert_eq!(h.run(&["stats", &format!("http://admin:hunter2@{addr}/metrics")]), EXIT_INVALID);
         assert!(!h.err.contains("hunter2") && h.err.contains(&addr.to_string()), "{}", h.err);
+        // Not even part of it, whatever the password holds.
+        for url in [format!("http://admin:hun/ter2@{addr}/metrics"), format!("http://u:s3cr?et@{addr}/m")] {
+            let mut h = super::super::host::Captured::default();
+            assert_eq!(h.run(&["stats", &url]), EXIT_INVALID);
+            assert!(!h.err.contains("hun") && !h.err.contains("s3cr") && h.err.contains("refused"), "{}", h.err);
+        }
     }
 
     #[test]

@@ -25,11 +25,14 @@ pub fn redact_url(text: &str) -> String {
 fn redact_one(text: &str) -> String {
     let Some(s) = text.find("://") else { return hide_bare_userinfo(text) };
     let (head, rest) = text.split_at(s + 3);
-    // The user-info runs to the last `@` before any next URL, spaces included (a password may
-    // hold them); the URL ends at the first space after it.
-    let scope = &rest[..rest.find("://").unwrap_or(rest.len())];
-    let host = scope.rfind('@').map_or(0, |at| at + 1);
-    let end = host + rest[host..].find(char::is_whitespace).unwrap_or(rest.len() - host);
+    // Up to the next URL. A URL value whose password holds spaces: when only a host follows the
+    // last `@` (no space after it), the user-info runs to that `@`; in running text a URL ends
+    // at the first space.
+    let scope = &rest[..rest.find("://").map_or(rest.len(), |n| rest[..n].rfind(char::is_whitespace).unwrap_or(n))];
+    let end = match scope.rfind('@') {
+        Some(at) if !scope[at..].contains(char::is_whitespace) => scope.len(),
+        _ => rest.find(char::is_whitespace).unwrap_or(rest.len()),
+    };
     let (url, tail) = rest.split_at(end);
     let shown = match url.rfind('@') {
         None => url.to_owned(),
@@ -41,6 +44,8 @@ fn redact_one(text: &str) -> String {
             format!("{user}@{}", &url[at + 1..])
         }
     };
+    // Any further URL in the text gets the same treatment.
+    let tail = if tail.contains("://") { redact_one(tail) } else { tail.to_owned() };
     format!("{head}{}{tail}", hide_query_secrets(&shown))
 }
 
@@ -107,7 +112,11 @@ mod tests {
         assert_eq!(redact_url("redis://:hunter2@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
         assert_eq!(redact_url("rediss://app:hunter2@h:6380"), "rediss://app:***@h:6380");
         // A password with spaces in it: the user-info still runs to the last `@`.
-        assert_eq!(redact_url("rediss://:pa ss S3CR3T9@127.0.0.1:1 down"), "rediss://:***@127.0.0.1:1 down");
+        assert_eq!(redact_url("rediss://:pa ss S3CR3T9@127.0.0.1:1"), "rediss://:***@127.0.0.1:1");
+        // Running text keeps its words; every URL in it is redacted.
+        let text = "failed: redis://h:6379 (refused) while user root@host logged";
+        assert_eq!(redact_url(text), text);
+        assert_eq!(redact_url("a redis://:pw@h:1 b redis://:pw2@h:2"), "a redis://:***@h:1 b redis://:***@h:2");
         // Written without `//`: still user info.
         assert_eq!(redact_url("bad \"redis:hunter2@127.0.0.1:6379\" x"), "bad \"redis:***@127.0.0.1:6379\" x");
         assert_eq!(redact_url("redis::pw@h"), "redis:***@h");
