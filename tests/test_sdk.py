@@ -140,6 +140,10 @@ def test_kv_handler_store_lookup_load_round_trip(sdk: XConnectorSDK) -> None:
         for a, b in [(9, 0), (2, 1), (30, 5)]:
             assert np.array_equal(s[:, a], d[:, b])
     assert kv.load(toks, dst, [7]) == BLOCK  # fewer block ids: a shorter prefix
+    # Block ids as any sequence: a numpy array, a range, a generator.
+    assert kv.load(toks, dst, np.array([0, 1, 5])) == 3 * BLOCK
+    assert kv.load(toks, dst, range(3)) == 3 * BLOCK
+    assert kv.store(toks, src, (i for i in [9, 2, 30, 4])) == 0
     with pytest.raises(InvalidInputError, match="block id 40 is out of range"):
         kv.load(toks, dst, [40, 1, 2])
 

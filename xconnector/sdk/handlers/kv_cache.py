@@ -101,7 +101,7 @@ class KVCacheHandler:
         """Stores the full blocks of `tokens` from cache blocks `block_ids`; returns blocks
         newly stored."""
         io, engine = self.bind(kv_caches, model_executable)
-        stored = io.store(engine, tokens, block_ids)
+        stored = io.store(engine, tokens, list(block_ids))
         self.monitoring.count("stored_blocks", stored)
         return stored
 
@@ -111,7 +111,7 @@ class KVCacheHandler:
         """Loads the cached prefix of `tokens` into cache blocks `block_ids`; returns tokens
         loaded."""
         io, engine = self.bind(kv_caches, model_executable)
-        loaded = io.load(engine, tokens, block_ids)
+        loaded = io.load(engine, tokens, list(block_ids))
         self.monitoring.count("loaded_tokens", loaded)
         return loaded
 
