@@ -14,39 +14,38 @@ pub fn is_secret_key(key: &str) -> bool {
         || ["password", "passwd", "secret", "token", "credential"].iter().any(|w| last.contains(w))
 }
 
-/// `text` with the password of every URL in it hidden (the user-info part up to its last `@`,
-/// which also covers passwords holding `/`, `?` or `#`; a lone user part is a NATS token and
-/// hidden whole), and secret query parameters (`?password=...`). Comma-separated URL lists are
-/// handled URL by URL; text without URLs comes back as it is.
+/// `text` with the password of every URL in it hidden, and secret query parameters
+/// (`?password=...`). A URL's user info is everything from its `://` to the last `@` before the
+/// next URL (or the end), spaces, commas and slashes included: a password may hold any of them,
+/// and hiding a few words of a message beats showing a secret. A lone user part is a NATS token
+/// and hidden whole. Words written without `//` (`redis:pw@host`) are user info up to their `@`.
 pub fn redact_url(text: &str) -> String {
-    text.split(',').map(redact_one).collect::<Vec<_>>().join(",")
-}
-
-fn redact_one(text: &str) -> String {
-    let Some(s) = text.find("://") else { return hide_bare_userinfo(text) };
-    let (head, rest) = text.split_at(s + 3);
-    // Up to the next URL. A URL value whose password holds spaces: when only a host follows the
-    // last `@` (no space after it), the user-info runs to that `@`; in running text a URL ends
-    // at the first space.
-    let scope = &rest[..rest.find("://").map_or(rest.len(), |n| rest[..n].rfind(char::is_whitespace).unwrap_or(n))];
-    let end = match scope.rfind('@') {
-        Some(at) if !scope[at..].contains(char::is_whitespace) => scope.len(),
-        _ => rest.find(char::is_whitespace).unwrap_or(rest.len()),
-    };
-    let (url, tail) = rest.split_at(end);
-    let shown = match url.rfind('@') {
-        None => url.to_owned(),
-        Some(at) => {
-            let user = match url[..at].split_once(':') {
-                Some((user, _password)) => format!("{user}:{HIDDEN}"),
-                None => HIDDEN.to_owned(),
-            };
-            format!("{user}@{}", &url[at + 1..])
-        }
-    };
-    // Any further URL in the text gets the same treatment.
-    let tail = if tail.contains("://") { redact_one(tail) } else { tail.to_owned() };
-    format!("{head}{}{tail}", hide_query_secrets(&shown))
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(s) = rest.find("://") {
+        let (head, after) = rest.split_at(s + 3);
+        out += &hide_bare_userinfo(head);
+        // This URL's span ends where the next URL's scheme word starts.
+        let next = after.find("://").map_or(after.len(), |n| {
+            after[..n].rfind(|c: char| c.is_whitespace() || c == ',' || c == ';').map_or(0, |w| w + 1)
+        });
+        let span = &after[..next];
+        let host = match span.rfind('@') {
+            Some(at) => {
+                out += &match span[..at].split_once(':') {
+                    Some((user, _password)) => format!("{user}:{HIDDEN}@"),
+                    None => format!("{HIDDEN}@"),
+                };
+                &span[at + 1..]
+            }
+            None => span,
+        };
+        let (url, words) = host.split_at(host.find(char::is_whitespace).unwrap_or(host.len()));
+        out += &hide_query_secrets(url);
+        out += words;
+        rest = &after[next..];
+    }
+    out + &hide_bare_userinfo(rest)
 }
 
 /// A URL written without `//` (`redis:password@host`): in each word holding an `@`, what sits
@@ -111,12 +110,21 @@ mod tests {
     fn url_passwords_and_tokens_are_hidden() {
         assert_eq!(redact_url("redis://:hunter2@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
         assert_eq!(redact_url("rediss://app:hunter2@h:6380"), "rediss://app:***@h:6380");
-        // A password with spaces in it: the user-info still runs to the last `@`.
-        assert_eq!(redact_url("rediss://:pa ss S3CR3T9@127.0.0.1:1"), "rediss://:***@127.0.0.1:1");
-        // Running text keeps its words; every URL in it is redacted.
-        let text = "failed: redis://h:6379 (refused) while user root@host logged";
-        assert_eq!(redact_url(text), text);
+        // A password with spaces or a comma in it: the user info runs to the last `@`, whatever
+        // follows (a value, a newline, running text, a quote).
+        for tail in ["", " down", "\n", "\" refused"] {
+            let shown = redact_url(&format!("rediss://:pa ss,S3CR3T9@127.0.0.1:1{tail}"));
+            assert_eq!(shown, format!("rediss://:***@127.0.0.1:1{tail}"));
+        }
+        // Every URL in a text, and words written without `//`, in any order.
         assert_eq!(redact_url("a redis://:pw@h:1 b redis://:pw2@h:2"), "a redis://:***@h:1 b redis://:***@h:2");
+        let mixed = redact_url("redis:hunter2@h2:1 then redis://h:1 x redis:hunter3@h3:1");
+        assert!(!mixed.contains("hunter"), "{mixed}");
+        // An @ later in running text hides the words before it: never a secret shown.
+        let text = redact_url("failed: redis://h:6379 (refused) while user root@host logged");
+        assert!(text.starts_with("failed: redis://h:***@host logged"), "{text}");
+        // Long hostile input: linear, no recursion.
+        assert_eq!(redact_url(&"a:// ".repeat(50_000)).len(), 250_000);
         // Written without `//`: still user info.
         assert_eq!(redact_url("bad \"redis:hunter2@127.0.0.1:6379\" x"), "bad \"redis:***@127.0.0.1:6379\" x");
         assert_eq!(redact_url("redis::pw@h"), "redis:***@h");
