@@ -93,6 +93,24 @@ def test_a_prompt_longer_than_memory_reaches_redis_whole(redis: RedisServer) -> 
     assert bytes(out) == block_payload(toks)
 
 
+def test_a_prompt_longer_than_the_disk_still_reaches_redis_whole(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    # Memory 8 blocks, a disk of 10, Redis: the disk takes what its budget holds, Redis the rest.
+    toks = prompt(8, 20)
+    block_file = BLOCK_BYTES + 64  # a disk block file: its payload and a 64-byte header
+    writer = engine(
+        redis.url, blocks=8, disk_path=str(tmp_path / "disk"), disk_capacity_bytes=10 * block_file
+    )
+    assert writer.store(toks, block_payload(toks)) == 20
+    assert writer.flush(30)
+    stats = writer.stats()
+    assert (stats["disk_entries"], stats["redis_written_blocks"]) == (10, 20), stats
+    reader = engine(redis.url, blocks=8)
+    out = bytearray(20 * BLOCK_BYTES)
+    assert reader.load(toks, out) == 20 * BLOCK and bytes(out) == block_payload(toks)
+
+
 def test_kill_9_mid_workload_then_restart(redis: RedisServer) -> None:
     e = engine(redis.url, blocks=8, redis_timeout=0.3)
     before = prompt(2)

@@ -458,7 +458,8 @@ impl Engine {
                 .collect(),
         };
         let res = reserved.publish(filled);
-        let mut disk_took_all = true;
+        // Whether the disk took every new block of this store (none to take counts as all).
+        let mut disk_took_all = behind.is_empty();
         if !behind.is_empty() {
             for (name, policy) in self.router.write_plan(Some("tier")) {
                 if policy != WritePolicy::WriteBehind {
@@ -644,38 +645,54 @@ impl Engine {
         let behind = |tier: &str| {
             self.router.write_plan(Some("tier")).iter().any(|(name, p)| name == tier && *p == WritePolicy::WriteBehind)
         };
-        let disk = self.lower.as_ref().filter(|_| disk_ok && behind("disk"));
-        let redis = self.redis.as_ref().filter(|_| behind("redis"));
+        let mut disk = self.lower.as_ref().filter(|_| disk_ok && behind("disk"));
+        let mut redis = self.redis.as_ref().filter(|_| behind("redis"));
         let held = match (disk, redis) {
             (Some(lower), _) => lower.disk.contains_prefix(ns, &hashes[from..]),
             (None, Some(redis)) => redis.contains_prefix(ns, &hashes[from..]),
             (None, None) => return (0, 0),
         };
-        // A prompt the disk cannot hold whole is not spilled past what it can hold: its own
-        // later blocks would evict its earlier ones.
-        let end = disk.map_or(hashes.len(), |lower| hashes.len().min(lower.disk.block_room()));
+        // The disk takes no more of a prompt than its budget holds (its own later blocks would
+        // evict its earlier ones); Redis takes the rest.
+        let disk_end = disk.map_or(0, |lower| lower.disk.block_room());
         let mut spilled = 0;
-        for i in from + held..end {
+        for i in from + held..hashes.len() {
+            if i >= disk_end {
+                disk = None;
+            }
+            if disk.is_none() && redis.is_none() {
+                break;
+            }
             if faults::check(FaultPoint::StoreCopy).is_err() {
                 break; // the blocks from here on are not stored
             }
             let mut data = vec![0; self.cfg.block_bytes];
             fill(i, &mut data);
             let (hash, digest) = (hashes[i], digests[i]);
+            // A tier that refused a block takes none after it: a child must not land without
+            // its parent.
             let mut queued = false;
-            if let Some(redis) = redis {
+            if let Some(r) = redis {
                 let data = if disk.is_some() { data.clone() } else { std::mem::take(&mut data) };
-                queued |= redis.put_behind(Write { ns, hash, digest, data });
+                if r.put_behind(Write { ns, hash, digest, data }) {
+                    queued = true;
+                } else {
+                    redis = None;
+                }
             }
             if let Some(lower) = disk {
                 let change = self
                     .journal
                     .get()
                     .map(|_| BlockChange::stored(Medium::Disk, hashes, tokens, self.cfg.block_size, i..i + 1, extras));
-                queued |= self.queue_disk(lower, Pending { ns, hash, digest, depth: i as u32, data, change });
+                if self.queue_disk(lower, Pending { ns, hash, digest, depth: i as u32, data, change }) {
+                    queued = true;
+                } else {
+                    disk = None;
+                }
             }
             if !queued {
-                break; // the queues are full: the rest would be dropped too
+                break; // no tier took it: the rest would be dropped too
             }
             spilled += 1;
         }
