@@ -17,6 +17,7 @@ use crate::blake2b::Blake2b128;
 use crate::error::{CoreError, Result};
 use crate::kv_layout::KvLayout;
 use crate::namespace::Namespace;
+use crate::pyjson;
 
 /// What a worker reports about its KV caches and model.
 #[derive(Clone, Debug, Default)]
@@ -140,37 +141,10 @@ pub fn model_fingerprint(config: &ModelConfig) -> String {
     // Code point order, as Python sorts str keys (UTF-8 byte order is the same order).
     entries.sort_by(|a, b| a.0.cmp(b.0));
     entries.dedup_by(|later, earlier| later.0 == earlier.0);
-    let body: Vec<String> = entries.iter().map(|(k, v)| format!("{}: {v}", json_string(k))).collect();
+    let body: Vec<String> = entries.iter().map(|(k, v)| format!("{}: {v}", pyjson::string(k))).collect();
     let mut h = Blake2b128::new();
     h.update(format!("{{{}}}", body.join(", ")).as_bytes());
     h.hex()
-}
-
-/// `s` as a JSON string the way Python's `json.dumps` writes it (`ensure_ascii`): every character
-/// outside printable ASCII escaped, astral ones as surrogate pairs.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Python truthiness of a JSON value: `null`, `false`, zero, `""`, `[]` and `{}` are false.
@@ -336,7 +310,7 @@ mod tests {
 
     #[test]
     fn json_strings_and_truthiness_follow_python() {
-        assert_eq!(json_string("q\"\n\t\u{2603}\u{1F600}\u{7f}"), r#""q\"\n\t\u2603\ud83d\ude00\u007f""#);
+        assert_eq!(pyjson::string("q\"\n\t\u{2603}\u{1F600}\u{7f}"), r#""q\"\n\t\u2603\ud83d\ude00\u007f""#);
         for falsy in ["null", "false", "0", "0.0", "\"\"", "[]", "{}"] {
             assert!(!json_truthy(falsy), "{falsy}");
         }

@@ -30,6 +30,7 @@ pub mod overlap;
 pub mod peer_events;
 pub mod peer_overlap;
 pub mod prefix;
+pub mod pyjson;
 pub mod redis_tier;
 pub mod replay;
 pub mod router;

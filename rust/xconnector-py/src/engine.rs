@@ -42,7 +42,7 @@ pub(crate) fn extras<'a>(
 
 /// The namespace of an engine's KV; its block size is set from the engine's by the core.
 #[allow(clippy::too_many_arguments)]
-fn namespace(
+pub(crate) fn namespace(
     model: &str,
     revision: &str,
     dtype: &str,

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use pyo3::prelude::*;
 use xconnector_core::config::{EngineSettings, PeerEventsSettings};
 use xconnector_core::engine_pool::EnginePool as CoreEnginePool;
-use xconnector_core::Namespace;
 
 use crate::call::{detached, guarded};
 use crate::convert::to_py;
@@ -74,19 +73,9 @@ impl EnginePool {
         #[pyo3(from_py_with = args::pp_world_size)] pp_world_size: u32,
         #[pyo3(from_py_with = args::pp_rank)] pp_rank: u32,
     ) -> PyResult<Engine> {
-        let namespace = Namespace {
-            model: model.to_owned(),
-            revision: revision.to_owned(),
-            dtype: dtype.to_owned(),
-            quantization: quantization.to_owned(),
-            kv_layout: kv_layout.to_owned(),
-            block_size: 0, // set from the engine's by the core
-            tp_world_size,
-            tp_rank,
-            pp_world_size,
-            pp_rank,
-            extra: extra.unwrap_or_default().into_iter().collect(),
-        };
+        let tp = (tp_world_size, tp_rank);
+        let pp = (pp_world_size, pp_rank);
+        let namespace = crate::engine::namespace(model, revision, dtype, quantization, kv_layout, tp, pp, extra);
         let inner = detached(py, || self.inner.engine_for(kv_block_size, kv_block_bytes, namespace, &env_var))?;
         Ok(Engine { inner })
     }

@@ -10,11 +10,11 @@ use serde_json::{json, Map, Value};
 
 use super::args::CheckArgs;
 use super::host::{Host, EXIT_INVALID, EXIT_OK, EXIT_USAGE};
-use super::pyjson;
 use crate::config::secrets::redact_at;
 use crate::config::{discover, read_config_file, resolve_text, runtime_problems, Environment, Resolved};
 use crate::config::{CONFIG_VARS, SERVICE_VAR};
 use crate::error::Result;
+use crate::pyjson;
 
 /// Values wider than this do not widen the value column of the table.
 const VALUE_COLUMN: usize = 40;

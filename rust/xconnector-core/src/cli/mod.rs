@@ -11,7 +11,6 @@ mod bench;
 mod check;
 mod host;
 mod migrate;
-pub mod pyjson;
 pub mod stats;
 
 use std::io;

@@ -24,7 +24,7 @@ fn write(out: &mut String, value: &Value, indent: Option<usize>, depth: usize) {
         Value::Object(m) if !m.is_empty() => ('{', '}', m.iter().map(|(k, v)| (Some(k), v)).collect()),
         Value::Array(_) => return out.push_str("[]"),
         Value::Object(_) => return out.push_str("{}"),
-        Value::String(s) => return string(out, s),
+        Value::String(s) => return out.push_str(&string(s)),
         other => return out.push_str(&other.to_string()),
     };
     out.push(open);
@@ -38,7 +38,7 @@ fn write(out: &mut String, value: &Value, indent: Option<usize>, depth: usize) {
             None => {}
         }
         if let Some(k) = key {
-            string(out, k);
+            out.push_str(&string(k));
             out.push_str(": ");
         }
         write(out, v, indent, depth + 1);
@@ -50,7 +50,10 @@ fn write(out: &mut String, value: &Value, indent: Option<usize>, depth: usize) {
     out.push(close);
 }
 
-fn string(out: &mut String, s: &str) {
+/// `s` as a JSON string the way Python's `json.dumps` writes it (`ensure_ascii`): every character
+/// outside printable ASCII escaped, astral ones as surrogate pairs.
+pub fn string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
         match c {
@@ -64,13 +67,14 @@ fn string(out: &mut String, s: &str) {
             ' '..='~' => out.push(c),
             _ => {
                 let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{u:04x}"));
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
                 }
             }
         }
     }
     out.push('"');
+    out
 }
 
 #[cfg(test)]
