@@ -1,6 +1,6 @@
 """The namespace derivation (now the core's `kv_namespace`) pinned to what the Python adapter
 computed before it moved: caches on disk and in Redis are keyed by these ids, so the v1 connector
-(`vllm_namespace`) and the v0 adapter (`VLLMAdapter.namespace`) must keep producing them."""
+(`vllm_kv_namespace`) and the v0 adapter (`VLLMAdapter.namespace`) must keep producing them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from xconnector._native import Engine, EngineBlocks, kv_block_dim, lora_identity
+from xconnector._native import Engine, EngineBlocks, kv_block_dim, lora_identity, vllm_kv_namespace
 from xconnector.adapters import vllm as V
 from xconnector.config.schema import AdapterConfig, SDKConfig
 from xconnector.exceptions import InvalidInputError
@@ -179,7 +179,7 @@ def _engine_id(ns: dict[str, Any], layout: str) -> int:
 @pytest.mark.parametrize("case", sorted(V1_CASES))
 def test_v1_namespace_is_unchanged(case: str) -> None:
     config, tensors, ranks, expected, ns_id = V1_CASES[case]
-    ns = V.vllm_namespace(config, tensors, **ranks)
+    ns = vllm_kv_namespace(config, tensors, **ranks)
     assert ns == expected
     # The connector's engine gets kv_layout from the block mover (`bind`).
     assert _engine_id(ns, "standard") == ns_id

@@ -177,8 +177,10 @@ def test_workers_that_never_confirm_turn_loads_off() -> None:
     assert sched.get_num_new_matched_tokens(request("G", [*PREFIX, 1, 2]), 0) == (0, False)
 
 
-def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(no_faults: None) -> None:
-    # v0 and v1 share one fail-open path (XConnectorSDK.cache_call): a native failure in a load
+def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(
+    no_faults: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # v0 and v1 share one fail-open path (native `fail_open_call`): a native failure in a load
     # opens the cache's backoff, so the next load of the step skips the engine, and both show
     # in the SDK's fallbacks by reason, as v0's do.
     import torch
@@ -187,6 +189,11 @@ def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(no_faults: N
     from xconnector import native
     from xconnector._native import Router
     from xconnector.integrations.vllm import connector as c
+    from xconnector.sdk import xconnector_sdk
+
+    # The worker's SDK routes with a backoff that waits for no wall time.
+    router = Router(manual_clock=True, base_backoff=1.0)
+    monkeypatch.setattr(xconnector_sdk, "Router", lambda: router)
 
     config = NS(
         cache_config=NS(block_size=BS, cache_dtype="auto"),
@@ -197,9 +204,7 @@ def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(no_faults: N
     worker = c.XConnectorV1(config, KVConnectorRole.WORKER)
     worker.register_kv_caches({"layer0": torch.zeros(8, 2, BS, 8)})
     sdk = worker._sdk
-    assert sdk is not None and worker._engine is not None
-    sdk.router = Router(manual_clock=True, base_backoff=1.0)  # backoff without wall time
-    sdk.router.add("lmcache", "cache", 0, "write_through")
+    assert sdk is not None and worker._engine is not None and sdk.router is router
     worker._engine.store(PREFIX, bytes(worker._engine.block_bytes * 3))
     loads = [c.Transfer(req_id=r, tokens=PREFIX, block_ids=[0, 1, 2]) for r in ("A", "B")]
     native()._inject_fault("load", "panic")

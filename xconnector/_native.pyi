@@ -23,6 +23,7 @@ __all__ = [
     "Router",
     "SdkStats",
     "TransferPlanner",
+    "V1Worker",
     "VllmBlockNames",
     "VllmRankAgreement",
     "__version__",
@@ -30,9 +31,11 @@ __all__ = [
     "block_ids_from_slots",
     "cli_main",
     "config_check_machine",
+    "config_coerce",
     "config_discover",
     "config_engine_settings",
     "config_env_vars",
+    "config_for_vllm_connector",
     "config_load_file",
     "config_migrate",
     "config_normalize",
@@ -44,6 +47,7 @@ __all__ = [
     "config_setting_bytes",
     "config_worker_patches",
     "detect_kv_layout",
+    "fail_open_call",
     "key_tokens",
     "kv_block_dim",
     "kv_namespace",
@@ -57,8 +61,11 @@ __all__ = [
     "sdk_adapters_to_load",
     "sequence_hashes",
     "usable_prefix",
+    "v0_load",
     "v0_prefills",
     "v0_skip",
+    "v0_store",
+    "vllm_kv_namespace",
     "vllm_transfer_config",
 ]
 
@@ -427,6 +434,14 @@ class VllmBlockNames:
     def events(
         self, changes: Sequence[_Change], block_size: int, engine_block: int
     ) -> list[_VllmEvent]: ...
+    def vllm_events(
+        self,
+        changes: Sequence[_Change],
+        block_size: int,
+        engine_block: int,
+        stored: Callable[..., Any],
+        removed: Callable[..., Any],
+    ) -> list[Any]: ...
 
 @final
 class VllmRankAgreement:
@@ -440,6 +455,9 @@ class VllmRankAgreement:
         self, rank: int, medium: str | None, names: Iterable[_Name]
     ) -> list[tuple[int, int]]: ...
     def removed(self, rank: int, medium: str | None, names: Iterable[_Name]) -> list[_Name]: ...
+    def merge(
+        self, batches: list[list[Any]], stored: type[Any], removed: type[Any]
+    ) -> list[Any]: ...
 
 # The scheduler side of the vLLM v1 connector (`xconnector.integrations.vllm.connector`).
 # (req_id, tokens, block_ids, first_block): load tokens [0, tokens) into block_ids from first_block.
@@ -448,12 +466,51 @@ _Load: TypeAlias = tuple[str, int, list[int], int]
 _Save: TypeAlias = tuple[str, int, list[int], bool]
 
 @final
+class V1Worker:
+    """The worker side of the vLLM v1 connector: each step's loads and saves through the block
+    mover, the blocks vLLM must recompute and the report for the scheduler. Unbound (no `io`),
+    every load fails and nothing is saved."""
+
+    def __new__(
+        cls,
+        block_size: int,
+        engine_block: int,
+        *,
+        io: Any = None,
+        engine: Any = None,
+        router: Router | None = None,
+        stats: SdkStats | None = None,
+        names: VllmBlockNames | None = None,
+        async_saves: bool = True,
+    ) -> Self: ...
+    def load(self, step: int, loads: list[Any]) -> None: ...
+    def totals(self) -> dict[str, Any]: ...
+    def save(self, step: int, saves: list[Any]) -> None: ...
+    def finished(self, finished: list[str]) -> list[str]: ...
+    @property
+    def saves_in_flight(self) -> int: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    def load_errors(self) -> list[int]: ...
+    def report(self) -> tuple[list[int], list[str]] | None: ...
+
+def fail_open_call(
+    router: Router, stats: SdkStats, kind: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+) -> tuple[Any, str | None]: ...
+
+@final
 class TransferPlanner:
     """Which blocks of which request to load and save in each step: whole engine blocks only,
     never unconditionally over the blocks of an unconfirmed load."""
 
     def __new__(
-        cls, block_size: int, engine_block: int, world: int, unconfirmed_steps: int
+        cls,
+        block_size: int,
+        engine_block: int,
+        world: int,
+        unconfirmed_steps: int,
+        *,
+        transfer: Callable[..., Any] | None = None,
     ) -> Self: ...
     @property
     def step(self) -> int: ...
@@ -469,7 +526,16 @@ class TransferPlanner:
         self, req_id: str, new_block_ids: Sequence[int] | None, resumed: bool, computed: int
     ) -> tuple[_Load | None, _Save | None]: ...
     def confirm(self, steps: Sequence[int], failed: Sequence[str]) -> None: ...
-    def finished(self, req_id: str) -> None: ...
+    def finished(self, req_id: str) -> bool: ...
+    def track(
+        self,
+        req_id: str,
+        tokens: list[int],
+        extras: dict[str, Any],
+        names: list[Any] | None = None,
+    ) -> tuple[list[int], dict[str, Any]]: ...
+    def key(self, req_id: str) -> tuple[list[int], dict[str, Any]] | None: ...
+    def schedule(self, output: Any, loads: list[Any], saves: list[Any]) -> None: ...
 
 def lookup_socket_path(engine_id: str, rank: int) -> str: ...
 
@@ -491,6 +557,8 @@ def v0_prefills(
     query_start_loc: list[int] | None = None,
     query_lens: list[int] | None = None,
 ) -> list[tuple[int, int, bool]]: ...
+def v0_load(io: Any, engine: Engine, requests: Sequence[Any]) -> tuple[dict[int, int], int]: ...
+def v0_store(io: Any, engine: Engine, requests: Sequence[Any]) -> tuple[int, int]: ...
 def v0_skip(
     prefills: list[tuple[int, int, int]],
     *,
@@ -517,6 +585,14 @@ def kv_namespace(
 ) -> dict[str, Any]: ...
 def lora_identity(path: str) -> str: ...
 def key_tokens(tokens: _Tokens, items: list[tuple[str, int, int]]) -> list[int]: ...
+def vllm_kv_namespace(
+    vllm_config: Any,
+    tensors: list[Any],
+    *,
+    tp_rank: int,
+    pp_rank: int,
+    model_id: str | None = None,
+) -> dict[str, Any]: ...
 def block_ids_from_slots(slots: list[int] | Any, block_size: int) -> list[int]: ...
 def sequence_hashes(
     tokens: _Tokens,
@@ -585,6 +661,9 @@ def config_engine_settings(
 ) -> dict[str, Any]: ...
 def config_runtime_problems(section: Mapping[str, Any]) -> list[tuple[str, bool]]: ...
 def config_check_machine(section: Mapping[str, Any], strict: bool) -> bool: ...
+def config_for_vllm_connector(
+    section: Any, strict: bool, environ: Mapping[str, str], argv: list[str], block_size: int
+) -> tuple[dict[str, Any], int] | None: ...
 def config_worker_patches(
     config: Mapping[str, Any], section: bool, source: str, service: str | None, strict: bool
 ) -> bool: ...
@@ -596,6 +675,10 @@ def config_setting_bytes(adapter: str, key: str, value: Any) -> int: ...
 def config_redact(value: Any, key: str = "") -> Any: ...
 
 # The cache adapter's engines, the SDK's metrics and its adapter rules (xconnector_core::
+def config_coerce(
+    config: Mapping[str, Any] | None, keys: Mapping[str, Any], force: bool = False
+) -> dict[str, Any]: ...
+
 # engine_pool, ::exposition, ::sdk_plan).
 @final
 class EnginePool:

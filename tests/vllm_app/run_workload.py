@@ -176,6 +176,8 @@ def main() -> None:
             )
         phases.append(results)
         if connector is not None:
+            # Saves run after their step: the next phase looks up a settled cache.
+            connector.wait_for_saves()
             worker_phases.append(connector.stats())
         if spec.get("kv_events") and in_process:
             kv_events.append([event_json(e) for e in published])

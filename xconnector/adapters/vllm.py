@@ -8,7 +8,6 @@ gathered on the device and copied through a pinned host staging buffer.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -148,45 +147,6 @@ def _namespace(model: Any, tensors: list[Any], **worker: Any) -> dict[str, Any]:
     return kv_namespace(
         model=str(model), tensor_dtype=dtype.removeprefix("torch."), layer_shapes=shapes, **worker
     )
-
-
-def vllm_namespace(
-    vllm_config: Any,
-    tensors: list[Any],
-    *,
-    tp_rank: int,
-    pp_rank: int,
-    model_id: str | None = None,
-) -> dict[str, Any]:
-    """The namespace of a vLLM v1 worker's blocks, from what its config and KV tensors report."""
-    model, cache = vllm_config.model_config, vllm_config.cache_config
-    parallel = vllm_config.parallel_config
-    return _namespace(
-        model.model,
-        tensors,
-        model_id=model_id,
-        revision=str(getattr(model, "revision", None) or ""),
-        quantization=str(getattr(model, "quantization", None) or ""),
-        cache_dtype=getattr(cache, "cache_dtype", None),
-        block_size=int(cache.block_size),
-        tp_world_size=int(parallel.tensor_parallel_size),
-        tp_rank=tp_rank,
-        pp_world_size=int(parallel.pipeline_parallel_size),
-        pp_rank=pp_rank,
-        **_model_config(model),
-    )
-
-
-def _model_config(model_config: Any) -> dict[str, Any]:
-    """The model's effective configuration (after `--hf-overrides`) for the core's fingerprint:
-    each top-level entry's value as JSON text, and the context length."""
-    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
-    if hf is None or not hasattr(hf, "to_dict"):
-        return {}
-    entries = [
-        (str(k), json.dumps(v, sort_keys=True, default=str)) for k, v in hf.to_dict().items()
-    ]
-    return {"model_config": entries, "max_model_len": getattr(model_config, "max_model_len", None)}
 
 
 def lora_identity(lora_request: Any) -> str:

@@ -112,11 +112,3 @@ def load_config_from_dynamo(
     """`Common.xconnector` of a Dynamo config dict, overlaid by `<service>.xconnector`; the
     default (disabled) config when it has none."""
     return resolve_dynamo_config(dynamo_config, service=service).config
-
-
-def check_this_machine(section: Mapping[str, Any], *, strict: bool) -> bool:
-    """What only this machine can tell about a valid section (disk directory, the auth key's
-    variable, Redis answering), checked once per process and config, before the first request.
-    Each problem is logged once (natively); False when XConnector cannot run at all. With
-    `strict`, any problem is a `ConfigError` (startup stops)."""
-    return bool(load_native().config_check_machine(section, strict))

@@ -22,13 +22,7 @@ from xconnector.adapters.dynamo import DynamoAdapter, default_worker_id
 from xconnector.adapters.lmcache import LMCacheAdapter
 from xconnector.adapters.vllm import VLLMAdapter
 from xconnector.config.schema import AdapterConfig, SDKConfig
-from xconnector.exceptions import (
-    CacheError,
-    ConfigError,
-    InternalError,
-    InvalidInputError,
-    StateError,
-)
+from xconnector.exceptions import ConfigError, StateError
 from xconnector.sdk.handlers.distributed import DistributedHandler
 from xconnector.sdk.handlers.kv_cache import KVCacheHandler, KVReceiveResult, KVSendResult
 from xconnector.sdk.handlers.monitoring import MonitoringHandler
@@ -45,27 +39,11 @@ def coerce_config(
     """`config` as an `SDKConfig`, with `keys` set (a different value already there is an error
     unless `force`). An SDK built in code is meant to be on: a dict without `enabled` means
     enabled (a config *file* must say `enabled:` explicitly, see the schema)."""
-    if isinstance(config, SDKConfig) and not keys:
-        return config
-    if config is not None and not isinstance(config, (SDKConfig, Mapping)):
-        raise ConfigError(f"config must be an SDKConfig or a dict, not {type(config).__name__}")
-    data = config.to_dict() if isinstance(config, SDKConfig) else dict(config or {})
-    for key, value in keys.items():
-        if not force and data.get(key, value) != value:
-            raise ConfigError(
-                f"{key} is {value!r} in the call but {data[key]!r} in config; give it once"
-            )
-    section = {"enabled": True, **data, **keys}
-    return SDKConfig.from_dict(section, source="XConnectorSDK(config=...)")
-
-
-# Why a worker-facing call fell back, by the error's class (the first match counts).
-_REASONS: dict[type[BaseException], str] = {
-    InvalidInputError: "invalid_input",
-    InternalError: "internal_error",
-    CacheError: "cache_error",
-    ConfigError: "config_error",
-}
+    if isinstance(config, SDKConfig):
+        if not keys:
+            return config
+        config = config.to_dict()
+    return SDKConfig.from_normalized(load_native().config_coerce(config, keys, force))
 
 
 def _off_loop(fn: Callable[_P, _T]) -> Callable[_P, Coroutine[Any, Any, _T]]:
@@ -263,30 +241,16 @@ class XConnectorSDK:
         self, kind: str, fn: Callable[..., _T], *args: Any, **kwargs: Any
     ) -> tuple[_T | None, str | None]:
         """Runs `fn(*args, **kwargs)`, the cache operation `kind` (`receive`, `load`, ...), the
-        way every worker-facing call fails open, v0 and v1 alike: skipped while the cache adapter
-        backs off after failures; an error is counted, logged once per reason (a warning the
-        first time, then debug), reported to the router (which backs off when it is the target's
-        fault, `Router.settle`) and never raised. Returns `(result, None)`, or `(None, why it
-        fell back)`."""
+        way every worker-facing call fails open, v0 and v1 alike (native `fail_open_call`):
+        skipped while the cache adapter backs off after failures; an error is counted, logged
+        once per reason, reported to the router and never raised. Returns `(result, None)`, or
+        `(None, why it fell back)`."""
         if self._state != "initialized":
             return None, "not_initialized"
         if not (self.config.enabled and self.config.enable_caching):
             return None, "caching_disabled"
-        try:
-            target = self.router.route("cache")
-        except (CacheError, ConfigError):  # backing off after failures
-            self.monitoring.fallback("cache_backoff")
-            return None, "cache_backoff"
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as e:
-            reason = next((r for c, r in _REASONS.items() if isinstance(e, c)), "unexpected_error")
-            say = log.warning if self.monitoring.fallback(reason) == 1 else log.debug
-            say("XConnector %s fell back to the worker's path (%s): %s", kind, reason, e)
-            self.router.settle(target, reason)
-            return None, reason
-        self.router.settle(target)
-        return result, None
+        call = load_native().fail_open_call
+        return call(self.router, self.monitoring.stats, kind, fn, *args, **kwargs)  # type: ignore[no-any-return]
 
     def handle_kv_receive_sync(
         self, model_executable: Any, model_input: Any, kv_caches: Any

@@ -4,9 +4,15 @@
 //! key's variable, Redis answering), run once per process and config, each problem logged once.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Mutex;
 
-use crate::config::{runtime_problems, SdkConfig};
+use serde_json::{json, Value};
+
+use crate::config::{
+    discover, engine_block, parse_section, read_config_file, report, resolve_text, runtime_problems, EngineSettings,
+    Environment, SdkConfig,
+};
 use crate::error::{CoreError, Result};
 
 /// Each config checked in this process (by its normalized form) and whether XConnector can run.
@@ -63,14 +69,60 @@ pub fn worker_patches(
     }
 }
 
+/// The config of a vLLM v1 connector (XConnector named as vLLM's KV connector, so on unless
+/// told otherwise): `kv_connector_extra_config.xconnector` as given (`section`: the section,
+/// `enabled` unless it says not, or the path of a YAML file), else what discovery finds in `env`,
+/// else the defaults; with the tokens of its engine blocks on a worker of `block_size` tokens
+/// per KV block (`chunk_size`, which must be a multiple of it). None when it is off, caching is
+/// off, or [`check_machine`] fails here; `strict` (or the config's own `integration.strict`)
+/// makes the check's problems an error.
+pub fn connector_config(
+    section: &Value,
+    env: &Environment,
+    strict: bool,
+    block_size: u64,
+) -> Result<Option<(SdkConfig, u64)>> {
+    const SOURCE: &str = "kv_connector_extra_config.xconnector";
+    let cfg = match section {
+        Value::String(path) => {
+            let text = read_config_file(Path::new(path), path)?;
+            resolve_text(&text, path, None, true, &[String::new()])?.config
+        }
+        Value::Object(fields) => {
+            let mut fields = fields.clone();
+            fields.entry("enabled").or_insert(Value::Bool(true));
+            parse_section(&Value::Object(fields), "").map_err(|p| report(SOURCE, &p))?
+        }
+        Value::Null => match discover(env)? {
+            found if found.section.is_some() => found.config,
+            _ => parse_section(&json!({"enabled": true}), "").map_err(|p| report("the defaults", &p))?,
+        },
+        other => {
+            let kind = match other {
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                _ => "a list",
+            };
+            return Err(CoreError::config(format!(
+                "{SOURCE} must be the XConnector section (a mapping) or the path of a YAML file, not {kind}"
+            )));
+        }
+    };
+    if !(cfg.enabled && cfg.enable_caching) {
+        return Ok(None);
+    }
+    let chunk = EngineSettings::from_config(&cfg).chunk_size;
+    let block = engine_block(chunk, block_size).map_err(|e| CoreError::config(format!("{SOURCE}: chunk_size {e}")))?;
+    let strict = strict || cfg.integration.strict;
+    Ok(check_machine(&cfg, &|name| env.vars.get(name).cloned(), strict)?.then_some((cfg, block.tokens)))
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
-
-    use serde_json::json;
+    use std::collections::HashMap;
 
     use super::*;
-    use crate::config::parse_section;
 
     fn lmcache(mode: &str, settings: serde_json::Value) -> SdkConfig {
         let section = json!({"enabled": true, "mode": mode, "adapters": [{"name": "lmcache", "config": settings}]});
@@ -126,5 +178,45 @@ mod tests {
         assert!(first > 0);
         assert!(!check_machine(&cfg, &env, false).unwrap());
         assert_eq!(asked.get(), first, "the second call checks nothing");
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Environment {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        Environment { vars, argv: vec!["vllm".into()] }
+    }
+
+    #[test]
+    fn a_connector_runs_with_its_own_section_on_unless_it_says_off() {
+        let none = env(&[]);
+        let on = connector_config(&json!({"performance": {"block_size": 16}}), &none, false, 16).unwrap();
+        assert!(on.is_some_and(|(c, block)| c.enabled && block == 16));
+        let chunked = json!({"adapters": [{"name": "lmcache", "config": {"chunk_size": 64}}]});
+        assert_eq!(connector_config(&chunked, &none, false, 32).unwrap().map(|(_, b)| b), Some(64));
+        let err = connector_config(&chunked, &none, false, 48).unwrap_err().to_string();
+        assert!(err.contains("chunk_size") && err.contains("use 48"), "{err}");
+        assert!(connector_config(&json!({"enabled": false}), &none, false, 16).unwrap().is_none());
+        assert!(connector_config(&json!({"enable_caching": false}), &none, false, 16).unwrap().is_none());
+        let err = connector_config(&json!({"mode": "sideways"}), &none, false, 16).unwrap_err().to_string();
+        assert!(err.contains("kv_connector_extra_config.xconnector") && err.contains("mode"), "{err}");
+        let err = connector_config(&json!(3), &none, false, 16).unwrap_err().to_string();
+        assert!(err.contains("must be the XConnector section") && err.contains("a number"), "{err}");
+    }
+
+    #[test]
+    fn a_connector_reads_a_named_file_else_discovery_else_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = dir.path().join("off.yaml");
+        std::fs::write(&off, "xconnector:\n  enabled: false\n").unwrap();
+        let on = dir.path().join("on.yaml");
+        std::fs::write(&on, "xconnector:\n  enabled: true\n  performance:\n    block_size: 32\n").unwrap();
+        let path = |p: &std::path::Path| Value::String(p.to_str().unwrap().into());
+        let none = env(&[]);
+        let got = connector_config(&path(&on), &none, false, 16).unwrap().expect("on");
+        assert_eq!(got.0.performance.block_size, 32);
+        assert!(connector_config(&path(&off), &none, false, 16).unwrap().is_none());
+        let found = env(&[("XCONNECTOR_CONFIG", off.to_str().unwrap())]);
+        assert!(connector_config(&Value::Null, &found, false, 16).unwrap().is_none(), "discovery's says off");
+        let (defaults, _) = connector_config(&Value::Null, &none, false, 16).unwrap().expect("defaults: on");
+        assert!(defaults.enabled && defaults.enable_caching);
     }
 }

@@ -23,6 +23,9 @@
 //! 6. **Loads stop when nothing confirms them.** After `unconfirmed_steps` steps with a load
 //!    unconfirmed, the workers never report back (a vLLM without the worker-metadata channel):
 //!    nothing computed over a load could ever be saved, so loads are turned off; saves go on.
+//! 7. **A finished request's blocks wait for its saves.** A request with a save planned is
+//!    reported by `finished` so vLLM holds its blocks until the workers have saved them
+//!    (`v1_worker` rule 4): the workers see exactly the saves planned here.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -82,6 +85,8 @@ pub struct TransferPlanner {
     /// vLLM blocks written by loads of steps the workers have not confirmed, by step. A step
     /// with a load has an entry, even with no block written: it is unconfirmed all the same.
     inflight: BTreeMap<u64, HashSet<BlockId>>,
+    /// Requests with a save planned (rule 7), until finished.
+    saves_planned: HashSet<String>,
 }
 
 impl TransferPlanner {
@@ -99,6 +104,7 @@ impl TransferPlanner {
             pending: HashMap::new(),
             local_hits: HashMap::new(),
             inflight: BTreeMap::new(),
+            saves_planned: HashSet::new(),
         }
     }
 
@@ -219,6 +225,7 @@ impl TransferPlanner {
             return planned;
         }
         tracked.saved = true;
+        self.saves_planned.insert(req_id.to_owned());
         planned.save = Some(Save {
             req_id: req_id.to_owned(),
             tokens: full,
@@ -242,11 +249,13 @@ impl TransferPlanner {
         }
     }
 
-    /// The request is done: everything kept for it goes.
-    pub fn finished(&mut self, req_id: &str) {
+    /// The request is done: everything kept for it goes. True when a save was planned for it:
+    /// its blocks must wait for the workers' saves (rule 7).
+    pub fn finished(&mut self, req_id: &str) -> bool {
         self.tracked.remove(req_id);
         self.pending.remove(req_id);
         self.local_hits.remove(req_id);
+        self.saves_planned.remove(req_id)
     }
 }
 
@@ -285,6 +294,18 @@ mod tests {
         assert_eq!(got.save, Some(Save { req_id: "a".into(), tokens: 8, block_ids: vec![0, 1], if_loads_ok: false }));
         p.begin_step();
         assert_eq!(p.schedule_cached("a", Some(vec![3]), false, 11), Planned::default());
+    }
+
+    #[test]
+    fn only_a_request_with_a_save_planned_holds_its_blocks_when_finished() {
+        let mut p = TransferPlanner::new(BS, BS, 1, 256);
+        p.begin_step();
+        assert!(p.schedule_new("a", 10, ids(0..3), 10).save.is_some());
+        assert!(p.schedule_new("b", 10, ids(3..6), 4).save.is_none(), "not computed yet");
+        assert!(p.schedule_new("c", 3, ids(6..7), 3).save.is_none(), "no whole block");
+        assert!(p.finished("a"));
+        assert!(!p.finished("a"), "once");
+        assert!(!p.finished("b") && !p.finished("c"));
     }
 
     #[test]

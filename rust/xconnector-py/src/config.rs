@@ -13,7 +13,7 @@ use crate::call::guarded;
 use crate::convert::{to_py, to_value};
 use crate::errors::core_to_py;
 
-fn document(py: Python<'_>, obj: &Bound<'_, PyAny>, source: &str, path: &str) -> PyResult<Value> {
+pub(crate) fn document(py: Python<'_>, obj: &Bound<'_, PyAny>, source: &str, path: &str) -> PyResult<Value> {
     to_value(obj, path).map_err(|(at, message)| {
         let at = if at.is_empty() { "(top level)".to_owned() } else { at };
         core_to_py(py, core::report(source, &[Problem { path: at, message }]))
@@ -202,4 +202,38 @@ pub fn config_read_document<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bou
 pub fn config_redact<'py>(py: Python<'py>, value: &Bound<'py, PyAny>, key: &str) -> PyResult<Bound<'py, PyAny>> {
     let v = document(py, value, "<value>", key)?;
     to_py(py, &core::secrets::redact_at(key, &v))
+}
+
+/// The normalized section an SDK built in code runs with: `config` (a mapping, or None) with
+/// `keys` set, `enabled` unless it says otherwise (a config *file* must say so; code that builds
+/// an SDK means it on). A key given both ways with different values is an error unless `force`.
+#[pyfunction]
+#[pyo3(signature = (config, keys, force = false))]
+pub fn config_coerce<'py>(
+    py: Python<'py>,
+    config: &Bound<'py, PyAny>,
+    keys: &Bound<'py, PyDict>,
+    force: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let given = PyDict::new(py);
+    if !config.is_none() {
+        let Ok(mapping) = config.cast::<pyo3::types::PyMapping>() else {
+            let kind = config.get_type().name()?;
+            return Err(crate::errors::config_error(py, format!("config must be an SDKConfig or a dict, not {kind}")));
+        };
+        given.update(mapping)?;
+    }
+    let section = PyDict::new(py);
+    section.set_item("enabled", true)?;
+    section.update(given.as_mapping())?;
+    for (key, value) in keys.iter() {
+        if let Some(old) = given.get_item(&key)?.filter(|old| !force && !old.eq(&value).unwrap_or(false)) {
+            return Err(crate::errors::config_error(
+                py,
+                format!("{key} is {} in the call but {} in config; give it once", value.repr()?, old.repr()?),
+            ));
+        }
+        section.set_item(key, value)?;
+    }
+    normalize(py, &section, "XConnectorSDK(config=...)", "", |v, p| core::parse_section(v, p).map(|c| c.to_value()))
 }

@@ -38,6 +38,34 @@ pub fn internal(py: Python<'_>, msg: impl Into<String>) -> PyErr {
     raise(py, &INTERNAL_ERROR, "InternalError", msg.into())
 }
 
+/// Why a worker-facing call fell back, by the error's class (the first match counts); what the
+/// router backs off on and what the fallback counters are named by.
+pub fn fallback_reason(py: Python<'_>, err: &PyErr) -> &'static str {
+    let classes: [(&'static PyOnceLock<Py<PyType>>, &str, &'static str); 4] = [
+        (&INVALID_INPUT_ERROR, "InvalidInputError", "invalid_input"),
+        (&INTERNAL_ERROR, "InternalError", "internal_error"),
+        (&CACHE_ERROR, "CacheError", "cache_error"),
+        (&CONFIG_ERROR, "ConfigError", "config_error"),
+    ];
+    for (cell, name, reason) in classes {
+        if cell.import(py, EXCEPTIONS, name).is_ok_and(|ty| err.is_instance(py, ty)) {
+            return reason;
+        }
+    }
+    "unexpected_error"
+}
+
+/// `fallback_reason` of a core error, as the exception `core_to_py` makes of it would give.
+pub fn core_reason(err: &CoreError) -> &'static str {
+    match err {
+        CoreError::InvalidInput(_) => "invalid_input",
+        CoreError::Internal(_) => "internal_error",
+        CoreError::Cache(_) => "cache_error",
+        CoreError::Config(_) | CoreError::InvalidSection { .. } => "config_error",
+        CoreError::Io { .. } => "unexpected_error",
+    }
+}
+
 pub fn core_to_py(py: Python<'_>, err: CoreError) -> PyErr {
     let msg = err.to_string();
     match err {

@@ -61,7 +61,73 @@ pub fn kv_namespace<'py>(
         pp_rank,
         model_config: model_config.map(|entries| ModelConfig { entries, max_model_len }),
     };
-    let ns = detached(py, || derive(&worker))?;
+    namespace_dict(py, &worker)
+}
+
+/// The namespace of a vLLM v1 worker's blocks (as `kv_namespace`), read off its `VllmConfig` and
+/// KV `tensors`: the model, revision, quantization and effective configuration (after
+/// `--hf-overrides`, each top-level entry as Python's sorted JSON text), the cache dtype, block
+/// size and parallel layout, and the tensors' dtype and shapes.
+#[pyfunction]
+#[pyo3(signature = (vllm_config, tensors, *, tp_rank, pp_rank, model_id = None))]
+pub fn vllm_kv_namespace<'py>(
+    py: Python<'py>,
+    vllm_config: &Bound<'py, PyAny>,
+    tensors: Vec<Bound<'py, PyAny>>,
+    tp_rank: u32,
+    pp_rank: u32,
+    model_id: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (model, cache) = (vllm_config.getattr("model_config")?, vllm_config.getattr("cache_config")?);
+    let parallel = vllm_config.getattr("parallel_config")?;
+    // `getattr(obj, name, None) or ""`, as text.
+    let text = |obj: &Bound<'py, PyAny>, name: &str| -> PyResult<String> {
+        let v = obj.getattr(name).ok().filter(|v| v.is_truthy().unwrap_or(false));
+        v.map_or(Ok(String::new()), |v| Ok(v.str()?.to_string()))
+    };
+    let first = tensors.first().ok_or_else(|| invalid_input(py, "no KV tensors"))?;
+    let dtype = first.getattr("dtype")?.str()?.to_string();
+    let hf = ["hf_text_config", "hf_config"]
+        .iter()
+        .filter_map(|name| model.getattr(*name).ok().filter(|v| v.is_truthy().unwrap_or(false)))
+        .next()
+        .filter(|hf| hf.hasattr("to_dict").unwrap_or(false));
+    let model_config = match hf {
+        None => None,
+        Some(hf) => {
+            let dumps = py.import("json")?.getattr("dumps")?;
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("sort_keys", true)?;
+            kwargs.set_item("default", py.import("builtins")?.getattr("str")?)?;
+            let mut entries = Vec::new();
+            for (k, v) in hf.call_method0("to_dict")?.cast_into::<PyDict>()?.iter() {
+                entries.push((k.str()?.to_string(), dumps.call((v,), Some(&kwargs))?.extract()?));
+            }
+            let max_model_len = model.getattr("max_model_len").ok().and_then(|v| v.extract().ok());
+            Some(ModelConfig { entries, max_model_len })
+        }
+    };
+    let worker = WorkerKv {
+        model: model.getattr("model")?.str()?.to_string(),
+        model_id,
+        revision: text(&model, "revision")?,
+        quantization: text(&model, "quantization")?,
+        cache_dtype: cache.getattr("cache_dtype").ok().and_then(|v| v.extract().ok()),
+        tensor_dtype: dtype.strip_prefix("torch.").unwrap_or(&dtype).to_owned(),
+        layer_shapes: tensors.iter().map(|t| t.getattr("shape")?.extract()).collect::<PyResult<_>>()?,
+        block_size: cache.getattr("block_size")?.extract()?,
+        layout: None,
+        tp_world_size: parallel.getattr("tensor_parallel_size")?.extract()?,
+        tp_rank,
+        pp_world_size: parallel.getattr("pipeline_parallel_size")?.extract()?,
+        pp_rank,
+        model_config,
+    };
+    namespace_dict(py, &worker)
+}
+
+fn namespace_dict<'py>(py: Python<'py>, worker: &WorkerKv) -> PyResult<Bound<'py, PyDict>> {
+    let ns = detached(py, || derive(worker))?;
     let out = PyDict::new(py);
     out.set_item("model", ns.model)?;
     out.set_item("revision", ns.revision)?;

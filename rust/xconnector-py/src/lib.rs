@@ -23,6 +23,7 @@ mod sdk_plan;
 mod startup_check;
 mod transfer_plan;
 mod v0_batch;
+mod v1_worker;
 mod vllm_events;
 mod vllm_transfer;
 
@@ -118,6 +119,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(paged::kv_block_dim, m)?)?;
     m.add_class::<paged::EngineBlocks>()?;
     m.add_function(wrap_pyfunction!(kv_namespace::kv_namespace, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_namespace::vllm_kv_namespace, m)?)?;
     m.add_function(wrap_pyfunction!(kv_namespace::lora_identity, m)?)?;
     m.add_function(wrap_pyfunction!(kv_namespace::key_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(sequence_hashes, m)?)?;
@@ -135,13 +137,19 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_env_vars, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_setting_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_redact, m)?)?;
+    m.add_function(wrap_pyfunction!(config::config_coerce, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_read_document, m)?)?;
     m.add_function(wrap_pyfunction!(vllm_transfer::vllm_transfer_config, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_engine_settings, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_runtime_problems, m)?)?;
     m.add_function(wrap_pyfunction!(startup_check::config_check_machine, m)?)?;
     m.add_function(wrap_pyfunction!(startup_check::config_worker_patches, m)?)?;
+    m.add_function(wrap_pyfunction!(startup_check::config_for_vllm_connector, m)?)?;
     m.add_function(wrap_pyfunction!(migrate::config_migrate, m)?)?;
     m.add_function(wrap_pyfunction!(cli::cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(v1_worker::fail_open_call, m)?)?;
+    m.add_function(wrap_pyfunction!(v0_batch::v0_load, m)?)?;
+    m.add_function(wrap_pyfunction!(v0_batch::v0_store, m)?)?;
+    m.add_class::<v1_worker::V1Worker>()?;
     Ok(())
 }

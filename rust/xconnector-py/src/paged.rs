@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use xconnector_core::engine_blocks::EngineBlocks as CoreEngineBlocks;
 use xconnector_core::kv_layout::{self, KvLayout, PagedKv as CorePagedKv, StridedTensor};
+use xconnector_core::{Engine as CoreEngine, HashExtras};
 
 use crate::buffers::ByteRegion;
 use crate::call::{detached, guarded};
@@ -181,19 +182,8 @@ impl PagedKv {
         lora_id: Option<String>,
     ) -> PyResult<usize> {
         let toks = guarded(py, || crate::buffers::tokens(tokens))?;
-        let ids = block_ids_checked(py, &self.inner, block_ids)?;
-        let kv = &self.inner;
-        let out = detached(py, || {
-            let geometry = self.engine_blocks(engine)?;
-            geometry.store_kv_blocks(toks.len(), ids.len())?;
-            let full = geometry.full_engine_blocks(toks.len()) * geometry.engine_block_size();
-            engine.inner.store_with(&toks[..full], extras(&lora_name, &cache_salt, &lora_id), |i, slot| {
-                for (pos, bytes) in geometry.parts(i, 0) {
-                    kv.pack_block(ids[pos], &mut slot[bytes]);
-                }
-            })
-        })?;
-        Ok(out.stored + out.spilled)
+        let ids = self.block_ids(py, block_ids)?;
+        detached(py, || self.store_blocks(&engine.inner, &toks, &ids, extras(&lora_name, &cache_salt, &lora_id)))
     }
 
     /// Loads the longest cached prefix of `tokens` (as many engine blocks as `block_ids` covers)
@@ -216,7 +206,7 @@ impl PagedKv {
         let ids = block_ids_checked(py, &self.inner, block_ids)?;
         let kv = &self.inner;
         detached(py, || {
-            let geometry = self.engine_blocks(engine)?;
+            let geometry = self.engine_blocks(&engine.inner)?;
             let n = geometry.load_engine_blocks(ids.len());
             engine.inner.load_with(&toks, extras(&lora_name, &cache_salt, &lora_id), n, |i, bytes| {
                 for (pos, range) in geometry.parts(i, first_block) {
@@ -246,9 +236,33 @@ impl PagedKv {
 }
 
 impl PagedKv {
-    fn engine_blocks(&self, engine: &Engine) -> xconnector_core::Result<CoreEngineBlocks> {
-        let cfg = engine.inner.config();
+    fn engine_blocks(&self, engine: &CoreEngine) -> xconnector_core::Result<CoreEngineBlocks> {
+        let cfg = engine.config();
         CoreEngineBlocks::new(self.inner.block_size(), self.inner.block_bytes(), cfg.block_size, cfg.block_bytes)
+    }
+
+    /// `block_ids` as this cache's block indices (an error names any out of range).
+    pub(crate) fn block_ids(&self, py: Python<'_>, block_ids: Vec<i64>) -> PyResult<Vec<u32>> {
+        block_ids_checked(py, &self.inner, block_ids)
+    }
+
+    /// `store`'s work, without the GIL: the full engine blocks of `toks` from KV blocks `ids`.
+    pub(crate) fn store_blocks(
+        &self,
+        engine: &CoreEngine,
+        toks: &[u32],
+        ids: &[u32],
+        extras: HashExtras<'_>,
+    ) -> xconnector_core::Result<usize> {
+        let geometry = self.engine_blocks(engine)?;
+        geometry.store_kv_blocks(toks.len(), ids.len())?;
+        let full = geometry.full_engine_blocks(toks.len()) * geometry.engine_block_size();
+        let out = engine.store_with(&toks[..full], extras, |i, slot| {
+            for (pos, bytes) in geometry.parts(i, 0) {
+                self.inner.pack_block(ids[pos], &mut slot[bytes]);
+            }
+        })?;
+        Ok(out.stored + out.spilled)
     }
 }
 

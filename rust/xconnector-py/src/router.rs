@@ -20,7 +20,7 @@ fn seconds(py: Python<'_>, what: &str, s: f64) -> PyResult<Duration> {
 /// that failed for a backoff period that doubles per consecutive failure.
 #[pyclass(module = "xconnector._native", frozen)]
 pub struct Router {
-    inner: CoreRouter,
+    pub(crate) inner: CoreRouter,
 }
 
 #[pymethods]

@@ -16,7 +16,7 @@ use crate::call::{detached, guarded};
 /// Named counters and fallbacks by reason; each bump returns the total after it (1: the first).
 #[pyclass(module = "xconnector._native", frozen)]
 pub struct SdkStats {
-    inner: CoreSdkStats,
+    pub(crate) inner: CoreSdkStats,
 }
 
 #[pymethods]

@@ -1,12 +1,88 @@
 //! `v0_prefills` and `v0_skip`: the index arithmetic of a vLLM v0 batch, computed by
-//! `xconnector_core::v0_batch` from the plain lists the Python adapter reads off `model_input`.
+//! `xconnector_core::v0_batch` from the plain lists the Python adapter reads off `model_input`;
+//! `v0_load` and `v0_store`: a batch's prefill requests served from and stored into an engine.
+
+use std::collections::HashMap;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use xconnector_core::kv_layout::block_ids_from_slots;
+use xconnector_core::prefix::usable_prefix;
 use xconnector_core::v0_batch::{self, Fields, Prefill, Skip};
+use xconnector_core::HashExtras;
 
 use crate::call::{detached, guarded};
+use crate::engine::Engine;
 use crate::errors::invalid_input;
+
+/// One prefill request as the adapter found it (`PrefillRequest`): fresh ones only.
+struct Request {
+    index: usize,
+    tokens: Vec<u32>,
+    slots: Vec<i64>,
+}
+
+fn fresh(requests: &[Bound<'_, PyAny>]) -> PyResult<Vec<Request>> {
+    let mut out = Vec::new();
+    for r in requests {
+        if r.getattr("fresh")?.extract()? {
+            let (index, slots) = (r.getattr("index")?.extract()?, r.getattr("slots")?.extract()?);
+            out.push(Request { index, tokens: crate::buffers::tokens(&r.getattr("tokens")?)?, slots });
+        }
+    }
+    Ok(out)
+}
+
+/// Loads each fresh prefill request's usable cached prefix (never the block of its last token,
+/// `xconnector_core::prefix`) into its KV slots through `io` (`load(engine, tokens, block_ids)`):
+/// `{request index: tokens loaded}` for those that loaded any, and the fresh requests' tokens.
+#[pyfunction]
+pub fn v0_load(
+    py: Python<'_>,
+    io: &Bound<'_, PyAny>,
+    engine: &Bound<'_, Engine>,
+    requests: Vec<Bound<'_, PyAny>>,
+) -> PyResult<(HashMap<usize, usize>, usize)> {
+    let (core, kv_block) = (&engine.get().inner, io.getattr("block_size")?.extract()?);
+    let requests = guarded(py, || fresh(&requests))?;
+    let mut loaded = HashMap::new();
+    for r in &requests {
+        let hit = detached(py, || core.lookup(&r.tokens, HashExtras::default()))?;
+        let usable = usable_prefix(hit, r.tokens.len(), core.config().block_size);
+        if usable == 0 {
+            continue;
+        }
+        let ids = detached(py, || block_ids_from_slots(&r.slots[..usable], kv_block))?;
+        let n: usize = io.call_method1("load", (engine, &r.tokens[..usable], ids))?.extract()?;
+        if n > 0 {
+            loaded.insert(r.index, n);
+        }
+    }
+    Ok((loaded, requests.iter().map(|r| r.tokens.len()).sum()))
+}
+
+/// Stores the full engine blocks of each fresh prefill request through `io` (`store(engine,
+/// tokens, block_ids)`; blocks cached already are not copied again): `(blocks stored, requests
+/// with a block to store)`.
+#[pyfunction]
+pub fn v0_store(
+    py: Python<'_>,
+    io: &Bound<'_, PyAny>,
+    engine: &Bound<'_, Engine>,
+    requests: Vec<Bound<'_, PyAny>>,
+) -> PyResult<(usize, usize)> {
+    let (ebs, kv_block) = (engine.get().inner.config().block_size, io.getattr("block_size")?.extract()?);
+    let (mut stored, mut handled) = (0, 0);
+    for r in guarded(py, || fresh(&requests))? {
+        let full = r.tokens.len() / ebs * ebs; // a partial engine block is not stored
+        if full > 0 {
+            let ids = detached(py, || block_ids_from_slots(&r.slots[..full], kv_block))?;
+            stored += io.call_method1("store", (engine, &r.tokens[..full], ids))?.extract::<usize>()?;
+            handled += 1;
+        }
+    }
+    Ok((stored, handled))
+}
 
 /// The batch's prefills as `(start, end, fresh)`, in order.
 #[pyfunction]

@@ -1,11 +1,11 @@
 //! `xconnector._native.VllmBlockNames` and `VllmRankAgreement`: thin wrappers of
-//! `xconnector_core::vllm_events`, for `xconnector.integrations.vllm.kv_events`, which builds
-//! vLLM's event objects from the plain tuples these return.
+//! `xconnector_core::vllm_events`, for `xconnector.integrations.vllm.kv_events`: plain tuples,
+//! or vLLM's event objects made with the classes it passes in.
 
 use parking_lot::Mutex;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use xconnector_core::block_journal::{BlockChange, Medium};
 use xconnector_core::vllm_events::{self as core, Name, VllmEvent};
 
@@ -150,6 +150,40 @@ impl VllmBlockNames {
         let events = detached(py, || self.inner.lock().events(&changes, block_size, engine_block))?;
         guarded(py, || events.iter().map(|e| event_to_py(py, e)).collect())
     }
+
+    /// `events` as vLLM's objects, made by its classes `stored` (`BlockStored`) and `removed`
+    /// (`BlockRemoved`).
+    fn vllm_events<'py>(
+        &self,
+        py: Python<'py>,
+        changes: Vec<Change>,
+        block_size: usize,
+        engine_block: usize,
+        stored: &Bound<'py, PyAny>,
+        removed: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let events = self.events(py, changes, block_size, engine_block)?;
+        events
+            .iter()
+            .map(|e| {
+                let (kind, medium, names): (String, Bound<'py, PyAny>, Bound<'py, PyAny>) =
+                    (e.get_item(0)?.extract()?, e.get_item(1)?, e.get_item(2)?);
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("block_hashes", names)?;
+                kwargs.set_item("medium", medium)?;
+                if kind == "removed" {
+                    return removed.call((), Some(&kwargs));
+                }
+                kwargs.set_item("parent_block_hash", e.get_item(3)?)?;
+                kwargs.set_item("token_ids", e.get_item(4)?)?;
+                kwargs.set_item("block_size", block_size)?;
+                kwargs.set_item("lora_id", py.None())?;
+                kwargs.set_item("lora_name", e.get_item(5)?)?;
+                kwargs.set_item("extra_keys", e.get_item(6)?)?;
+                stored.call((), Some(&kwargs))
+            })
+            .collect()
+    }
 }
 
 /// What the router should be told given every rank's events: a block is announced once all
@@ -201,4 +235,66 @@ impl VllmRankAgreement {
             Ok(gone.into_iter().map(|i| items[i].clone()).collect())
         })
     }
+
+    /// What the router should be told of every rank's events (`batches[rank]`: vLLM's
+    /// `BlockStored` and `BlockRemoved`, its classes `stored` and `removed`): each stored run
+    /// announced by the last rank to hold it, linked to the block before it; each removal by
+    /// the first rank to drop it; once each.
+    fn merge<'py>(
+        &self,
+        py: Python<'py>,
+        batches: Vec<Vec<Bound<'py, PyAny>>>,
+        stored: &Bound<'py, PyAny>,
+        removed: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let mut out = Vec::new();
+        for (rank, batch) in batches.iter().enumerate() {
+            for e in batch {
+                let medium: Option<String> = e.getattr("medium")?.extract()?;
+                let names = e.getattr("block_hashes")?;
+                if e.is_instance(stored)? {
+                    for (a, b) in self.stored(py, rank, medium.as_deref(), &names)? {
+                        out.push(stored_part(e, a, b, stored)?);
+                    }
+                } else if e.is_instance(removed)? {
+                    let gone = self.removed(py, rank, medium.as_deref(), &names)?;
+                    if !gone.is_empty() {
+                        let kwargs = PyDict::new(py);
+                        kwargs.set_item("block_hashes", gone)?;
+                        kwargs.set_item("medium", medium)?;
+                        out.push(removed.call((), Some(&kwargs))?);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Blocks `a..b` of the `BlockStored` `e`, linked to the block before them.
+fn stored_part<'py>(
+    e: &Bound<'py, PyAny>,
+    a: usize,
+    b: usize,
+    stored: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = e.py();
+    let bs: usize = e.getattr("block_size")?.extract()?;
+    let names = e.getattr("block_hashes")?;
+    let keys = e.getattr("extra_keys")?;
+    let parent = if a == 0 { e.getattr("parent_block_hash")? } else { names.get_item(a - 1)? };
+    let slice = |obj: &Bound<'py, PyAny>, from: usize, to: usize| {
+        obj.get_item(pyo3::types::PySlice::new(py, from as isize, to as isize, 1))
+    };
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("block_hashes", slice(&names, a, b)?)?;
+    kwargs.set_item("parent_block_hash", parent)?;
+    kwargs.set_item("token_ids", slice(&e.getattr("token_ids")?, a * bs, b * bs)?)?;
+    kwargs.set_item("block_size", bs)?;
+    kwargs.set_item("lora_id", e.getattr("lora_id")?)?;
+    kwargs.set_item("medium", e.getattr("medium")?)?;
+    kwargs.set_item("lora_name", e.getattr("lora_name")?)?;
+    // vLLM's extra keys: None (or empty) stays as it is, a list is cut like the blocks.
+    kwargs.set_item("extra_keys", if keys.is_truthy()? { slice(&keys, a, b)? } else { keys })?;
+    stored.call((), Some(&kwargs))
 }

@@ -3,8 +3,12 @@ Usage, keys and KV events: `integrations/vllm/README.md`.
 
 Scheduler side: `get_num_new_matched_tokens` looks the prompt up (side-effect free, never the
 block of the last prompt token); the native `TransferPlanner` plans each step's loads into the
-blocks vLLM allocated and the saves of prompts whose prefill is complete. Worker side: loads run
-in `start_load_kv`, saves in `wait_for_save`, straight between vLLM's paged KV and the engine.
+blocks vLLM allocated and the saves of prompts whose prefill is complete. Worker side (native
+`V1Worker`): loads run in `start_load_kv`; saves are queued in `wait_for_save` and, from host KV,
+run after the step on a save thread, straight from vLLM's paged KV into the engine. A finished
+request with a save planned keeps its blocks (`request_finished` says so) until `get_finished`
+reports its saves done; a step that preempts (its blocks reused at once) waits for the saves
+first (`handle_preemptions`).
 
 Never keeping wrong KV: a load that fails or comes up short is reported through
 `get_block_ids_with_load_errors` (vLLM recomputes those blocks). Whatever is computed on top of
@@ -19,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +40,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from xconnector import switches
 from xconnector._loader import load_native
-from xconnector.adapters.vllm import key_tokens, lora_identity, vllm_namespace
-from xconnector.config.discovery import check_this_machine
+from xconnector.adapters.vllm import key_tokens, lora_identity
 from xconnector.config.schema import SDKConfig
-from xconnector.exceptions import ConfigError
 from xconnector.integrations.vllm import lookup_service
 from xconnector.integrations.vllm.kv_events import (
     RankAgreement,
@@ -57,8 +60,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-    from xconnector._native import Engine, LookupClient, LookupServer, TransferPlanner
-    from xconnector.adapters.vllm import KvIO
+    from xconnector._native import Engine, LookupClient, LookupServer, TransferPlanner, V1Worker
     from xconnector.sdk.xconnector_sdk import XConnectorSDK
 
 log = logging.getLogger("xconnector.vllm")
@@ -117,6 +119,9 @@ class XConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     step: int = 0
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
+    #: vLLM preempted requests this step: their blocks are reused at once, so the saves in
+    #: flight must finish before the forward pass.
+    flush: bool = False
 
 
 @dataclass
@@ -131,40 +136,6 @@ class XConnectorWorkerMetadata(KVConnectorWorkerMetadata):  # type: ignore[misc]
         if isinstance(other, XConnectorWorkerMetadata):
             return XConnectorWorkerMetadata(self.steps | other.steps, self.failed | other.failed)
         return self
-
-
-@dataclass
-class _Key:
-    """What a request's blocks are keyed by, fixed at its lookup."""
-
-    tokens: list[int]
-    extras: dict[str, Any]
-    names: list[Any] | None = None
-
-    def transfer(self, req_id: str, end: int, block_ids: list[int], named: int, **kw: Any) -> Any:
-        names = self.names[:named] if self.names is not None else None
-        return Transfer(req_id, self.tokens[:end], block_ids, self.extras, names, **kw)
-
-
-def load_config(extra: dict[str, Any]) -> SDKConfig:
-    """The XConnector config from `kv_connector_extra_config`, else from discovery, else the
-    defaults (enabled: the user named this connector)."""
-    section = extra.get("xconnector")
-    if isinstance(section, str):
-        return SDKConfig.from_yaml(section)
-    if isinstance(section, dict):
-        return SDKConfig.from_dict(
-            {"enabled": True, **section}, source="kv_connector_extra_config.xconnector"
-        )
-    if section is not None:
-        raise ConfigError(
-            "kv_connector_extra_config.xconnector must be the XConnector section (a mapping) "
-            f"or the path of a YAML file, not {type(section).__name__}"
-        )
-    from xconnector.config.discovery import detect_config
-
-    found = detect_config()
-    return found.config if found.found else SDKConfig(enabled=True)
 
 
 class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
@@ -184,30 +155,27 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._tp: int = int(vllm_config.parallel_config.tensor_parallel_size)
         self._pp: int = int(vllm_config.parallel_config.pipeline_parallel_size)
         self._config: SDKConfig | None = None
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config)
+        self._engine_block: int = self._block_size
+        self._extra = extra = dict(self._kv_transfer_config.kv_connector_extra_config)
         if switches.disabled():
             log.info("XConnector is off (XCONNECTOR_DISABLE/XCONNECTOR_ENABLED): plain vLLM")
         else:
-            strict = switches.strict(section=extra.get("xconnector"))
+            # `kv_connector_extra_config.xconnector` (a section or a file), else discovery, else
+            # the defaults; checked on this machine once, before serving (native). Tokens per
+            # engine block: LMCache's chunk_size, else vLLM's block size.
+            section = extra.get("xconnector")
+            strict = switches.strict(section=section)
             try:
-                config = load_config(extra)
-                self._config = config if config.enabled and config.enable_caching else None
-                # The engine's process: what only this machine can tell, once, before serving.
-                strict = strict or config.integration.strict
-                if self._config is not None and not check_this_machine(
-                    self._config.to_dict(), strict=strict
-                ):
-                    self._config = None
+                found = load_native().config_for_vllm_connector(
+                    section, strict, dict(os.environ), list(sys.argv), self._block_size
+                )
+                if found is not None:
+                    self._config = SDKConfig.from_normalized(found[0])
+                    self._engine_block = found[1]
             except Exception as e:  # a bad config, or a broken install: never vLLM's failure
                 if strict or getattr(e, "strict", False):
                     raise
                 log.error("XConnector is off, vLLM runs without it: %s", e)
-        # Tokens per engine block: LMCache's chunk_size, else vLLM's block size.
-        chunk = None
-        if self._config is not None:
-            cache = self._config.adapter("lmcache")
-            chunk = cache.config.get("chunk_size") if cache is not None else None
-        self._engine_block = int(chunk or self._block_size)
         self._encoder_decoder = bool(getattr(vllm_config.model_config, "is_encoder_decoder", False))
         # vLLM publishes KV events (and `dynamo.vllm` relays them to Dynamo's router): report
         # what XConnector holds with them.
@@ -223,33 +191,33 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._events: list[KVCacheEvent] = []
         self._events_dropped = 0
         # Scheduler side.
-        # Keys per request, recorded at lookup: NewRequestData has no salt, and a block stored
-        # under the wrong salt would be served across tenants.
-        self._keys: dict[str, _Key] = {}
         self._world = self._tp * int(vllm_config.parallel_config.pipeline_parallel_size)
         self._agreement = RankAgreement(self._world)
         # What to load and save each step, and when a save must wait for the workers to confirm
-        # a load (`xconnector_core::transfer_plan`); None when XConnector is off.
+        # a load (`xconnector_core::transfer_plan`); None when XConnector is off. It keeps each
+        # request's key from its lookup on: NewRequestData has no salt, and a block stored under
+        # the wrong salt would be served across tenants.
         self._planner: TransferPlanner | None = None
         if self._config is not None:
             try:
                 self._planner = load_native().TransferPlanner(
-                    self._block_size, self._engine_block, self._world, _UNCONFIRMED_STEPS
+                    self._block_size,
+                    self._engine_block,
+                    self._world,
+                    _UNCONFIRMED_STEPS,
+                    transfer=Transfer,
                 )
             except Exception as e:
                 self._config = None
                 log.error("XConnector is off, vLLM runs without it: %s", e)
         self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
-        # Worker side.
+        # Worker side: each step's loads and saves, and what they did (unbound: every load
+        # fails, so vLLM recomputes what the scheduler promised).
+        self._worker: V1Worker = load_native().V1Worker(self._block_size, self._engine_block)
         self._sdk: XConnectorSDK | None = None
-        self._io: KvIO | None = None
         self._engine: Engine | None = None
         self._server: LookupServer | None = None
-        self._load_errors: set[int] = set()
-        self._failed_reqs: set[str] = set()
-        self._loaded_steps: set[int] = set()
-        self._failed_steps: set[int] = set()
         self._steps_undrained = 0
         self._logged: set[str] = set()
 
@@ -265,21 +233,6 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._logged.add(kind)
         return not seen
 
-    def _count(self, name: str, n: int = 1) -> None:
-        try:
-            if self._sdk is not None:
-                self._sdk.get_monitoring_handler().count(name, n)
-        except Exception as e:  # bookkeeping: never vLLM's failure
-            self._fail("metrics", e)
-
-    def _step_wait(self, op: str, started: float) -> None:
-        """A step with loads (saves) waited since `started` for them: the step-time histogram."""
-        try:
-            if self._sdk is not None:
-                self._sdk.get_monitoring_handler().step_wait(op, time.perf_counter() - started)
-        except Exception as e:  # bookkeeping: never vLLM's failure
-            self._fail("metrics", e)
-
     def _fail(self, kind: str, e: BaseException) -> None:
         with contextlib.suppress(Exception):  # counting it must not fail in turn
             if self._sdk is not None:
@@ -289,17 +242,18 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
 
     # -- scheduler side -------------------------------------------------------------------------
 
-    def _lookup(self, key: _Key) -> int:
+    def _lookup(self, tokens: list[int], extras: dict[str, Any]) -> int:
         engine = _engines.get(self._engine_id)
         if engine is not None:
-            return int(engine.lookup(key.tokens, **key.extras))
+            return int(engine.lookup(tokens, **extras))
         if self._client is None:
             # Every (tensor, pipeline) rank holds its own part of each block: ask them all.
             self._client = lookup_service.client(self._engine_id, self._tp * self._pp)
-        return self._client.lookup(key.tokens, **key.extras)
+        return self._client.lookup(tokens, **extras)
 
-    def _key(self, request: Request) -> _Key | None:
-        """The request's key, or None (counted) when its KV cannot be keyed safely."""
+    def _track(self, planner: TransferPlanner, request: Request) -> Any:
+        """The request's `(tokens, extras)`, kept by the planner from now on; None (counted)
+        when its KV cannot be keyed safely."""
         reason = None
         if self._encoder_decoder:
             reason = "encoder_decoder"
@@ -318,7 +272,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             "lora_id": lora_identity(lora) if lora is not None else None,
         }
         names = vllm_names(request, self._block_size) if self._report_events else None
-        return _Key(tokens, extras, names)
+        return planner.track(request.request_id, tokens, extras, names)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -328,12 +282,11 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             return 0, False
         try:
             rid = request.request_id
-            key = self._keys.get(rid) or self._key(request)
-            if key is None or len(key.tokens) < 2:
+            key = planner.key(rid) or self._track(planner, request)
+            if key is None or len(key[0]) < 2:
                 return 0, False
-            self._keys[rid] = key
-            hit = self._lookup(key)
-            usable = load_native().usable_prefix(hit, len(key.tokens), self._engine_block)
+            hit = self._lookup(*key)
+            usable = load_native().usable_prefix(hit, len(key[0]), self._engine_block)
             # Remember the local hit this answer was relative to, for update_state_after_alloc.
             planner.note_lookup(rid, num_computed_tokens)
             return max(0, usable - num_computed_tokens), False
@@ -347,7 +300,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         rid, planner = request.request_id, self._planner
         if planner is None:
             return
-        if num_external_tokens <= 0 or self._keys.get(rid) is None:
+        if num_external_tokens <= 0 or planner.key(rid) is None:
             planner.plan_load(rid, 0, [])  # nothing to load: drops a load planned before
             return
         planner.plan_load(rid, num_external_tokens, blocks.get_block_ids()[0])
@@ -357,7 +310,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         if planner is None:
             return XConnectorMetadata()
         step, unconfirmed = planner.begin_step()
-        meta = XConnectorMetadata(step=step)
+        preempted = getattr(scheduler_output, "preempted_req_ids", None)
+        meta = XConnectorMetadata(step=step, flush=bool(preempted))
         if unconfirmed is not None:
             # The workers never report back (a vLLM without the worker-metadata channel):
             # nothing that depends on a load could ever be saved, so loads stop instead.
@@ -366,45 +320,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 "vLLM call build_connector_worker_meta?); loads are off, saves go on",
                 unconfirmed,
             )
-        scheduled = scheduler_output.num_scheduled_tokens
-        for new in scheduler_output.scheduled_new_reqs:
-            key = self._keys.get(new.req_id)
-            if key is None:
-                continue  # never looked up, or not cacheable: its key is unknown, not saved
-            computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
-            block_ids = new.block_ids[0] if new.block_ids else []
-            planned = planner.schedule_new(new.req_id, len(key.tokens), block_ids, computed)
-            self._add_transfers(meta, key, *planned)
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            key = self._keys.get(req_id)
-            if key is None:
-                continue  # not tracked: the planner plans nothing for it
-            new_ids = cached.new_block_ids[i]
-            computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
-            resumed = req_id in cached.resumed_req_ids  # its new blocks replace its old ones
-            planned = planner.schedule_cached(
-                req_id, new_ids[0] if new_ids else None, resumed, computed
-            )
-            self._add_transfers(meta, key, *planned)
+        planner.schedule(scheduler_output, meta.loads, meta.saves)
         return meta
-
-    def _add_transfers(
-        self,
-        meta: XConnectorMetadata,
-        key: _Key,
-        load: tuple[str, int, list[int], int] | None,
-        save: tuple[str, int, list[int], bool] | None,
-    ) -> None:
-        """The planner's load and save of one request, with its key up to the planned end."""
-        if load is not None:
-            rid, end, ids, first = load
-            meta.loads.append(
-                key.transfer(rid, end, ids, end // self._block_size, first_block=first)
-            )
-        if save is not None:
-            rid, end, ids, ok = save
-            meta.saves.append(key.transfer(rid, end, ids, len(ids), if_loads_ok=ok))
 
     def update_connector_output(self, connector_output: Any) -> None:
         events = getattr(connector_output, "kv_cache_events", None)
@@ -446,11 +363,9 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        rid = request.request_id
-        if self._planner is not None:
-            self._planner.finished(rid)
-        self._keys.pop(rid, None)
-        return False, None
+        # A request with a save planned keeps its blocks until the workers saved them.
+        held = self._planner is not None and self._planner.finished(request.request_id)
+        return held, None
 
     # -- worker side ----------------------------------------------------------------------------
 
@@ -465,7 +380,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._sdk = sdk
             rank, pp_rank = _parallel_ranks()
             vllm_adapter = self._config.adapter("vllm")
-            namespace = vllm_namespace(
+            namespace = load_native().vllm_kv_namespace(
                 self._vllm_config,
                 list(kv_caches.values()),
                 tp_rank=rank,
@@ -477,7 +392,17 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             )
             if self._report_events:
                 engine.enable_block_events(_EVENT_BLOCKS)
-            self._io, self._engine = io, engine
+            self._engine = engine
+            self._worker = load_native().V1Worker(
+                self._block_size,
+                self._engine_block,
+                io=io,
+                engine=engine,
+                router=sdk.router,
+                stats=sdk.monitoring.stats,
+                names=self._names,
+                async_saves=self._extra.get("async_saves", True) is not False,
+            )
             with _engines_lock:
                 _engines[self._engine_id] = engine
             # Off (logged) if its socket is refused: this worker still loads and saves.
@@ -490,34 +415,17 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 rank,
             )
         except Exception as e:
-            self._io = self._engine = None
+            self._engine = None
             self._fail("register_kv_caches", e)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if isinstance(kv_connector_metadata, XConnectorMetadata) and kv_connector_metadata.flush:
+            self._worker.flush()
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta, io, engine, sdk = self._get_connector_metadata(), self._io, self._engine, self._sdk
-        if not isinstance(meta, XConnectorMetadata) or not meta.loads:
-            return
-        started = time.perf_counter()
-        for t in meta.loads:
-            self._name_blocks(t)
-            loaded = 0
-            if io is not None and engine is not None and sdk is not None:
-                args = (io.load, engine, t.tokens, t.block_ids)
-                done, _ = sdk.cache_call("load", *args, first_block=t.first_block, **t.extras)
-                loaded = done or 0
-            if loaded < len(t.tokens):
-                # Evicted since the lookup, refused (not this block's KV) or failed: vLLM
-                # recomputes these blocks, and the scheduler saves nothing of this request
-                # until it has.
-                start = max(loaded // self._block_size, t.first_block)
-                self._load_errors.update(t.block_ids[start:])
-                self._failed_reqs.add(t.req_id)
-                self._failed_steps.add(meta.step)
-                self._count("load_failures")
-            self._count("loads")
-            self._count("loaded_tokens", max(0, loaded - t.first_block * self._block_size))
-        self._loaded_steps.add(meta.step)
-        self._step_wait("load", started)
+        meta = self._get_connector_metadata()
+        if isinstance(meta, XConnectorMetadata) and meta.loads:
+            self._worker.load(meta.step, meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -537,23 +445,20 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 self._engine.take_block_events()
                 log.info("XConnector: vLLM does not take this connector's KV events; not reported")
         meta = self._get_connector_metadata()
-        io, engine, sdk = self._io, self._engine, self._sdk
-        if not isinstance(meta, XConnectorMetadata) or io is None or engine is None or sdk is None:
-            return
-        started = time.perf_counter()
-        for t in meta.saves:
-            if t.if_loads_ok and meta.step in self._failed_steps:
-                self._failed_reqs.add(t.req_id)  # computed over a failed load: not kept
-                continue
-            self._name_blocks(t)
-            stored, _ = sdk.cache_call("save", io.store, engine, t.tokens, t.block_ids, **t.extras)
-            self._count("saved_blocks", stored or 0)
-        if meta.saves:
-            self._step_wait("save", started)
+        if isinstance(meta, XConnectorMetadata) and meta.saves:
+            self._worker.save(meta.step, meta.saves)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+        # Saves run after the step; vLLM frees a finished request's blocks once they ran.
+        return set(self._worker.finished(list(finished_req_ids))) or None, None
+
+    def wait_for_saves(self) -> None:
+        """Waits until this worker's saves queued so far have run (as shutdown does), for a
+        settled cache: what a lookup or the stats see afterwards includes them."""
+        self._worker.flush()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return set(self._worker.load_errors())
 
     def get_kv_connector_kv_cache_events(self) -> XConnectorKVEvents | None:
         """What this worker's host memory and disk tier gained and lost since the last step.
@@ -571,30 +476,15 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._fail("kv_events", e)
         return XConnectorKVEvents(events)
 
-    def _name_blocks(self, t: Transfer) -> None:
-        """Remembers vLLM's names for the blocks a transfer may add to a tier, for the events
-        that report them (a router continues a GPU match into host memory by these names).
-        Bookkeeping for events only: a failure here never touches the transfer."""
-        if not self._report_events or t.names is None:
-            return
-        try:
-            salt, lora = t.extras.get("cache_salt"), t.extras.get("lora_name")
-            args = (self._engine_block, self._block_size, t.tokens, t.names)
-            self._names.learn(*args, lora_name=lora, cache_salt=salt)
-        except Exception as e:
-            self._fail("kv_events", e)
-
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if not self._loaded_steps:
-            return None
-        meta = XConnectorWorkerMetadata(self._loaded_steps, self._failed_reqs)
-        self._loaded_steps, self._failed_reqs, self._failed_steps = set(), set(), set()
-        return meta
+        report = self._worker.report()
+        return None if report is None else XConnectorWorkerMetadata(set(report[0]), set(report[1]))
 
     def shutdown(self) -> None:
+        self._worker.close()  # the saves in flight first: they read vLLM's KV tensors
         if self._sdk is not None:
             # One line an operator (and the end-to-end tests) can read: what this worker did.
-            log.info("XConnector worker summary: %s", json.dumps(self._worker_totals()))
+            log.info("XConnector worker summary: %s", json.dumps(self._worker.totals()))
         elif self._skipped or self._client is not None or self._events_dropped:
             summary: dict[str, Any] = {"skipped": self._skipped}
             if self._events_dropped:
@@ -615,24 +505,13 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
 
     # -- for tests and tools ---------------------------------------------------------------------
 
-    def _worker_totals(self) -> dict[str, Any]:
-        """What this worker did: loads, loaded tokens, load failures, saved blocks, fallbacks,
-        and the steps that waited for loads and saves, with the seconds they waited."""
-        m = None if self._sdk is None else self._sdk.get_monitoring_handler()
-        counts = {} if m is None else m.counters()
-        names = ("load_failures", "loaded_tokens", "loads", "saved_blocks")
-        out: dict[str, Any] = {k: counts.get(k, 0) for k in names}
-        for op, (steps, seconds) in ({} if m is None else m.step_waits()).items():
-            out[f"{op}_wait_steps"], out[f"{op}_wait_seconds"] = steps, seconds
-        return {**out, "fallbacks": m.fallbacks() if m else {}}
-
     def stats(self) -> dict[str, Any]:
         out = {} if self._sdk is None else self._sdk.get_monitoring_handler().snapshot()
         if self._engine is not None and self._report_events:
             engine = self._engine.stats()
             out["block_events_reported"] = engine.get("block_events_reported", 0)
             out["block_events_dropped"] = engine.get("block_events_dropped", 0)
-        return {**out, **self._worker_totals(), "skipped": dict(self._skipped)}
+        return {**out, **self._worker.totals(), "skipped": dict(self._skipped)}
 
 
 def _parallel_ranks() -> tuple[int, int]:

@@ -3,7 +3,7 @@ relay of vLLM's event stream) knows which worker holds a prefix in host memory (
 ("STORAGE"). Worker side: `events_for_vllm` turns the engine's block changes into `BlockStored` /
 `BlockRemoved`, handed up in an `XConnectorKVEvents` container; scheduler side: `RankAgreement`
 merges every rank's. What to report, under which names, is decided by the core
-(`xconnector_core::vllm_events`); this module only builds vLLM's objects.
+(`xconnector_core::vllm_events`), which makes vLLM's objects with the classes given here.
 """
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ from xconnector import native
 
 #: One engine change, as `Engine.take_block_events` returns it.
 Change = tuple[str, str, "int | None", list[int], list[int], "str | None", "str | None"]
-#: `BlockStored`'s fields, in the order `_stored` takes them.
-_STORED = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium")
-
-
-def _stored(*fields: Any, lora_name: str | None, extra_keys: Any) -> BlockStored:
-    return BlockStored(
-        **dict(zip(_STORED, fields, strict=True)), lora_name=lora_name, extra_keys=extra_keys
-    )
 
 
 def vllm_names(request: Any, block_size: int) -> list[Any] | None:
@@ -43,15 +35,9 @@ def events_for_vllm(
     """vLLM events for the engine's changes; `block_size` is vLLM's, `engine_block` XConnector's
     (a multiple of it); `names`, a native `VllmBlockNames`, holds vLLM's names learnt so far."""
     names = native().VllmBlockNames() if names is None else names
-    out: list[KVCacheEvent] = []
-    for kind, medium, ids, parent, tokens, lora, keys in names.events(
-        changes, block_size, engine_block
-    ):
-        if kind == "removed":
-            out.append(BlockRemoved(block_hashes=ids, medium=medium))
-        else:
-            fields = (ids, parent, tokens, block_size, None, medium)
-            out.append(_stored(*fields, lora_name=lora, extra_keys=keys))
+    out: list[KVCacheEvent] = names.vllm_events(
+        changes, block_size, engine_block, BlockStored, BlockRemoved
+    )
     return out
 
 
@@ -95,23 +81,5 @@ class RankAgreement:
         self.core = native().VllmRankAgreement(world)
 
     def merge(self, batches: list[list[KVCacheEvent]]) -> list[KVCacheEvent]:
-        out: list[KVCacheEvent] = []
-        for rank, batch in enumerate(batches):
-            for e in batch:
-                if isinstance(e, BlockStored):
-                    out.extend(
-                        _part(e, a, b) for a, b in self.core.stored(rank, e.medium, e.block_hashes)
-                    )
-                elif isinstance(e, BlockRemoved) and (
-                    gone := self.core.removed(rank, e.medium, e.block_hashes)
-                ):
-                    out.append(BlockRemoved(block_hashes=gone, medium=e.medium))
+        out: list[KVCacheEvent] = self.core.merge(batches, BlockStored, BlockRemoved)
         return out
-
-
-def _part(e: BlockStored, a: int, b: int) -> BlockStored:
-    """Blocks `a:b` of `e`, linked to the block before them."""
-    bs, names, keys = e.block_size, e.block_hashes, e.extra_keys
-    parent = e.parent_block_hash if a == 0 else names[a - 1]
-    fields = (names[a:b], parent, e.token_ids[a * bs : b * bs], bs, e.lora_id, e.medium)
-    return _stored(*fields, lora_name=e.lora_name, extra_keys=keys and keys[a:b])

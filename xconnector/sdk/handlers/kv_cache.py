@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xconnector._native import Engine, block_ids_from_slots, usable_prefix
+from xconnector._native import Engine, v0_load, v0_store
 from xconnector.adapters.lmcache import LMCacheAdapter
 from xconnector.adapters.vllm import KvIO, VLLMAdapter
 from xconnector.adapters.vllm_v0 import PrefillRequest, prefill_requests, rebuild_model_input
@@ -125,21 +125,13 @@ class KVCacheHandler:
             self.monitoring.count("skipped_lora_batches")
             return KVReceiveResult(False, 0, 0, model_input)
         requests = prefill_requests(model_input)
-        io, engine = self.bind(kv_caches, model_executable)
-        fresh = [r for r in requests if r.fresh]
-        loaded: dict[int, int] = {}
-        for r in fresh:
-            usable = usable_prefix(engine.lookup(r.tokens), len(r.tokens), engine.block_size)
-            if usable:
-                ids = block_ids_from_slots(r.slots[:usable], io.block_size)
-                if n := io.load(engine, r.tokens[:usable], ids):
-                    loaded[r.index] = n
+        loaded, prompt_tokens = v0_load(*self.bind(kv_caches, model_executable), requests)
         new_input = rebuild_model_input(model_input, requests, loaded) if loaded else model_input
         with self._lock:
             self._pending[id(new_input)] = (new_input, requests)
             while len(self._pending) > _PENDING_MAX:
                 self._pending.popitem(last=False)
-        hit, prompt_tokens = sum(loaded.values()), sum(len(r.tokens) for r in fresh)
+        hit = sum(loaded.values())
         self.monitoring.count("receives")
         self.monitoring.count("prompt_tokens", prompt_tokens)
         self.monitoring.count("hit_tokens", hit)
@@ -159,14 +151,7 @@ class KVCacheHandler:
             return KVSendResult(0, 0)
         else:
             requests = prefill_requests(model_input)
-        io, engine = self.bind(kv_caches, model_executable)
-        ebs, stored, handled = engine.block_size, 0, 0
-        for r in requests:
-            full = len(r.tokens) // ebs * ebs  # a partial engine block is not stored
-            if r.fresh and full:
-                ids = block_ids_from_slots(r.slots[:full], io.block_size)
-                stored += io.store(engine, r.tokens[:full], ids)
-                handled += 1
+        stored, handled = v0_store(*self.bind(kv_caches, model_executable), requests)
         self.monitoring.count("sends")
         self.monitoring.count("stored_blocks", stored)
         return KVSendResult(stored_blocks=stored, requests=handled)

@@ -22,7 +22,8 @@ class MonitoringHandler:
         sources: Callable[[], dict[str, Any]] | None = None,
         engines: Callable[[], list[Any]] | None = None,
     ) -> None:
-        self._stats = stats = SdkStats()
+        #: The native counters themselves (what native callers such as `V1Worker` count into).
+        self.stats = stats = SdkStats()
         self.count, self.fallback, self.hit_rate = stats.count, stats.fallback, stats.hit_rate
         self.counters, self.fallbacks = stats.counters, stats.fallbacks
         self.step_wait, self.step_waits = stats.step_wait, stats.step_waits
@@ -36,7 +37,7 @@ class MonitoringHandler:
         """Every metric in Prometheus' text format: the SDK's families and each engine's, each
         family once."""
         engines = self._engines()
-        return merge_expositions([self._stats.prometheus(), *(e.prometheus() for e in engines)])
+        return merge_expositions([self.stats.prometheus(), *(e.prometheus() for e in engines)])
 
     def collector(self) -> MonitoringHandler:
         """A `prometheus_client` collector of every XConnector metric (this handler), for the

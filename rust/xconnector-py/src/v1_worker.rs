@@ -1,0 +1,378 @@
+//! `xconnector._native.fail_open_call` and `V1Worker`: the fail-open call every worker-facing
+//! cache operation goes through (v0 and v1 alike), and the worker side of the vLLM v1 connector,
+//! which runs each step's loads and saves through the block mover (`PagedKv`, or the Python
+//! adapter's staged mover for device tensors) and records them in `xconnector_core::v1_worker`.
+//! Saves from host KV (`PagedKv`) run after the step on a save thread
+//! (`xconnector_core::save_queue`); the ledger tells vLLM when a finished request's blocks may go.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use xconnector_core::save_queue::SaveQueue;
+use xconnector_core::transfer_plan::BlockId;
+use xconnector_core::v1_worker::WorkerLedger;
+use xconnector_core::{CoreError, Engine as CoreEngine};
+
+use crate::call::{detached, guarded};
+use crate::engine::{extras, Engine};
+use crate::errors::{core_reason, fallback_reason};
+use crate::paged::PagedKv;
+use crate::router::Router;
+use crate::sdk::SdkStats;
+
+/// Saves waiting for the save thread at most; a step that would queue more waits for room.
+const MAX_QUEUED_SAVES: usize = 1024;
+
+/// `call()`, the cache operation `kind`, failing open: skipped while `router` backs its `cache`
+/// target off; an `Exception` is counted in `stats` by reason, logged (a warning the first time
+/// per reason, then debug), reported to the router (which backs off when it is the target's
+/// fault) and returned as the reason. Anything else (`KeyboardInterrupt`) propagates.
+pub(crate) fn fail_open<'py>(
+    py: Python<'py>,
+    router: &Router,
+    stats: &SdkStats,
+    kind: &str,
+    call: impl FnOnce() -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Result<Bound<'py, PyAny>, &'static str>> {
+    let Ok(target) = router.inner.route("cache") else {
+        stats.inner.fallback("cache_backoff");
+        return Ok(Err("cache_backoff"));
+    };
+    match call() {
+        Ok(v) => {
+            router.inner.settle(&target, None);
+            Ok(Ok(v))
+        }
+        Err(e) if e.is_instance_of::<PyException>(py) => {
+            let reason = fallback_reason(py, &e);
+            let text = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
+            fell_back(router, stats, &target, kind, reason, &text);
+            Ok(Err(reason))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A call to `target` failed for `reason`: counted, logged (a warning the first time per
+/// reason), and reported to the router.
+fn fell_back(router: &Router, stats: &SdkStats, target: &str, kind: &str, reason: &'static str, text: &str) {
+    if stats.inner.fallback(reason) == 1 {
+        tracing::warn!(target: "sdk", "XConnector {kind} fell back to the worker's path ({reason}): {text}");
+    } else {
+        tracing::debug!(target: "sdk", "XConnector {kind} fell back to the worker's path ({reason}): {text}");
+    }
+    router.inner.settle(target, Some(reason));
+}
+
+/// `fn(*args, **kwargs)` failing open (see `fail_open`): `(result, None)` or `(None, reason)`.
+#[pyfunction]
+#[pyo3(signature = (router, stats, kind, r#fn, /, *args, **kwargs))]
+pub fn fail_open_call<'py>(
+    py: Python<'py>,
+    router: &Router,
+    stats: &SdkStats,
+    kind: &str,
+    r#fn: Bound<'py, PyAny>,
+    args: Bound<'py, PyTuple>,
+    kwargs: Option<Bound<'py, PyDict>>,
+) -> PyResult<(Option<Bound<'py, PyAny>>, Option<&'static str>)> {
+    Ok(match fail_open(py, router, stats, kind, || r#fn.call(args, kwargs.as_ref()))? {
+        Ok(v) => (Some(v), None),
+        Err(reason) => (None, Some(reason)),
+    })
+}
+
+/// The block mover, engine, router and counters a bound worker transfers with.
+struct Binding {
+    io: Py<PyAny>,
+    engine: Py<PyAny>,
+    router: Py<Router>,
+    stats: Py<SdkStats>,
+    names: Option<Py<PyAny>>,
+    /// Host KV: saves run on the save thread, straight from these tensors.
+    saves: Option<(Py<PagedKv>, Arc<CoreEngine>, SaveQueue)>,
+}
+
+/// One transfer of a step, read from the connector's `Transfer`.
+struct Transfer<'py> {
+    req_id: String,
+    tokens: Bound<'py, PyAny>,
+    block_ids: Vec<BlockId>,
+    extras: Bound<'py, PyDict>,
+    names: Bound<'py, PyAny>,
+}
+
+impl<'py> Transfer<'py> {
+    fn read(t: &Bound<'py, PyAny>) -> PyResult<Self> {
+        Ok(Self {
+            req_id: t.getattr("req_id")?.extract()?,
+            tokens: t.getattr("tokens")?,
+            block_ids: t.getattr("block_ids")?.extract()?,
+            extras: t.getattr("extras")?.cast_into::<PyDict>()?.copy()?,
+            names: t.getattr("names")?,
+        })
+    }
+}
+
+/// The worker side of the v1 connector: each step's loads (`load`) and saves (`save`), what
+/// vLLM must recompute (`load_errors`) and what the scheduler must hear (`report`). Unbound (no
+/// KV caches registered, or XConnector off in this worker) every load fails, so vLLM recomputes
+/// what the scheduler promised, and nothing is saved.
+#[pyclass(module = "xconnector._native", frozen)]
+pub struct V1Worker {
+    block_size: usize,
+    engine_block: usize,
+    bound: Option<Binding>,
+    ledger: Mutex<WorkerLedger>,
+}
+
+#[pymethods]
+impl V1Worker {
+    /// `block_size`: tokens per vLLM block; `engine_block`: tokens per engine block. `io` moves
+    /// blocks (`load(engine, tokens, block_ids, first_block=, **extras)`, `store(engine, tokens,
+    /// block_ids, **extras)`); `names`, a `VllmBlockNames` when KV events are reported. Saves
+    /// from host KV run after the step unless `async_saves` is false.
+    #[new]
+    #[pyo3(signature = (block_size, engine_block, *, io = None, engine = None, router = None, stats = None, names = None, async_saves = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        block_size: usize,
+        engine_block: usize,
+        io: Option<Py<PyAny>>,
+        engine: Option<Py<PyAny>>,
+        router: Option<Py<Router>>,
+        stats: Option<Py<SdkStats>>,
+        names: Option<Py<PyAny>>,
+        async_saves: bool,
+    ) -> PyResult<Self> {
+        guarded(py, || {
+            let bound = match (io, engine, router, stats) {
+                (Some(io), Some(engine), Some(router), Some(stats)) => {
+                    let host = io.bind(py).cast::<PagedKv>().ok().filter(|_| async_saves).map(|kv| kv.clone().unbind());
+                    let engine_ = engine.bind(py).cast::<Engine>().ok().map(|e| Arc::clone(&e.get().inner));
+                    let saves = match (host, engine_) {
+                        (Some(kv), Some(e)) => {
+                            let queue =
+                                SaveQueue::new(MAX_QUEUED_SAVES).map_err(|e| crate::errors::core_to_py(py, e))?;
+                            Some((kv, e, queue))
+                        }
+                        _ => None,
+                    };
+                    Some(Binding { io, engine, router, stats, names, saves })
+                }
+                _ => None,
+            };
+            Ok(Self { block_size, engine_block, bound, ledger: Mutex::new(WorkerLedger::new(block_size)) })
+        })
+    }
+
+    /// Runs the loads of `step` (the connector's `Transfer`s). A load that fails or comes up
+    /// short makes its missing blocks load errors; never raises for a failure of the cache.
+    fn load(&self, py: Python<'_>, step: u64, loads: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        let started = Instant::now();
+        for t in &loads {
+            let first_block: usize = t.getattr("first_block")?.extract()?;
+            let t = Transfer::read(t)?;
+            let planned = t.tokens.len()?;
+            let mut loaded = 0;
+            if let Some(b) = &self.bound {
+                self.learn_names(py, b, &t);
+                let kwargs = t.extras.copy()?;
+                kwargs.set_item("first_block", first_block)?;
+                let args = (b.engine.bind(py), &t.tokens, t.block_ids.clone());
+                let call = || b.io.bind(py).call_method("load", args, Some(&kwargs));
+                if let Ok(v) = fail_open(py, b.router.get(), b.stats.get(), "load", call)? {
+                    loaded = v.extract().unwrap_or(0);
+                }
+            }
+            let out = self.ledger.lock().load_done(step, &t.req_id, planned, &t.block_ids, first_block, loaded);
+            if let Some(b) = &self.bound {
+                let stats = &b.stats.get().inner;
+                stats.count("loads", 1);
+                stats.count("loaded_tokens", out.written_tokens as u64);
+                stats.count("load_failures", u64::from(out.failed));
+            }
+        }
+        self.step_wait("load", &loads, started);
+        Ok(())
+    }
+
+    /// Runs the saves of `step`; one planned `if_loads_ok` is skipped after a failed load of
+    /// that step (its request reported failed). From host KV they are queued for the save
+    /// thread (the step waits only for room in the queue). Never raises for a failure of the
+    /// cache.
+    fn save(&self, py: Python<'_>, step: u64, saves: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        let started = Instant::now();
+        for t in &saves {
+            let if_loads_ok: bool = t.getattr("if_loads_ok")?.extract()?;
+            let t = Transfer::read(t)?;
+            if self.ledger.lock().skip_save(step, &t.req_id, if_loads_ok) {
+                continue;
+            }
+            let Some(b) = &self.bound else { continue };
+            self.learn_names(py, b, &t);
+            if let Some(host) = &b.saves {
+                self.queue_save(py, b, host, t)?;
+                continue;
+            }
+            let args = (b.engine.bind(py), &t.tokens, t.block_ids.clone());
+            let call = || b.io.bind(py).call_method("store", args, Some(&t.extras));
+            if let Ok(v) = fail_open(py, b.router.get(), b.stats.get(), "save", call)? {
+                b.stats.get().inner.count("saved_blocks", v.extract().unwrap_or(0));
+            }
+        }
+        self.step_wait("save", &saves, started);
+        Ok(())
+    }
+
+    /// Of the requests vLLM finished (now or before), those whose blocks it may free now: each
+    /// request with a save planned, once, when none of its saves is in flight any more.
+    fn finished(&self, py: Python<'_>, finished: Vec<String>) -> PyResult<Vec<String>> {
+        guarded(py, || {
+            let queue = self.bound.as_ref().and_then(|b| b.saves.as_ref()).map(|(_, _, q)| q);
+            let in_flight = |r: &str| queue.is_some_and(|q| q.in_flight(r));
+            Ok(self.ledger.lock().finished(finished.iter().map(String::as_str), in_flight))
+        })
+    }
+
+    /// What this worker did: loads, loaded tokens, load failures and saved blocks; the steps
+    /// that waited for loads and for saves, with the seconds they waited; fallbacks by reason.
+    fn totals<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.bound.as_ref().map(|b| &b.stats.get().inner);
+        let out = PyDict::new(py);
+        let counts = stats.map(|s| s.counters()).unwrap_or_default();
+        for name in ["load_failures", "loaded_tokens", "loads", "saved_blocks"] {
+            out.set_item(name, counts.get(name).copied().unwrap_or(0))?;
+        }
+        for (op, waits) in stats.map(|s| s.step_waits()).unwrap_or_default() {
+            out.set_item(format!("{op}_wait_steps"), waits.count)?;
+            out.set_item(format!("{op}_wait_seconds"), waits.sum_seconds)?;
+        }
+        out.set_item("fallbacks", stats.map(|s| s.fallbacks()).unwrap_or_default())?;
+        Ok(out)
+    }
+
+    /// Saves queued or running on the save thread.
+    #[getter]
+    fn saves_in_flight(&self, py: Python<'_>) -> PyResult<u64> {
+        guarded(py, || Ok(self.queue().map_or(0, SaveQueue::pending)))
+    }
+
+    /// Waits (without the GIL) until every save queued so far has run: before blocks vLLM
+    /// cannot hold back (a preempted request's) are reused, and for a settled cache.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        detached(py, || {
+            self.queue().inspect(|q| q.flush());
+            Ok(())
+        })
+    }
+
+    /// Runs every queued save, then refuses more (the worker shuts down).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        detached(py, || {
+            self.queue().inspect(|q| q.flush()).inspect(|q| q.close(false));
+            Ok(())
+        })
+    }
+
+    /// The blocks vLLM must recompute (failed or short loads since the last call), once each.
+    fn load_errors(&self, py: Python<'_>) -> PyResult<Vec<BlockId>> {
+        guarded(py, || Ok(self.ledger.lock().take_load_errors()))
+    }
+
+    /// `(steps, failed requests)` for the scheduler, or None when no load ran since the last.
+    fn report(&self, py: Python<'_>) -> PyResult<Option<(Vec<u64>, Vec<String>)>> {
+        guarded(py, || Ok(self.ledger.lock().take_report()))
+    }
+}
+
+impl V1Worker {
+    fn queue(&self) -> Option<&SaveQueue> {
+        self.bound.as_ref().and_then(|b| b.saves.as_ref()).map(|(_, _, q)| q)
+    }
+
+    /// Queues one save from host KV, failing open like a call: skipped while the cache backs
+    /// off; the job counts what it stored, or falls back and reports to the router.
+    fn queue_save(
+        &self,
+        py: Python<'_>,
+        b: &Binding,
+        (kv, engine, queue): &(Py<PagedKv>, Arc<CoreEngine>, SaveQueue),
+        t: Transfer<'_>,
+    ) -> PyResult<()> {
+        let Ok(target) = b.router.get().inner.route("cache") else {
+            b.stats.get().inner.fallback("cache_backoff");
+            return Ok(());
+        };
+        let read = || -> PyResult<_> {
+            let text = |k: &str| -> PyResult<Option<String>> {
+                Ok(match t.extras.get_item(k)? {
+                    Some(v) if !v.is_none() => Some(v.extract()?),
+                    _ => None,
+                })
+            };
+            let keys = (text("lora_name")?, text("cache_salt")?, text("lora_id")?);
+            Ok((crate::buffers::tokens(&t.tokens)?, kv.get().block_ids(py, t.block_ids.clone())?, keys))
+        };
+        let (toks, ids, (lora_name, cache_salt, lora_id)) = match read() {
+            Ok(v) => v,
+            Err(e) => {
+                let text = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
+                fell_back(b.router.get(), b.stats.get(), &target, "save", fallback_reason(py, &e), &text);
+                return Ok(());
+            }
+        };
+        let (kv, engine) = (kv.clone_ref(py), Arc::clone(engine));
+        let (router, stats) = (b.router.clone_ref(py), b.stats.clone_ref(py));
+        let job = move || {
+            let keys = extras(&lora_name, &cache_salt, &lora_id);
+            let out = catch_unwind(AssertUnwindSafe(|| kv.get().store_blocks(&engine, &toks, &ids, keys)))
+                .unwrap_or_else(|_| Err(CoreError::Internal("a panic in a save".into())));
+            match out {
+                Ok(n) => {
+                    router.get().inner.settle(&target, None);
+                    stats.get().inner.count("saved_blocks", n as u64);
+                }
+                Err(e) => fell_back(router.get(), stats.get(), &target, "save", core_reason(&e), &e.to_string()),
+            }
+        };
+        // Waiting for room (a full queue) is the step's wait: without the GIL.
+        let req_id = t.req_id;
+        py.detach(|| queue.submit(&req_id, Box::new(job)));
+        Ok(())
+    }
+
+    /// Remembers vLLM's names for the blocks a transfer may add to a tier, for the KV events
+    /// that report them. Bookkeeping for events only: a failure is counted, never the transfer's.
+    fn learn_names(&self, py: Python<'_>, b: &Binding, t: &Transfer<'_>) {
+        let Some(names) = &b.names else { return };
+        if t.names.is_none() {
+            return;
+        }
+        let learn = || -> PyResult<()> {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("lora_name", t.extras.get_item("lora_name")?)?;
+            kwargs.set_item("cache_salt", t.extras.get_item("cache_salt")?)?;
+            let args = (self.engine_block, self.block_size, &t.tokens, &t.names);
+            names.bind(py).call_method("learn", args, Some(&kwargs)).map(drop)
+        };
+        if let Err(e) = learn() {
+            if b.stats.get().inner.fallback("v1_kv_events") == 1 {
+                tracing::warn!(target: "vllm", "XConnector kv_events failed, vLLM goes on without it: {e}");
+            }
+        }
+    }
+
+    /// A step with transfers waited since `started` for them: the step-time histogram.
+    fn step_wait(&self, op: &str, transfers: &[Bound<'_, PyAny>], started: Instant) {
+        if let (Some(b), false) = (&self.bound, transfers.is_empty()) {
+            b.stats.get().inner.step_wait(op, started.elapsed());
+        }
+    }
+}
