@@ -119,14 +119,54 @@ def test_torch_cpu_tensors_and_the_staging_path_give_the_same_bytes(layout: str)
     # The staging path (device gather + host buffer), run on CPU tensors: a GPU is not lent here.
     staged = StagedKv(src, bs, None, staging_bytes=1 << 20)
     ids = [4, 0, 11]
-    assert bytes(staged.pack_device(ids).numpy().tobytes()) == host.pack(ids)
     engine = Engine(
         block_bytes=host.block_bytes, capacity_bytes=32 * host.block_bytes, block_size=bs
     )
     tokens = list(range(3 * bs))
     assert staged.store(engine, tokens, ids) == 3
+    stored = bytearray(3 * host.block_bytes)
+    assert engine.load(tokens, stored) == 3 * bs
+    assert bytes(stored) == host.pack(ids)  # the native copy's bytes exactly
     dst = [torch.zeros_like(t) for t in src]
     assert StagedKv(dst, bs, None, 1 << 20).load(engine, tokens, [7, 8, 9]) == 3 * bs
     for s, d in zip(src, dst, strict=True):
         for x, y in zip(ids, [7, 8, 9], strict=True):
             assert torch.equal(s.select(BLOCK_DIM[layout], x), d.select(BLOCK_DIM[layout], y))
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAS_TORCH, reason="runs in .venv-vllm, where scripts/test.sh has torch")
+def test_the_staging_path_moves_a_long_request_in_parts_within_its_buffer() -> None:
+    import torch
+
+    n, bs = 40, 16
+    src = [torch.from_numpy(x) for x in random_layers("flashinfer", n, bs, 3, 5, permute=False)]
+    host = PagedKv(src, bs)
+    ebb = 2 * host.block_bytes  # engine blocks of two KV blocks (chunk_size 32)
+    engine = Engine(block_bytes=ebb, capacity_bytes=64 * ebb, block_size=2 * bs)
+    tokens = list(range(1000, 1000 + 32 * bs + 5))  # 16 engine blocks and a partial one
+    ids = list(range(n - 1, n - 33, -1))
+    cap = 3 * ebb  # a part, its device copy and one layer's gather: one engine block a part
+    host.store(engine, tokens[: 12 * bs], ids[:12])  # 6 engine blocks cached already
+    staged = StagedKv(src, bs, None, staging_bytes=cap)
+    # The cached blocks are not copied at all: their ids are never read (out of range here).
+    assert staged.store(engine, tokens, [10**6] * 12 + ids[12:]) == 10
+    assert staged.staging.numel() <= cap
+    whole = bytearray(16 * ebb)
+    assert engine.load(tokens, whole) == 32 * bs
+    assert bytes(whole) == host.pack(ids)
+    # Back in parts into other blocks; the three vLLM holds already are left alone.
+    dst = [torch.zeros_like(t) for t in src]
+    back = StagedKv(dst, bs, None, staging_bytes=cap)
+    assert back.load(engine, tokens, list(range(32)), first_block=3) == 32 * bs
+    assert back.staging.numel() <= cap
+    for s, d in zip(src, dst, strict=True):
+        assert not d[:3].any()
+        for x, y in zip(ids[3:], range(3, 32), strict=True):
+            assert torch.equal(s[x], d[y])
+    # A cache holding a shorter prefix loads that only: a short load, the rest left alone.
+    short = Engine(block_bytes=ebb, capacity_bytes=64 * ebb, block_size=2 * bs)
+    host.store(short, tokens[: 8 * bs], ids[:8])
+    dst = [torch.zeros_like(t) for t in src]
+    assert StagedKv(dst, bs, None, staging_bytes=cap).load(short, tokens, list(range(32))) == 8 * bs
+    assert all(not d[8:].any() and d[:8].any() for d in dst)

@@ -3,14 +3,14 @@
 It detects the layout of the KV tensors (DESIGN 3.2: flash_attn, flashinfer, the standardized
 0.32/CPU view, MLA) from their shapes, and moves a request's blocks between those tensors and
 the engine: host tensors (CPU torch, numpy) in one native strided copy per block; CUDA tensors
-gathered on the device and copied through a pinned host staging buffer.
+gathered on the device and copied in parts through a bounded pinned host buffer.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from xconnector._native import (
@@ -40,10 +40,12 @@ def layer_tensors(kv_caches: Any) -> list[Any]:
 
 
 class StagedKv:
-    """KV caches on a GPU (torch): blocks are gathered/scattered on the device with
-    `index_select`/`index_copy_` and cross PCIe through one pinned host buffer, so the copy runs
-    at full bandwidth (pageable memory reaches about a third of it). Payload bytes are the same
-    as `PagedKv`'s: per block, each layer's block in logical order, layers back to back."""
+    """KV caches on a GPU (torch). A request's blocks move in parts through one pinned host
+    buffer (pageable memory reaches about a third of PCIe bandwidth) that never grows past
+    `staging_bytes` (one engine block at least); each part is gathered or scattered on the device
+    one layer at a time, so the extra device memory stays within the same bound. Blocks the cache
+    holds already are not copied. Payload bytes are `PagedKv`'s: per block, each layer's block in
+    logical order, layers back to back."""
 
     def __init__(
         self, tensors: list[Any], block_size: int, layout: str | None, staging_bytes: int
@@ -56,21 +58,27 @@ class StagedKv:
         self.block_size = block_size
         self.num_blocks = int(first.shape[self.block_dim])
         self._tensors = tensors
-        self._layer_bytes = [
-            t.numel() // int(t.shape[self.block_dim]) * t.element_size() for t in tensors
-        ]
+        self._layer_bytes = [t.numel() // self.num_blocks * t.element_size() for t in tensors]
         self.block_bytes = sum(self._layer_bytes)
         self._device = first.device
-        self._staging_bytes = max(staging_bytes, self.block_bytes)
-        self._staging: Any = None
+        self.staging_bytes = staging_bytes
+        #: The host buffer, as large as the largest part so far (pinned for a GPU).
+        self.staging: Any = None
         self._lock = threading.Lock()
         self._torch = torch
 
-    def _host(self, nbytes: int) -> Any:
-        if self._staging is None or self._staging.numel() < nbytes:
-            size, pin = max(nbytes, self._staging_bytes), self._device.type == "cuda"
-            self._staging = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=pin)
-        return self._staging[:nbytes]
+    def _parts(self, engine: Engine, first: int, end: int) -> Iterator[tuple[int, int, Any]]:
+        """Engine blocks `first..end` in parts `(a, b, host buffer for blocks a..b)`: a part and
+        its device copy plus one layer's gather fit `staging_bytes`."""
+        layers = len(self._tensors)
+        step = max(1, self.staging_bytes * layers // ((layers + 1) * engine.block_bytes))
+        need = min(step, max(0, end - first)) * engine.block_bytes
+        if self.staging is None or self.staging.numel() < need:
+            pin = self._device.type == "cuda"
+            self.staging = self._torch.empty(need, dtype=self._torch.uint8, pin_memory=pin)
+        for a in range(first, end, step):
+            b = min(end, a + step)
+            yield a, b, self.staging[: (b - a) * engine.block_bytes]
 
     def _ids(self, block_ids: Sequence[int]) -> Any:
         ids = self._torch.as_tensor(list(block_ids), dtype=self._torch.long, device=self._device)
@@ -80,18 +88,21 @@ class StagedKv:
             )
         return ids
 
-    def pack_device(self, block_ids: Sequence[int]) -> Any:
+    def _gather(self, block_ids: Sequence[int], host: Any) -> None:
         ids, n, u8 = self._ids(block_ids), len(block_ids), self._torch.uint8
-        parts = [
-            t.index_select(self.block_dim, ids).movedim(self.block_dim, 0).contiguous().view(u8)
-            for t in self._tensors
-        ]
-        return self._torch.cat([p.reshape(n, -1) for p in parts], dim=1)
-
-    def unpack_device(self, block_ids: Sequence[int], data: Any) -> None:
-        ids, n, col = self._ids(block_ids), len(block_ids), 0
+        dev = self._torch.empty((n, self.block_bytes), dtype=u8, device=self._device)
+        col = 0
         for t, nbytes in zip(self._tensors, self._layer_bytes, strict=True):
-            part = data[:, col : col + nbytes].contiguous().view(t.dtype)
+            part = t.index_select(self.block_dim, ids).movedim(self.block_dim, 0).contiguous()
+            dev[:, col : col + nbytes] = part.view(u8).reshape(n, nbytes)
+            col += nbytes
+        host.view(n, self.block_bytes).copy_(dev)
+
+    def _scatter(self, block_ids: Sequence[int], host: Any) -> None:
+        ids, n = self._ids(block_ids), len(block_ids)
+        dev, col = host.view(n, self.block_bytes).to(self._device), 0
+        for t, nbytes in zip(self._tensors, self._layer_bytes, strict=True):
+            part = dev[:, col : col + nbytes].contiguous().view(t.dtype)
             rest = [int(d) for i, d in enumerate(t.shape) if i != self.block_dim]
             t.index_copy_(self.block_dim, ids, part.reshape(n, *rest).movedim(0, self.block_dim))
             col += nbytes
@@ -105,16 +116,15 @@ class StagedKv:
     def store(
         self, engine: Engine, tokens: Any, block_ids: Sequence[int], **extras: str | None
     ) -> int:
-        blocks, tokens = self._blocks(engine), list(tokens)
-        full = blocks.full_engine_blocks(len(tokens))
-        if full <= engine.lookup(tokens, **extras) // engine.block_size:
-            return 0
-        n = blocks.store_kv_blocks(len(tokens), len(block_ids))
+        blocks, tokens, ids = self._blocks(engine), list(tokens), list(block_ids)
+        blocks.store_kv_blocks(len(tokens), len(ids))  # raises when the ids do not cover them
+        per, ebs, stored = blocks.per, engine.block_size, 0
         with self._lock:
-            dev = self.pack_device(list(block_ids)[:n])
-            host = self._host(dev.numel()).view(n, self.block_bytes)
-            host.copy_(dev)
-            return engine.store(tokens[: full * engine.block_size], host, **extras)
+            have = engine.lookup(tokens, **extras) // ebs  # cached already: not copied
+            for a, b, host in self._parts(engine, have, blocks.full_engine_blocks(len(tokens))):
+                self._gather(ids[a * per : b * per], host)
+                stored += engine.store(tokens[: b * ebs], host, first_block=a, **extras)
+        return stored
 
     def load(
         self,
@@ -124,16 +134,20 @@ class StagedKv:
         first_block: int = 0,
         **extras: str | None,
     ) -> int:
-        blocks = self._blocks(engine)
+        blocks, tokens, ids = self._blocks(engine), list(tokens), list(block_ids)
+        per, bs, bb = blocks.per, self.block_size, self.block_bytes
+        loaded = first_block * bs  # held by vLLM already
         with self._lock:
-            host = self._host(blocks.load_engine_blocks(len(block_ids)) * engine.block_bytes)
-            loaded = engine.load(list(tokens), host, **extras)
-            start, stop = blocks.loaded_kv_blocks(loaded, first_block)
-            if stop > start:
-                data = host[start * self.block_bytes : stop * self.block_bytes]
-                data = data.view(stop - start, self.block_bytes).to(self._device)
-                self.unpack_device(list(block_ids)[start:stop], data)
-            return loaded
+            end = blocks.load_engine_blocks(len(ids))
+            for a, b, host in self._parts(engine, first_block // per, end):
+                loaded = engine.load(tokens, host, first_block=a, **extras)
+                start, stop = max(a * per, first_block), min(loaded // bs, b * per)
+                if stop > start:
+                    at = a * per
+                    self._scatter(ids[start:stop], host[(start - at) * bb : (stop - at) * bb])
+                if loaded < b * engine.block_size:
+                    break  # the cached prefix ends in this part
+        return loaded
 
 
 #: Moves blocks between a model's KV caches and an engine: host tensors natively, CUDA ones staged.

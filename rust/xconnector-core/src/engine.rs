@@ -151,15 +151,19 @@ struct Reserved<'t> {
 }
 
 impl Reserved<'_> {
-    /// Fills the new blocks in order with `fill(block_index, slot_bytes)` until an injected
-    /// `store_copy` error stops it; returns how many were filled.
-    fn fill(&self, mut fill: impl FnMut(usize, &mut [u8])) -> usize {
+    /// Fills the new blocks in order with `fill(block_index, slot_bytes)` until it declines a
+    /// block (false) or an injected `store_copy` error stops it; returns how many were filled.
+    fn fill(&self, mut fill: impl FnMut(usize, &mut [u8]) -> bool) -> usize {
         let mut filled = 0;
         for &(i, slot) in &self.res.new_blocks {
             if faults::check(FaultPoint::StoreCopy).is_err() {
                 break; // the blocks from here on are not stored
             }
-            self.tier.fill_reserved(slot, |dst| fill(i, dst));
+            let mut done = false;
+            self.tier.fill_reserved(slot, |dst| done = fill(i, dst));
+            if !done {
+                break;
+            }
             filled += 1;
         }
         filled
@@ -406,20 +410,39 @@ impl Engine {
 
     /// Stores the KV of the request's full blocks. `payload` holds exactly those blocks back to back.
     pub fn store(&self, tokens: &[u32], payload: &[u8], extras: HashExtras<'_>) -> Result<StoreOutcome> {
+        self.store_from(tokens, 0, payload, extras)
+    }
+
+    /// Stores full blocks `first_block..` of `tokens` from `payload` (exactly those blocks, back
+    /// to back), for a caller that moves a long request in parts: the blocks before must be
+    /// cached already, and one that is not (evicted since the caller's lookup) stops the store
+    /// there, since its KV is not in `payload`.
+    pub fn store_from(
+        &self,
+        tokens: &[u32],
+        first_block: usize,
+        payload: &[u8],
+        extras: HashExtras<'_>,
+    ) -> Result<StoreOutcome> {
         let bs = self.cfg.block_size;
         let bb = self.cfg.block_bytes;
-        let blocks = tokens.len() / bs;
+        let blocks = (tokens.len() / bs).saturating_sub(first_block);
         if blocks.checked_mul(bb) != Some(payload.len()) {
             return Err(CoreError::invalid(format!(
-                "payload is {} bytes, but {} tokens make {blocks} full block(s) of {bb} bytes = {} bytes; \
-                 pass exactly the KV of the full blocks (a trailing partial block of {} token(s) is not cached)",
+                "payload is {} bytes, but {} tokens make {blocks} full block(s) from block {first_block} of \
+                 {bb} bytes = {} bytes; pass exactly the KV of those blocks (a trailing partial block of {} \
+                 token(s) is not cached)",
                 payload.len(),
                 tokens.len(),
                 blocks as u128 * bb as u128,
                 tokens.len() % bs
             )));
         }
-        self.store_with(tokens, extras, |i, dst| dst.copy_from_slice(&payload[i * bb..(i + 1) * bb]))
+        self.store_filling(tokens, extras, |i, dst| {
+            let Some(at) = i.checked_sub(first_block) else { return false };
+            dst.copy_from_slice(&payload[at * bb..(at + 1) * bb]);
+            true
+        })
     }
 
     /// Stores the request's full blocks, filling each newly reserved slot in place with
@@ -430,6 +453,20 @@ impl Engine {
         tokens: &[u32],
         extras: HashExtras<'_>,
         mut fill: impl FnMut(usize, &mut [u8]),
+    ) -> Result<StoreOutcome> {
+        self.store_filling(tokens, extras, |i, dst| {
+            fill(i, dst);
+            true
+        })
+    }
+
+    /// `store_with` whose `fill` may decline a block (false): it and the blocks after it are not
+    /// stored.
+    fn store_filling(
+        &self,
+        tokens: &[u32],
+        extras: HashExtras<'_>,
+        mut fill: impl FnMut(usize, &mut [u8]) -> bool,
     ) -> Result<StoreOutcome> {
         faults::check(FaultPoint::Store)?;
         let t0 = Instant::now();
@@ -519,8 +556,27 @@ impl Engine {
     /// Copies the longest cached prefix (at most `out.len() / block_bytes` blocks) into `out`,
     /// blocks back to back from offset 0. Returns the number of tokens loaded.
     pub fn load(&self, tokens: &[u32], out: &mut [u8], extras: HashExtras<'_>) -> Result<usize> {
+        self.load_from(tokens, 0, out, extras)
+    }
+
+    /// Copies blocks `first_block..` of the longest cached prefix into `out` (as many as fit,
+    /// back to back from offset 0), for a caller that moves a long request in parts. Returns the
+    /// tokens of the prefix loaded, those before `first_block` included: fewer than
+    /// `first_block` blocks' means it no longer reaches `out`'s first block.
+    pub fn load_from(
+        &self,
+        tokens: &[u32],
+        first_block: usize,
+        out: &mut [u8],
+        extras: HashExtras<'_>,
+    ) -> Result<usize> {
         let bb = self.cfg.block_bytes;
-        self.load_with(tokens, extras, out.len() / bb, |i, src| out[i * bb..(i + 1) * bb].copy_from_slice(src))
+        let max_blocks = first_block.saturating_add(out.len() / bb);
+        self.load_with(tokens, extras, max_blocks, |i, src| {
+            if let Some(at) = i.checked_sub(first_block) {
+                out[at * bb..(at + 1) * bb].copy_from_slice(src);
+            }
+        })
     }
 
     /// Hands the longest cached prefix (at most `max_blocks` blocks) to `read(block_index, bytes)`,
@@ -640,7 +696,7 @@ impl Engine {
         ns: u64,
         from: usize,
         disk_ok: bool,
-        fill: &mut impl FnMut(usize, &mut [u8]),
+        fill: &mut impl FnMut(usize, &mut [u8]) -> bool,
     ) -> (usize, usize) {
         let behind = |tier: &str| {
             self.router.write_plan(Some("tier")).iter().any(|(name, p)| name == tier && *p == WritePolicy::WriteBehind)
@@ -667,7 +723,9 @@ impl Engine {
                 break; // the blocks from here on are not stored
             }
             let mut data = vec![0; self.cfg.block_bytes];
-            fill(i, &mut data);
+            if !fill(i, &mut data) {
+                break; // declined: its KV is not the caller's to give
+            }
             let (hash, digest) = (hashes[i], digests[i]);
             // A tier that refused a block takes none after it: a child must not land without
             // its parent.
@@ -782,6 +840,7 @@ impl Engine {
                 let filled = reserved.fill(|i, dst| {
                     let k = i - in_memory; // i >= in_memory: the prefix is pinned, so present
                     dst.copy_from_slice(&buf[k * bb..(k + 1) * bb]);
+                    true
                 });
                 let res = reserved.publish(filled);
                 self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);

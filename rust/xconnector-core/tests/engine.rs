@@ -289,3 +289,42 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_request_moved_in_parts_is_stored_and_loaded_whole() {
+    let e = engine(100);
+    let t = seq(1, 6 * BS + 1);
+    let p = payload(&t);
+    // Blocks 0..2, then 2..6 on top of them.
+    assert_eq!(e.store_from(&t[..2 * BS], 0, &p[..2 * BB], NONE).unwrap().stored, 2);
+    assert_eq!(e.store_from(&t, 2, &p[2 * BB..], NONE).unwrap().stored, 4);
+    let mut whole = vec![0u8; p.len()];
+    assert_eq!(e.load(&t, &mut whole, NONE).unwrap(), 6 * BS);
+    assert_eq!(whole, p);
+    // Blocks 3..5 alone: the tokens of the prefix through block 5, and exactly those bytes.
+    let mut part = vec![0u8; 2 * BB];
+    assert_eq!(e.load_from(&t, 3, &mut part, NONE).unwrap(), 5 * BS);
+    assert_eq!(part, p[3 * BB..5 * BB]);
+}
+
+#[test]
+fn a_part_whose_earlier_blocks_are_not_cached_stores_nothing() {
+    let e = engine(100);
+    let t = seq(1, 4 * BS);
+    let p = payload(&t);
+    e.store_from(&t[..BS], 0, &p[..BB], NONE).unwrap();
+    // Block 1 is not cached, and blocks 2..4 are all this part holds: nothing may be stored
+    // (least of all block 1, whose KV the part does not have).
+    let out = e.store_from(&t, 2, &p[2 * BB..], NONE).unwrap();
+    assert_eq!(out.stored, 0);
+    assert_eq!(e.lookup(&t, NONE).unwrap(), BS);
+    let mut whole = vec![0u8; 4 * BB];
+    assert_eq!(e.load(&t, &mut whole, NONE).unwrap(), BS);
+    // A part past what the cache holds loads nothing of it: the prefix ends before it.
+    let mut part = vec![0u8; 2 * BB];
+    assert_eq!(e.load_from(&t, 2, &mut part, NONE).unwrap(), BS);
+    assert!(part.iter().all(|&b| b == 0));
+    // The payload must be exactly the part's blocks.
+    let err = e.store_from(&t, 2, &p[..BB], NONE).unwrap_err().to_string();
+    assert!(err.contains("from block 2"), "{err}");
+}

@@ -225,12 +225,16 @@ impl Engine {
     }
 
     /// Stores the KV of the full blocks of `tokens`; returns how many blocks were newly stored.
-    #[pyo3(signature = (tokens, payload, *, lora_name = None, cache_salt = None, lora_id = None))]
+    /// With `first_block`, `payload` holds blocks `first_block..` only (a request moved in
+    /// parts): the blocks before must be cached, else nothing of the part is stored.
+    #[pyo3(signature = (tokens, payload, *, first_block = 0, lora_name = None, cache_salt = None, lora_id = None))]
+    #[allow(clippy::too_many_arguments)]
     fn store(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         payload: &Bound<'_, PyAny>,
+        first_block: usize,
         lora_name: Option<String>,
         cache_salt: Option<String>,
         lora_id: Option<String>,
@@ -238,18 +242,22 @@ impl Engine {
         let toks = guarded(py, || buffers::tokens(tokens))?;
         let region = guarded(py, || ByteRegion::get(payload, "payload"))?;
         let bytes = region.as_slice();
-        let out = detached(py, || self.inner.store(&toks, bytes, extras(&lora_name, &cache_salt, &lora_id)))?;
+        let keys = extras(&lora_name, &cache_salt, &lora_id);
+        let out = detached(py, || self.inner.store_from(&toks, first_block, bytes, keys))?;
         Ok(out.stored + out.spilled)
     }
 
     /// Copies the longest cached prefix into `out` (blocks back to back, at most as many blocks
-    /// as fit); returns the number of tokens loaded.
-    #[pyo3(signature = (tokens, out, *, lora_name = None, cache_salt = None, lora_id = None))]
+    /// as fit); returns the number of tokens loaded. With `first_block`, `out` gets blocks
+    /// `first_block..` only (a request moved in parts); the count still starts at token 0.
+    #[pyo3(signature = (tokens, out, *, first_block = 0, lora_name = None, cache_salt = None, lora_id = None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         out: &Bound<'_, PyAny>,
+        first_block: usize,
         lora_name: Option<String>,
         cache_salt: Option<String>,
         lora_id: Option<String>,
@@ -264,7 +272,7 @@ impl Engine {
                  overwrite cached KV: pass a buffer of your own",
             ));
         }
-        detached(py, || self.inner.load(&toks, dst, extras(&lora_name, &cache_salt, &lora_id)))
+        detached(py, || self.inner.load_from(&toks, first_block, dst, extras(&lora_name, &cache_salt, &lora_id)))
     }
 
     /// Zero-copy, read-only views of the longest cached prefix's blocks. Each view keeps its block
