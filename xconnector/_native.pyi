@@ -30,21 +30,17 @@ __all__ = [
     "_inject_fault",
     "block_ids_from_slots",
     "cli_main",
-    "config_check_machine",
     "config_coerce",
     "config_discover",
     "config_engine_settings",
     "config_env_vars",
     "config_for_vllm_connector",
     "config_load_file",
-    "config_migrate",
     "config_normalize",
     "config_normalize_adapter",
     "config_read_document",
     "config_redact",
     "config_resolve_document",
-    "config_runtime_problems",
-    "config_setting_bytes",
     "config_worker_patches",
     "detect_kv_layout",
     "fail_open_call",
@@ -61,6 +57,7 @@ __all__ = [
     "sdk_adapters_to_load",
     "sequence_hashes",
     "usable_prefix",
+    "v0_kv_namespace",
     "v0_load",
     "v0_prefills",
     "v0_skip",
@@ -587,6 +584,16 @@ def kv_namespace(
 ) -> dict[str, Any]: ...
 def lora_identity(path: str) -> str: ...
 def key_tokens(tokens: _Tokens, items: list[tuple[str, int, int]]) -> list[int]: ...
+def v0_kv_namespace(
+    model_executable: Any,
+    tensors: list[Any],
+    *,
+    block_size: int,
+    layout: str,
+    model_id: str | None = None,
+    tp_world_size: int = 1,
+    tp_rank: int = 0,
+) -> dict[str, Any]: ...
 def vllm_kv_namespace(
     vllm_config: Any,
     tensors: list[Any],
@@ -661,8 +668,6 @@ def config_load_file(
 def config_engine_settings(
     section: Mapping[str, Any], source: str = "<section>"
 ) -> dict[str, Any]: ...
-def config_runtime_problems(section: Mapping[str, Any]) -> list[tuple[str, bool]]: ...
-def config_check_machine(section: Mapping[str, Any], strict: bool) -> bool: ...
 def config_for_vllm_connector(
     section: Any, strict: bool, environ: Mapping[str, str], argv: list[str], block_size: int
 ) -> tuple[dict[str, Any], int] | None: ...
@@ -672,8 +677,6 @@ def config_worker_patches(
 def config_discover(environ: Mapping[str, str], argv: list[str]) -> _Resolved: ...
 def config_env_vars() -> list[str]: ...
 def config_read_document(path: str) -> Any: ...
-def config_migrate(source: str, text: str | None = None) -> dict[str, Any]: ...
-def config_setting_bytes(adapter: str, key: str, value: Any) -> int: ...
 def config_redact(value: Any, key: str = "") -> Any: ...
 
 # The cache adapter's engines, the SDK's metrics and its adapter rules (xconnector_core::

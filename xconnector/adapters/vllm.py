@@ -17,18 +17,16 @@ from xconnector._native import (
     Engine,
     EngineBlocks,
     PagedKv,
-    config_setting_bytes,
+    config_engine_settings,
     detect_kv_layout,
     kv_block_dim,
-    kv_namespace,
+    v0_kv_namespace,
 )
 from xconnector._native import key_tokens as _key_tokens
 from xconnector._native import lora_identity as _lora_identity
 from xconnector.adapters.base import Adapter
 from xconnector.config.schema import AdapterConfig, SDKConfig
 from xconnector.exceptions import InvalidInputError
-
-DEFAULT_STAGING_BYTES = 256 << 20
 
 
 def layer_tensors(kv_caches: Any) -> list[Any]:
@@ -154,15 +152,6 @@ class StagedKv:
 KvIO = PagedKv | StagedKv
 
 
-def _namespace(model: Any, tensors: list[Any], **worker: Any) -> dict[str, Any]:
-    """The core's namespace (`kv_namespace`) of these KV tensors and what the worker reports."""
-    dtype = str(getattr(tensors[0], "dtype", type(tensors[0]).__name__))
-    shapes = [[int(d) for d in t.shape] for t in tensors]
-    return kv_namespace(
-        model=str(model), tensor_dtype=dtype.removeprefix("torch."), layer_shapes=shapes, **worker
-    )
-
-
 def lora_identity(lora_request: Any) -> str:
     """What a LoRA adapter's KV depends on beyond its name: the content of its files, or its path
     when it is not a local directory (the core's rule)."""
@@ -189,15 +178,12 @@ class VLLMAdapter(Adapter):
 
     def __init__(self, config: AdapterConfig, sdk_config: SDKConfig) -> None:
         super().__init__(config, sdk_config)
-        layout = self.settings.get("kv_layout", "auto")
-        self.kv_layout: str | None = None if layout == "auto" else layout
-        self.enable_prefix_caching: bool = self.settings.get("enable_prefix_caching", True)
-        staging = self.settings.get("staging_buffer_size")
-        self.staging_bytes = (
-            DEFAULT_STAGING_BYTES
-            if staging is None
-            else config_setting_bytes(self.name, "staging_buffer_size", staging)
-        )
+        # The core's reading of these settings (units, defaults): `EngineSettings.vllm`.
+        section = {"enabled": True, "adapters": [{"name": self.name, "config": self.settings}]}
+        vllm = config_engine_settings(section, f"adapters.{self.name}")["vllm"]
+        self.kv_layout: str | None = vllm["kv_layout"]
+        self.enable_prefix_caching: bool = vllm["enable_prefix_caching"]
+        self.staging_bytes: int = vllm["staging_buffer_bytes"]
         self._io: dict[tuple[Any, ...], KvIO] = {}
         self._lock = threading.Lock()
 
@@ -219,19 +205,13 @@ class VLLMAdapter(Adapter):
     def namespace(self, model_executable: Any, kv_caches: Any, io: KvIO) -> dict[str, Any]:
         """What makes KV bytes incompatible: the model, dtype, layout and per-block shape, and
         the tensor-parallel rank (derived by the core, as for v1)."""
-        config = getattr(model_executable, "config", None)
-        model = (
-            getattr(config, "_name_or_path", None)
-            or getattr(config, "name_or_path", None)
-            or type(model_executable).__qualname__
-        )
         world, rank = _tp_world_and_rank()
-        ns = _namespace(
-            model,
+        ns = v0_kv_namespace(
+            model_executable,
             layer_tensors(kv_caches),
-            model_id=self.settings.get("model_id"),
             block_size=io.block_size,
             layout=io.layout,
+            model_id=self.settings.get("model_id"),
             tp_world_size=world,
             tp_rank=rank,
         )

@@ -139,16 +139,6 @@ pub fn config_engine_settings<'py>(
     to_py(py, &settings.to_value())
 }
 
-/// What only this machine can tell about a valid section (the disk directory usable, the auth
-/// key's variable set, Redis answering): `(message, fatal)` per problem, fatal when no engine can
-/// be built; empty when all is well.
-#[pyfunction]
-pub fn config_runtime_problems(py: Python<'_>, section: &Bound<'_, PyAny>) -> PyResult<Vec<(String, bool)>> {
-    let cfg = guarded(py, || sdk_config(py, section, "<section>"))?;
-    let found = crate::call::detached(py, || Ok(core::runtime_problems(&cfg, &env_var)))?;
-    Ok(found.into_iter().map(|p| (p.message, p.fatal)).collect())
-}
-
 /// Finds the config the way a worker process does (DESIGN section 2), from the given environment
 /// variables and argv.
 #[pyfunction]
@@ -171,19 +161,6 @@ pub fn config_discover<'py>(
 #[pyfunction]
 pub fn config_env_vars() -> Vec<&'static str> {
     core::CONFIG_VARS.iter().copied().chain([core::SERVICE_VAR]).collect()
-}
-
-/// A size setting of an adapter (`max_cache_size`, `max_local_cpu_size`, ...) in bytes, read the
-/// way the schema reads it (integers are MiB, or GB for LMCache's own keys; strings carry units).
-#[pyfunction]
-pub fn config_setting_bytes(py: Python<'_>, adapter: &str, key: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
-    let path = format!("{adapter}.config.{key}");
-    let v = document(py, value, "<setting>", &path)?;
-    let setting = core::settings_of(adapter).iter().find(|(k, _)| *k == key).map(|(_, s)| *s);
-    let Some(setting @ (core::Setting::SizeMib | core::Setting::SizeGb)) = setting else {
-        return Err(problems(py, "<setting>", &[Problem { path, message: "is not a size setting".to_owned() }]));
-    };
-    core::size_bytes(&v, setting).map_err(|message| problems(py, "<setting>", &[Problem { path, message }]))
 }
 
 /// A whole YAML/JSON file as Python values (the checks of `config_load_file` apply), e.g. to

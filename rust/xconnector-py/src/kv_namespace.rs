@@ -85,8 +85,7 @@ pub fn vllm_kv_namespace<'py>(
         let v = obj.getattr(name).ok().filter(|v| v.is_truthy().unwrap_or(false));
         v.map_or(Ok(String::new()), |v| Ok(v.str()?.to_string()))
     };
-    let first = tensors.first().ok_or_else(|| invalid_input(py, "no KV tensors"))?;
-    let dtype = first.getattr("dtype")?.str()?.to_string();
+    let (tensor_dtype, layer_shapes) = tensors_kv(py, &tensors)?;
     let hf = ["hf_text_config", "hf_config"]
         .iter()
         .filter_map(|name| model.getattr(*name).ok().filter(|v| v.is_truthy().unwrap_or(false)))
@@ -113,8 +112,8 @@ pub fn vllm_kv_namespace<'py>(
         revision: text(&model, "revision")?,
         quantization: text(&model, "quantization")?,
         cache_dtype: cache.getattr("cache_dtype").ok().and_then(|v| v.extract().ok()),
-        tensor_dtype: dtype.strip_prefix("torch.").unwrap_or(&dtype).to_owned(),
-        layer_shapes: tensors.iter().map(|t| t.getattr("shape")?.extract()).collect::<PyResult<_>>()?,
+        tensor_dtype,
+        layer_shapes,
         block_size: cache.getattr("block_size")?.extract()?,
         layout: None,
         tp_world_size: parallel.getattr("tensor_parallel_size")?.extract()?,
@@ -124,6 +123,62 @@ pub fn vllm_kv_namespace<'py>(
         model_config,
     };
     namespace_dict(py, &worker)
+}
+
+/// The namespace of a vLLM v0 worker's blocks (as `kv_namespace`): the model named by its
+/// executable's config (`_name_or_path`, `name_or_path`, else the executable's class), the KV
+/// `tensors`' dtype and shapes, and what the worker's block mover and process report.
+#[pyfunction]
+#[pyo3(signature = (model_executable, tensors, *, block_size, layout, model_id = None, tp_world_size = 1, tp_rank = 0))]
+#[allow(clippy::too_many_arguments)]
+pub fn v0_kv_namespace<'py>(
+    py: Python<'py>,
+    model_executable: &Bound<'py, PyAny>,
+    tensors: Vec<Bound<'py, PyAny>>,
+    block_size: usize,
+    layout: &str,
+    model_id: Option<String>,
+    tp_world_size: u32,
+    tp_rank: u32,
+) -> PyResult<Bound<'py, PyDict>> {
+    let config = model_executable.getattr("config").ok();
+    let named = ["_name_or_path", "name_or_path"]
+        .iter()
+        .filter_map(|k| config.as_ref()?.getattr(*k).ok().filter(|v| v.is_truthy().unwrap_or(false)))
+        .next();
+    let model = match named {
+        Some(name) => name.str()?.to_string(),
+        None => model_executable.get_type().qualname()?.to_string(),
+    };
+    let (tensor_dtype, layer_shapes) = tensors_kv(py, &tensors)?;
+    let worker = WorkerKv {
+        model,
+        model_id,
+        revision: String::new(),
+        quantization: String::new(),
+        cache_dtype: None,
+        tensor_dtype,
+        layer_shapes,
+        block_size,
+        layout: Some(parse_layout(py, layout)?),
+        tp_world_size,
+        tp_rank,
+        pp_world_size: 1,
+        pp_rank: 0,
+        model_config: None,
+    };
+    namespace_dict(py, &worker)
+}
+
+/// The KV tensors' dtype (`torch.` dropped) and shapes.
+fn tensors_kv(py: Python<'_>, tensors: &[Bound<'_, PyAny>]) -> PyResult<(String, Vec<Vec<usize>>)> {
+    let first = tensors.first().ok_or_else(|| invalid_input(py, "no KV tensors"))?;
+    let dtype = match first.getattr("dtype") {
+        Ok(d) => d.str()?.to_string(),
+        Err(_) => first.get_type().name()?.to_string(),
+    };
+    let shapes = tensors.iter().map(|t| t.getattr("shape")?.extract()).collect::<PyResult<_>>()?;
+    Ok((dtype.strip_prefix("torch.").unwrap_or(&dtype).to_owned(), shapes))
 }
 
 fn namespace_dict<'py>(py: Python<'py>, worker: &WorkerKv) -> PyResult<Bound<'py, PyDict>> {

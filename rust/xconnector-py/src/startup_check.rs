@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use pyo3::prelude::*;
 use serde_json::Value;
 use xconnector_core::config::Environment;
-use xconnector_core::startup_check::{check_machine, connector_config, worker_patches};
+use xconnector_core::startup_check::{connector_config, worker_patches};
 
 use crate::call::{detached, guarded};
 use crate::config::{document, sdk_config};
@@ -13,15 +13,6 @@ use crate::convert::to_py;
 
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
-}
-
-/// Whether XConnector can run with `section` on this machine, checked once per process and
-/// config; each problem logged once on the `xconnector` loggers. With `strict`, any problem is a
-/// `ConfigError`.
-#[pyfunction]
-pub fn config_check_machine(py: Python<'_>, section: &Bound<'_, PyAny>, strict: bool) -> PyResult<bool> {
-    let cfg = guarded(py, || sdk_config(py, section, "<section>"))?;
-    detached(py, || check_machine(&cfg, &env_var, strict))
 }
 
 /// Whether this process patches its workers with the `config` discovery found (`section`: it
