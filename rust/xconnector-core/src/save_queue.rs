@@ -64,6 +64,20 @@ impl SaveQueue {
         while s.queue.len() >= self.shared.max_queued && !s.closed {
             self.shared.changed.wait(&mut s);
         }
+        self.push(&mut s, req_id, job)
+    }
+
+    /// `submit` without waiting: the job back when the queue is full (the caller may release
+    /// what it holds before waiting for room with `submit`).
+    pub fn try_submit(&self, req_id: &str, job: Job) -> Result<bool, Job> {
+        let mut s = self.shared.state.lock();
+        if s.queue.len() >= self.shared.max_queued && !s.closed {
+            return Err(job);
+        }
+        Ok(self.push(&mut s, req_id, job))
+    }
+
+    fn push(&self, s: &mut State, req_id: &str, job: Job) -> bool {
         if s.closed {
             return false;
         }
@@ -211,6 +225,7 @@ mod tests {
         );
         started_rx.recv().unwrap();
         q.submit("b", Box::new(|| {})); // queued: the queue is now full
+        assert!(q.try_submit("x", Box::new(|| {})).is_err(), "full: the job comes back");
         let ran = Arc::new(AtomicUsize::new(0));
         let (q2, ran2) = (Arc::clone(&q), Arc::clone(&ran));
         let (submitted_tx, submitted_rx) = mpsc::channel::<()>();

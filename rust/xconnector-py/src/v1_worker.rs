@@ -342,9 +342,12 @@ impl V1Worker {
                 Err(e) => fell_back(router.get(), stats.get(), &target, "save", core_reason(&e), &e.to_string()),
             }
         };
-        // Waiting for room (a full queue) is the step's wait: without the GIL.
+        // Waiting for room (a full queue) is the step's wait: without the GIL. With room, the
+        // GIL is kept (handing it back and forth costs more than the queueing).
         let req_id = t.req_id;
-        py.detach(|| queue.submit(&req_id, Box::new(job)));
+        if let Err(job) = queue.try_submit(&req_id, Box::new(job)) {
+            py.detach(|| queue.submit(&req_id, job));
+        }
         Ok(())
     }
 
