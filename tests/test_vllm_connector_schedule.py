@@ -26,7 +26,9 @@ BS = 32
 PREFIX = list(range(1, 3 * BS + 1))  # three blocks, stored before each test
 
 
-def connector(engine_id: str, tp: int = 1) -> Any:
+def connector(
+    engine_id: str, tp: int = 1, device: str | None = None, extra: dict[str, Any] | None = None
+) -> Any:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from xconnector import Engine
@@ -36,7 +38,11 @@ def connector(engine_id: str, tp: int = 1) -> Any:
         cache_config=NS(block_size=BS, cache_dtype="auto"),
         parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=1),
         model_config=NS(is_encoder_decoder=False),
-        kv_transfer_config=NS(engine_id=engine_id, kv_connector_extra_config={"xconnector": {}}),
+        device_config=NS(device_type=device),
+        kv_transfer_config=NS(
+            engine_id=engine_id,
+            kv_connector_extra_config={"xconnector": {}, **(extra or {})},
+        ),
     )
     sched = c.XConnectorV1(config, KVConnectorRole.SCHEDULER)
     engine = Engine(block_bytes=64, capacity_bytes=64 * 64, block_size=BS, model="m")
@@ -126,6 +132,26 @@ def test_one_worker_saves_in_the_load_step_only_if_no_load_failed() -> None:
     assert [(t.req_id, t.if_loads_ok) for t in meta.saves] == [("D", True)]
     sched.request_finished(d, [])
     confirm(sched, meta.step, failed=set())  # arrives after request_finished, as in vLLM
+
+
+@pytest.mark.parametrize(
+    ("device", "extra", "held"),
+    [("cpu", {}, True), ("cuda", {}, False), ("cpu", {"async_saves": False}, False)],
+)
+def test_a_finished_request_keeps_its_blocks_only_while_its_saves_run_after_the_step(
+    device: str, extra: dict[str, Any], held: bool
+) -> None:
+    # Host KV (the CPU backend) is saved after the step: vLLM must keep a finished request's
+    # blocks until the workers say its saves ran. Saved inside the step, nothing is held.
+    sched = connector(f"hold-{device}-{len(extra)}", device=device, extra=extra)
+    d = request("D", [*PREFIX, *range(900, 940)])
+    meta = schedule(sched, [(d, [7, 8, 9, 10, 11], 0, 40)])
+    assert [t.req_id for t in meta.saves] == ["D"] and meta.hold is held
+    assert sched.request_finished(d, []) == (held, None)
+    # A request with no save planned never keeps its blocks.
+    short = request("S", [1, 2, 3])
+    schedule(sched, [(short, [12], 0, 3)])
+    assert sched.request_finished(short, []) == (False, None)
 
 
 def test_a_skipped_conditional_save_is_planned_again_after_the_recompute() -> None:

@@ -6,6 +6,7 @@ on CPU tensors) where torch is installed, as in the vLLM test environment."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_the_staging_path_moves_a_long_request_in_parts_within_its_buffer() -> N
     engine = Engine(block_bytes=ebb, capacity_bytes=64 * ebb, block_size=2 * bs)
     tokens = list(range(1000, 1000 + 32 * bs + 5))  # 16 engine blocks and a partial one
     ids = list(range(n - 1, n - 33, -1))
-    cap = 3 * ebb  # a part, its device copy and one layer's gather: one engine block a part
+    cap = 3 * ebb  # a part's device copy and one layer's temporaries: one engine block a part
     host.store(engine, tokens[: 12 * bs], ids[:12])  # 6 engine blocks cached already
     staged = StagedKv(src, bs, None, staging_bytes=cap)
     # The cached blocks are not copied at all: their ids are never read (out of range here).
@@ -170,3 +171,33 @@ def test_the_staging_path_moves_a_long_request_in_parts_within_its_buffer() -> N
     dst = [torch.zeros_like(t) for t in src]
     assert StagedKv(dst, bs, None, staging_bytes=cap).load(short, tokens, list(range(32))) == 8 * bs
     assert all(not d[8:].any() and d[:8].any() for d in dst)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not HAS_TORCH, reason="runs in .venv-vllm, where scripts/test.sh has torch")
+def test_the_staging_path_stores_on_top_of_a_prefix_held_only_below_memory(tmp_path: Path) -> None:
+    import torch
+
+    n, bs = 24, 16
+    src = [torch.from_numpy(x) for x in random_layers("standard", n, bs, 2, 7, permute=False)]
+    host = PagedKv(src, bs)
+    bb = host.block_bytes
+    engine = Engine(
+        block_bytes=bb,
+        capacity_bytes=6 * bb,
+        block_size=bs,
+        model="m",
+        disk_path=str(tmp_path),
+        disk_capacity_bytes=64 * bb,
+    )
+    tokens, ids = list(range(500, 500 + 8 * bs)), list(range(8))
+    assert host.store(engine, tokens[: 4 * bs], ids[:4]) == 4 and engine.flush(30)
+    # Another prompt takes memory: the first one's prefix is on disk only now.
+    assert host.store(engine, list(range(9000, 9000 + 6 * bs)), list(range(8, 14))) == 6
+    assert engine.flush(30) and engine.lookup(tokens) == 4 * bs
+    # A part on top of that prefix cannot be stored without it in memory: copied whole instead.
+    assert StagedKv(src, bs, None, staging_bytes=1 << 20).store(engine, tokens, ids) > 0
+    assert engine.flush(30) and engine.lookup(tokens) == 8 * bs
+    out = bytearray(8 * bb)
+    assert engine.load(tokens, out) == 8 * bs
+    assert bytes(out) == host.pack(ids)

@@ -66,10 +66,10 @@ class StagedKv:
         self._torch = torch
 
     def _parts(self, engine: Engine, first: int, end: int) -> Iterator[tuple[int, int, Any]]:
-        """Engine blocks `first..end` in parts `(a, b, host buffer for blocks a..b)`: a part and
-        its device copy plus one layer's gather fit `staging_bytes`."""
+        """Engine blocks `first..end` in parts `(a, b, host buffer for blocks a..b)`: a part's
+        device copy plus one layer's two temporaries fit `staging_bytes`."""
         layers = len(self._tensors)
-        step = max(1, self.staging_bytes * layers // ((layers + 1) * engine.block_bytes))
+        step = max(1, self.staging_bytes * layers // ((layers + 2) * engine.block_bytes))
         need = min(step, max(0, end - first)) * engine.block_bytes
         if self.staging is None or self.staging.numel() < need:
             pin = self._device.type == "cuda"
@@ -116,13 +116,20 @@ class StagedKv:
     ) -> int:
         blocks, tokens, ids = self._blocks(engine), list(tokens), list(block_ids)
         blocks.store_kv_blocks(len(tokens), len(ids))  # raises when the ids do not cover them
-        per, ebs, stored = blocks.per, engine.block_size, 0
-        with self._lock:
-            have = engine.lookup(tokens, **extras) // ebs  # cached already: not copied
-            for a, b, host in self._parts(engine, have, blocks.full_engine_blocks(len(tokens))):
+        per, ebs, full = blocks.per, engine.block_size, blocks.full_engine_blocks(len(tokens))
+
+        def copy_from(have: int) -> int:
+            stored = 0
+            for a, b, host in self._parts(engine, have, full):
                 self._gather(ids[a * per : b * per], host)
                 stored += engine.store(tokens[: b * ebs], host, first_block=a, **extras)
-        return stored
+            return stored
+
+        with self._lock:
+            have = engine.lookup(tokens, **extras) // ebs  # cached already: not copied
+            # A part stores nothing when the blocks before it are cached only below memory
+            # (disk, Redis): then all of it is copied.
+            return copy_from(have) or (copy_from(0) if have and have < full else 0)
 
     def load(
         self,

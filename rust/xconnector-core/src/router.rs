@@ -217,13 +217,18 @@ impl Router {
     /// Records a failure: the target is skipped for the next backoff period.
     pub fn report_failure(&self, name: &str) {
         let now = self.clock.now();
-        if let Some(t) = self.targets.write().get_mut(name) {
+        let failed = self.targets.write().get_mut(name).map(|t| {
             t.consecutive_failures = t.consecutive_failures.saturating_add(1);
             t.total_failures += 1;
             let doublings = (t.consecutive_failures - 1).min(30);
             let backoff = self.base_backoff.saturating_mul(1 << doublings).min(self.max_backoff);
             t.retry_at = Some(now + backoff);
-            tracing::debug!(target_name = name, failures = t.consecutive_failures, ?backoff, "router target failed");
+            (t.consecutive_failures, backoff)
+        });
+        // Logged with the lock released: a log record may wait for Python's GIL (pyo3-log), and
+        // a thread holding the GIL may be waiting for this lock (a route on a worker's step).
+        if let Some((failures, backoff)) = failed {
+            tracing::debug!(target_name = name, failures, ?backoff, "router target failed");
         }
     }
 

@@ -10,10 +10,14 @@
 //!    it again once vLLM has recomputed it (`transfer_plan` rule 4).
 //! 3. **Every step with loads is reported.** The scheduler waits for that report before saving
 //!    anything computed over those loads, so a step whose loads all failed is reported too.
-//! 4. **A request's blocks are held while its saves run.** The scheduler holds back the blocks of
-//!    a finished request it planned a save for (`transfer_plan`'s `finished`), and the workers
-//!    see the same saves planned; a worker reports such a request finished (vLLM frees its
-//!    blocks) once none of its saves is in flight, and every such request exactly once.
+//! 4. **A request's blocks are held while its saves run.** When saves run after their step, the
+//!    scheduler holds back the blocks of a finished request it planned a save for
+//!    (`transfer_plan`'s `finished`) and says so in the step's metadata (`hold`); the workers see
+//!    the same saves planned, and report such a request finished (vLLM frees its blocks) once
+//!    none of its saves is in flight, every such request exactly once.
+//!
+//! A step's saves may run after the report for that step (vLLM defers them with speculative
+//! decoding), so a failed step is remembered until a later step's transfers arrive.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -59,6 +63,7 @@ impl WorkerLedger {
         first_block: usize,
         loaded: usize,
     ) -> LoadOutcome {
+        self.forget_steps_before(step);
         self.loaded_steps.insert(step);
         let failed = loaded < planned;
         if failed {
@@ -72,9 +77,12 @@ impl WorkerLedger {
     }
 
     /// Whether a save of `step` must be skipped (rule 2); the request is then reported failed.
-    /// Skipped or not, the scheduler holds the request's blocks for it (rule 4).
-    pub fn skip_save(&mut self, step: u64, req_id: &str, if_loads_ok: bool) -> bool {
-        self.saving.insert(req_id.to_owned());
+    /// Skipped or not, with `hold` the scheduler holds the request's blocks for it (rule 4).
+    pub fn skip_save(&mut self, step: u64, req_id: &str, if_loads_ok: bool, hold: bool) -> bool {
+        self.forget_steps_before(step);
+        if hold {
+            self.saving.insert(req_id.to_owned());
+        }
         let skip = if_loads_ok && self.failed_steps.contains(&step);
         if skip {
             self.failed_requests.insert(req_id.to_owned());
@@ -112,14 +120,18 @@ impl WorkerLedger {
     }
 
     /// The report for the scheduler (rule 3): the steps whose loads ran and the requests that
-    /// failed, or None when no load ran since the last report.
+    /// failed, or None when there is nothing new to report.
     pub fn take_report(&mut self) -> Option<(Vec<u64>, Vec<String>)> {
-        if self.loaded_steps.is_empty() {
+        if self.loaded_steps.is_empty() && self.failed_requests.is_empty() {
             return None;
         }
-        self.failed_steps.clear();
         let steps = std::mem::take(&mut self.loaded_steps).into_iter().collect();
         Some((steps, std::mem::take(&mut self.failed_requests).into_iter().collect()))
+    }
+
+    /// Transfers of `step` arrived: the saves of earlier steps have all run.
+    fn forget_steps_before(&mut self, step: u64) {
+        self.failed_steps = self.failed_steps.split_off(&step);
     }
 }
 
@@ -153,24 +165,26 @@ mod tests {
     fn a_conditional_save_is_skipped_only_after_a_failed_load_of_its_step() {
         let mut l = WorkerLedger::new(4);
         l.load_done(1, "a", 8, &[1, 2], 0, 8);
-        assert!(!l.skip_save(1, "b", true), "the step's loads all succeeded");
+        assert!(!l.skip_save(1, "b", true, true), "the step's loads all succeeded");
         l.load_done(2, "c", 8, &[3, 4], 0, 4);
-        assert!(!l.skip_save(2, "d", false), "an unconditional save never waits");
-        assert!(l.skip_save(2, "e", true));
+        assert!(!l.skip_save(2, "d", false, true), "an unconditional save never waits");
+        assert!(l.skip_save(2, "e", true, true));
         let (steps, failed) = l.take_report().unwrap();
         assert_eq!(steps, vec![1, 2]);
         assert_eq!(failed, vec!["c".to_owned(), "e".to_owned()]);
-        assert!(!l.skip_save(2, "e", true), "a reported step starts over");
+        l.load_done(3, "f", 8, &[5, 6], 0, 8);
+        assert!(!l.skip_save(3, "g", true, true), "step 3's loads all succeeded");
     }
 
     #[test]
     fn a_finished_request_is_released_once_its_saves_ran_and_only_if_a_save_was_planned() {
         let mut l = WorkerLedger::new(4);
-        l.skip_save(1, "a", false);
-        l.skip_save(1, "b", false);
+        l.skip_save(1, "a", false, true);
+        l.skip_save(1, "b", false, true);
+        l.skip_save(1, "x", false, false); // saved inside the step: its blocks were not held
         let busy = |r: &str| r == "a";
         // "c" never had a save planned: the scheduler did not hold its blocks.
-        assert_eq!(l.finished(["a", "b", "c"], busy), vec!["b".to_owned()]);
+        assert_eq!(l.finished(["a", "b", "c", "x"], busy), vec!["b".to_owned()]);
         assert_eq!(l.held(), 1);
         assert_eq!(l.finished([], busy), Vec::<String>::new(), "a's save still runs");
         assert_eq!(l.finished([], |_| false), vec!["a".to_owned()]);
@@ -182,8 +196,19 @@ mod tests {
     fn a_skipped_save_still_holds_the_blocks_until_finished() {
         let mut l = WorkerLedger::new(4);
         l.load_done(1, "a", 8, &[1, 2], 0, 0);
-        assert!(l.skip_save(1, "a", true));
+        assert!(l.skip_save(1, "a", true, true));
         assert_eq!(l.finished(["a"], |_| false), vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn a_save_deferred_past_its_steps_report_still_sees_the_failed_load() {
+        // vLLM with speculative decoding: the report is built before the step's saves run.
+        let mut l = WorkerLedger::new(4);
+        l.load_done(1, "a", 8, &[1, 2], 0, 4);
+        assert_eq!(l.take_report(), Some((vec![1], vec!["a".to_owned()])));
+        assert!(l.skip_save(1, "b", true, true), "computed over step 1's failed load");
+        assert_eq!(l.take_report(), Some((vec![], vec!["b".to_owned()])), "reported next time");
+        assert!(!l.skip_save(2, "c", true, true), "a later step starts over");
     }
 
     #[test]

@@ -136,9 +136,9 @@ impl V1Worker {
     /// `block_size`: tokens per vLLM block; `engine_block`: tokens per engine block. `io` moves
     /// blocks (`load(engine, tokens, block_ids, first_block=, **extras)`, `store(engine, tokens,
     /// block_ids, **extras)`); `names`, a `VllmBlockNames` when KV events are reported. Saves
-    /// from host KV run after the step unless `async_saves` is false.
+    /// from host KV (`PagedKv`) can run after the step (see `save`).
     #[new]
-    #[pyo3(signature = (block_size, engine_block, *, io = None, engine = None, router = None, stats = None, names = None, async_saves = true))]
+    #[pyo3(signature = (block_size, engine_block, *, io = None, engine = None, router = None, stats = None, names = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -149,12 +149,11 @@ impl V1Worker {
         router: Option<Py<Router>>,
         stats: Option<Py<SdkStats>>,
         names: Option<Py<PyAny>>,
-        async_saves: bool,
     ) -> PyResult<Self> {
         guarded(py, || {
             let bound = match (io, engine, router, stats) {
                 (Some(io), Some(engine), Some(router), Some(stats)) => {
-                    let host = io.bind(py).cast::<PagedKv>().ok().filter(|_| async_saves).map(|kv| kv.clone().unbind());
+                    let host = io.bind(py).cast::<PagedKv>().ok().map(|kv| kv.clone().unbind());
                     let engine_ = engine.bind(py).cast::<Engine>().ok().map(|e| Arc::clone(&e.get().inner));
                     let saves = match (host, engine_) {
                         (Some(kv), Some(e)) => {
@@ -204,20 +203,21 @@ impl V1Worker {
     }
 
     /// Runs the saves of `step`; one planned `if_loads_ok` is skipped after a failed load of
-    /// that step (its request reported failed). From host KV they are queued for the save
-    /// thread (the step waits only for room in the queue). Never raises for a failure of the
-    /// cache.
-    fn save(&self, py: Python<'_>, step: u64, saves: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+    /// that step (its request reported failed). With `hold` (the scheduler holds finished
+    /// requests' blocks for their saves) saves from host KV are queued for the save thread and
+    /// the step waits only for room in the queue. Never raises for a failure of the cache.
+    #[pyo3(signature = (step, saves, hold = false))]
+    fn save(&self, py: Python<'_>, step: u64, saves: Vec<Bound<'_, PyAny>>, hold: bool) -> PyResult<()> {
         let started = Instant::now();
         for t in &saves {
             let if_loads_ok: bool = t.getattr("if_loads_ok")?.extract()?;
             let t = Transfer::read(t)?;
-            if self.ledger.lock().skip_save(step, &t.req_id, if_loads_ok) {
+            if self.ledger.lock().skip_save(step, &t.req_id, if_loads_ok, hold) {
                 continue;
             }
             let Some(b) = &self.bound else { continue };
             self.learn_names(py, b, &t);
-            if let Some(host) = &b.saves {
+            if let Some(host) = b.saves.as_ref().filter(|_| hold) {
                 self.queue_save(py, b, host, t)?;
                 continue;
             }

@@ -122,6 +122,9 @@ class XConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     #: vLLM preempted requests this step: their blocks are reused at once, so the saves in
     #: flight must finish before the forward pass.
     flush: bool = False
+    #: The scheduler holds a finished request's blocks until the workers report its saves done
+    #: (`get_finished`), so saves from host KV may run after their step.
+    hold: bool = False
 
 
 @dataclass
@@ -156,7 +159,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self._pp: int = int(vllm_config.parallel_config.pipeline_parallel_size)
         self._config: SDKConfig | None = None
         self._engine_block: int = self._block_size
-        self._extra = extra = dict(self._kv_transfer_config.kv_connector_extra_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config)
         if switches.disabled():
             log.info("XConnector is off (XCONNECTOR_DISABLE/XCONNECTOR_ENABLED): plain vLLM")
         else:
@@ -210,6 +213,11 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             except Exception as e:
                 self._config = None
                 log.error("XConnector is off, vLLM runs without it: %s", e)
+        # Saves from host KV (vLLM's CPU backend) run after their step unless told otherwise:
+        # finished requests then keep their blocks until the workers saved them.
+        device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+        on_host = device == "cpu" and extra.get("async_saves", True) is not False
+        self._hold = self._planner is not None and on_host
         self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
         # Worker side: each step's loads and saves, and what they did (unbound: every load
@@ -311,7 +319,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             return XConnectorMetadata()
         step, unconfirmed = planner.begin_step()
         preempted = getattr(scheduler_output, "preempted_req_ids", None)
-        meta = XConnectorMetadata(step=step, flush=bool(preempted))
+        meta = XConnectorMetadata(step=step, flush=bool(preempted), hold=self._hold)
         if unconfirmed is not None:
             # The workers never report back (a vLLM without the worker-metadata channel):
             # nothing that depends on a load could ever be saved, so loads stop instead.
@@ -364,8 +372,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         # A request with a save planned keeps its blocks until the workers saved them.
-        held = self._planner is not None and self._planner.finished(request.request_id)
-        return held, None
+        saved = self._planner is not None and self._planner.finished(request.request_id)
+        return self._hold and saved, None
 
     # -- worker side ----------------------------------------------------------------------------
 
@@ -401,7 +409,6 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 router=sdk.router,
                 stats=sdk.monitoring.stats,
                 names=self._names,
-                async_saves=self._extra.get("async_saves", True) is not False,
             )
             with _engines_lock:
                 _engines[self._engine_id] = engine
@@ -446,7 +453,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 log.info("XConnector: vLLM does not take this connector's KV events; not reported")
         meta = self._get_connector_metadata()
         if isinstance(meta, XConnectorMetadata) and meta.saves:
-            self._worker.save(meta.step, meta.saves)
+            self._worker.save(meta.step, meta.saves, meta.hold)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
         # Saves run after the step; vLLM frees a finished request's blocks once they ran.
