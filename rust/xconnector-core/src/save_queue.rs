@@ -175,6 +175,21 @@ mod tests {
 
     use super::*;
 
+    /// Submits a job for `req_id` that runs until the returned sender sends; returns once it runs.
+    fn running_job(q: &SaveQueue, req_id: &str) -> mpsc::Sender<()> {
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        q.submit(
+            req_id,
+            Box::new(move || {
+                started_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+            }),
+        );
+        started_rx.recv().unwrap();
+        go_tx
+    }
+
     #[test]
     fn jobs_run_in_order_and_flush_waits_for_them() {
         let q = SaveQueue::new(4).unwrap();
@@ -192,18 +207,9 @@ mod tests {
     #[test]
     fn a_request_is_in_flight_until_its_last_job_ran() {
         let q = SaveQueue::new(8).unwrap();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        q.submit(
-            "a",
-            Box::new(move || {
-                started_tx.send(()).unwrap();
-                go_rx.recv().unwrap();
-            }),
-        );
+        let go_tx = running_job(&q, "a");
         q.submit("a", Box::new(|| {}));
         q.submit("b", Box::new(|| {}));
-        started_rx.recv().unwrap(); // the first job of "a" is running
         assert!(q.in_flight("a") && q.in_flight("b"));
         assert!(!q.in_flight("c"));
         go_tx.send(()).unwrap();
@@ -214,16 +220,7 @@ mod tests {
     #[test]
     fn a_submit_to_a_full_queue_returns_once_there_is_room() {
         let q = Arc::new(SaveQueue::new(1).unwrap());
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        q.submit(
-            "a",
-            Box::new(move || {
-                started_tx.send(()).unwrap();
-                go_rx.recv().unwrap();
-            }),
-        );
-        started_rx.recv().unwrap();
+        let go_tx = running_job(&q, "a");
         q.submit("b", Box::new(|| {})); // queued: the queue is now full
         assert!(q.try_submit("x", Box::new(|| {})).is_err(), "full: the job comes back");
         let ran = Arc::new(AtomicUsize::new(0));
@@ -255,16 +252,7 @@ mod tests {
     #[test]
     fn closing_refuses_new_jobs_and_can_drop_the_queued_ones() {
         let q = SaveQueue::new(8).unwrap();
-        let (go_tx, go_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        q.submit(
-            "a",
-            Box::new(move || {
-                started_tx.send(()).unwrap();
-                go_rx.recv().unwrap();
-            }),
-        );
-        started_rx.recv().unwrap();
+        let go_tx = running_job(&q, "a");
         let ran = Arc::new(AtomicUsize::new(0));
         let r = Arc::clone(&ran);
         q.submit("b", Box::new(move || _ = r.fetch_add(1, Ordering::SeqCst)));
