@@ -6,7 +6,8 @@ Every number comes with a baseline measured in the same run on the same data:
   large cache around it (lookup must not grow with the cache);
 - sequence hashing against vLLM-style chained hashing in pure Python
   (`hashlib.sha256(pickle.dumps((parent, tuple(block), None)))`);
-- store and load bandwidth against a `memoryview` slice copy and `numpy.copyto` of the same bytes.
+- store and load bandwidth against a `memoryview` slice copy and `numpy.copyto` of the same bytes
+  (one `memcpy`), for large blocks (256 KiB) and for small ones (16 KiB).
 
 Run: `.venv/bin/python benchmarks/engine_bench.py` (add `--quick` for a smoke run).
 """
@@ -177,6 +178,7 @@ def main() -> None:
         bench_lookup([1_000, 1_000_000], calls=2_000)
         bench_hashing(repeats=5)
         bench_bandwidth(block_bytes=256 * 1024, blocks=1024, repeats=7)
+        bench_bandwidth(block_bytes=16 * 1024, blocks=4096, repeats=7)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::arena::SlotId;
 use crate::block_journal::{BlockChange, BlockJournal, JournalStats, Medium};
+use crate::bulk_copy::BulkCopy;
 use crate::disk_tier::DiskTier;
 use crate::error::{CoreError, Result};
 use crate::faults::{self, FaultPoint};
@@ -438,9 +439,10 @@ impl Engine {
                 tokens.len() % bs
             )));
         }
+        let copy = BulkCopy::for_transfer(payload.len());
         self.store_filling(tokens, extras, |i, dst| {
             let Some(at) = i.checked_sub(first_block) else { return false };
-            dst.copy_from_slice(&payload[at * bb..(at + 1) * bb]);
+            copy.copy(dst, &payload[at * bb..(at + 1) * bb]);
             true
         })
     }
@@ -572,9 +574,10 @@ impl Engine {
     ) -> Result<usize> {
         let bb = self.cfg.block_bytes;
         let max_blocks = first_block.saturating_add(out.len() / bb);
+        let copy = BulkCopy::for_transfer(out.len());
         self.load_with(tokens, extras, max_blocks, |i, src| {
             if let Some(at) = i.checked_sub(first_block) {
-                out[at * bb..(at + 1) * bb].copy_from_slice(src);
+                copy.copy(&mut out[at * bb..(at + 1) * bb], src);
             }
         })
     }

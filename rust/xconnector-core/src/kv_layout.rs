@@ -6,6 +6,7 @@
 //! tensor's strides, so a block packed from one layout's physical arrangement (e.g. a permuted
 //! HND view) unpacks into any other arrangement of the same logical layout.
 
+use crate::bulk_copy::BulkCopy;
 use crate::error::{CoreError, Result};
 
 /// The KV cache layouts vLLM uses (DESIGN section 3.2), by logical shape.
@@ -257,7 +258,8 @@ impl PagedKv {
     }
 
     /// Copies block `id` of every layer into `dst` (`block_bytes` long). `id` must be checked.
-    pub fn pack_block(&self, id: u32, dst: &mut [u8]) {
+    /// `copy` is the transfer's mode (streaming when the whole transfer is large).
+    pub fn pack_block(&self, id: u32, dst: &mut [u8], copy: BulkCopy) {
         assert!(dst.len() == self.block_bytes && (id as usize) < self.num_blocks());
         let mut start = 0;
         for layer in &self.layers {
@@ -265,16 +267,15 @@ impl PagedKv {
             layer.for_each_run(id as usize, |src, off| {
                 // SAFETY: `src` addresses `run_bytes` bytes of the layer's block `id` (in range,
                 // checked above), valid memory per `new`'s contract; `out` is a distinct Rust slice.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(src, out[off..off + layer.run_bytes].as_mut_ptr(), layer.run_bytes)
-                };
+                unsafe { copy.copy_unfenced(src, out[off..off + layer.run_bytes].as_mut_ptr(), layer.run_bytes) };
             });
             start += layer.block_bytes;
         }
+        copy.fence();
     }
 
     /// Copies a payload made by [`pack_block`](Self::pack_block) into block `id` of every layer.
-    pub fn unpack_block(&self, id: u32, src: &[u8]) {
+    pub fn unpack_block(&self, id: u32, src: &[u8], copy: BulkCopy) {
         assert!(src.len() == self.block_bytes && (id as usize) < self.num_blocks());
         let mut start = 0;
         for layer in &self.layers {
@@ -282,20 +283,20 @@ impl PagedKv {
             layer.for_each_run(id as usize, |dst, off| {
                 // SAFETY: as in `pack_block`, with the KV memory as the destination; the payload
                 // is engine or caller memory, never inside a KV tensor.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(input[off..off + layer.run_bytes].as_ptr(), dst, layer.run_bytes)
-                };
+                unsafe { copy.copy_unfenced(input[off..off + layer.run_bytes].as_ptr(), dst, layer.run_bytes) };
             });
             start += layer.block_bytes;
         }
+        copy.fence();
     }
 
     /// Packs `ids` back to back into `dst`.
     pub fn pack(&self, ids: &[u32], dst: &mut [u8]) -> Result<()> {
         self.check_blocks(ids)?;
         self.check_len(ids.len(), dst.len())?;
+        let copy = BulkCopy::for_transfer(dst.len());
         for (i, &id) in ids.iter().enumerate() {
-            self.pack_block(id, &mut dst[i * self.block_bytes..(i + 1) * self.block_bytes]);
+            self.pack_block(id, &mut dst[i * self.block_bytes..(i + 1) * self.block_bytes], copy);
         }
         Ok(())
     }
@@ -304,8 +305,9 @@ impl PagedKv {
     pub fn unpack(&self, ids: &[u32], src: &[u8]) -> Result<()> {
         self.check_blocks(ids)?;
         self.check_len(ids.len(), src.len())?;
+        let copy = BulkCopy::for_transfer(src.len());
         for (i, &id) in ids.iter().enumerate() {
-            self.unpack_block(id, &src[i * self.block_bytes..(i + 1) * self.block_bytes]);
+            self.unpack_block(id, &src[i * self.block_bytes..(i + 1) * self.block_bytes], copy);
         }
         Ok(())
     }

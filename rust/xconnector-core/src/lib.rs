@@ -5,6 +5,7 @@
 pub mod arena;
 pub mod blake2b;
 pub mod block_journal;
+pub mod bulk_copy;
 pub mod cli;
 pub mod config;
 pub mod disk_dir;

@@ -3,6 +3,7 @@
 //! physical blocks equal the originals exactly.
 
 use proptest::prelude::*;
+use xconnector_core::bulk_copy::{BulkCopy, STREAM_FROM_BYTES};
 use xconnector_core::kv_layout::{block_ids_from_slots, KvLayout, PagedKv, StridedTensor};
 use xconnector_core::{Engine, EngineConfig, HashExtras, Namespace};
 
@@ -214,11 +215,18 @@ fn engine_stores_from_and_loads_into_paged_kv() {
     .unwrap();
     let tokens: Vec<u32> = (0..14).collect(); // 3 full blocks + 2 tokens
     let src_ids = [5u32, 0, 7];
-    let out = engine.store_with(&tokens, HashExtras::default(), |i, slot| a.pack_block(src_ids[i], slot)).unwrap();
+    let out = engine
+        .store_with(&tokens, HashExtras::default(), |i, slot| {
+            a.pack_block(src_ids[i], slot, BulkCopy::for_transfer(STREAM_FROM_BYTES))
+        })
+        .unwrap();
     assert_eq!(out.stored, 3);
     let dst_ids = [2u32, 3, 4];
-    let loaded =
-        engine.load_with(&tokens, HashExtras::default(), 3, |i, bytes| b.unpack_block(dst_ids[i], bytes)).unwrap();
+    let loaded = engine
+        .load_with(&tokens, HashExtras::default(), 3, |i, bytes| {
+            b.unpack_block(dst_ids[i], bytes, BulkCopy::for_transfer(STREAM_FROM_BYTES))
+        })
+        .unwrap();
     assert_eq!(loaded, 12);
     for l in 0..2 {
         for (s, d) in src_ids.iter().zip(dst_ids) {

@@ -4,6 +4,7 @@
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use xconnector_core::bulk_copy::BulkCopy;
 use xconnector_core::engine_blocks::EngineBlocks as CoreEngineBlocks;
 use xconnector_core::kv_layout::{self, KvLayout, PagedKv as CorePagedKv, StridedTensor};
 use xconnector_core::{Engine as CoreEngine, HashExtras};
@@ -208,9 +209,10 @@ impl PagedKv {
         detached(py, || {
             let geometry = self.engine_blocks(&engine.inner)?;
             let n = geometry.load_engine_blocks(ids.len());
+            let copy = BulkCopy::for_transfer(ids.len() * kv.block_bytes());
             engine.inner.load_with(&toks, extras(&lora_name, &cache_salt, &lora_id), n, |i, bytes| {
                 for (pos, range) in geometry.parts(i, first_block) {
-                    kv.unpack_block(ids[pos], &bytes[range]);
+                    kv.unpack_block(ids[pos], &bytes[range], copy);
                 }
             })
         })
@@ -257,9 +259,10 @@ impl PagedKv {
         let geometry = self.engine_blocks(engine)?;
         geometry.store_kv_blocks(toks.len(), ids.len())?;
         let full = geometry.full_engine_blocks(toks.len()) * geometry.engine_block_size();
+        let copy = BulkCopy::for_transfer(ids.len() * self.inner.block_bytes());
         let out = engine.store_with(&toks[..full], extras, |i, slot| {
             for (pos, bytes) in geometry.parts(i, 0) {
-                self.inner.pack_block(ids[pos], &mut slot[bytes]);
+                self.inner.pack_block(ids[pos], &mut slot[bytes], copy);
             }
         })?;
         Ok(out.stored + out.spilled)
