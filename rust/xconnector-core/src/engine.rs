@@ -196,6 +196,63 @@ impl Drop for Pins<'_> {
     }
 }
 
+/// A request's cached prefix, pinned by [`Engine::pin_for_load`]: its blocks in memory are
+/// neither evicted nor rewritten until this is dropped, which also counts the load.
+pub struct PinnedPrefix<'e> {
+    engine: &'e Engine,
+    pins: Pins<'e>,
+    /// Verified blocks read from the tiers below, back to back, from the promotion's first.
+    below: Vec<u8>,
+    /// How many of `below`'s blocks memory's prefix already covers (None: they continue none).
+    below_skip: Option<usize>,
+    blocks: usize,
+    /// An injected torn copy: junk is handed over for the block after the last.
+    torn: bool,
+    started: Instant,
+}
+
+impl PinnedPrefix<'_> {
+    /// Blocks of the prefix.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Tokens of the prefix.
+    pub fn tokens(&self) -> usize {
+        self.blocks * self.engine.cfg.block_size
+    }
+
+    /// Hands each block of the prefix to `read(block_index, bytes)`, in order. May be called
+    /// again: the bytes do not change while this is alive.
+    pub fn read(&self, mut read: impl FnMut(usize, &[u8])) {
+        let bb = self.engine.cfg.block_bytes;
+        let from_below = self.below_skip.map(|skip| self.below.chunks_exact(bb).skip(skip)).into_iter().flatten();
+        let memory = self.pins.slots.iter().map(|&slot| Source::Memory(slot));
+        for (i, source) in memory.chain(from_below.map(Source::Below)).take(self.blocks).enumerate() {
+            match source {
+                Source::Memory(slot) => self.engine.tier.with_pinned(slot, |src| read(i, src)),
+                Source::Below(bytes) => read(i, bytes),
+            }
+        }
+        if self.torn {
+            read(self.blocks, &vec![0x5A; bb]);
+        }
+    }
+}
+
+impl Drop for PinnedPrefix<'_> {
+    fn drop(&mut self) {
+        let c = &self.engine.counters;
+        let n = self.blocks as u64;
+        c.loads.fetch_add(1, Relaxed);
+        c.loaded_blocks.fetch_add(n, Relaxed);
+        c.loaded_bytes.fetch_add(n * self.engine.cfg.block_bytes as u64, Relaxed);
+        let took = self.started.elapsed();
+        add_elapsed(&c.load_ns, took);
+        c.load_hist.observe(took);
+    }
+}
+
 impl Engine {
     pub fn new(mut cfg: EngineConfig) -> Result<Self> {
         if cfg.block_size == 0 || cfg.block_size > u32::MAX as usize {
@@ -592,8 +649,17 @@ impl Engine {
         max_blocks: usize,
         mut read: impl FnMut(usize, &[u8]),
     ) -> Result<usize> {
+        let prefix = self.pin_for_load(tokens, extras, max_blocks)?;
+        prefix.read(&mut read);
+        Ok(prefix.tokens())
+    }
+
+    /// Pins the longest cached prefix of `tokens` (at most `max_blocks` blocks) for reading,
+    /// promoting what the tiers below hold: the blocks stay put until the result is dropped, so
+    /// a caller may read them more than once (one layer at a time) and from another thread.
+    pub fn pin_for_load(&self, tokens: &[u32], extras: HashExtras<'_>, max_blocks: usize) -> Result<PinnedPrefix<'_>> {
         faults::check(FaultPoint::Load)?;
-        let t0 = Instant::now();
+        let started = Instant::now();
         let bb = self.cfg.block_bytes;
         let hashes = self.hashes(tokens, extras);
         let digests = self.digests(tokens);
@@ -608,34 +674,18 @@ impl Engine {
         self.tier.verify_exported(&mut pins.slots, false);
         // Memory's prefix, then (when it reaches them) the verified blocks read from below that
         // memory had no room for: a prompt longer than memory still loads whole.
-        let in_memory = pins.slots.len();
-        let skip = in_memory.checked_sub(below_from);
         // None: memory lost blocks before those read from below, so they continue no prefix.
-        let from_below = skip.map(|skip| below.chunks_exact(bb).skip(skip)).into_iter().flatten();
-        let sources = pins.slots.iter().map(|&slot| Source::Memory(slot)).chain(from_below.map(Source::Below));
-        let mut n = 0;
-        for (i, source) in sources.enumerate() {
+        let below_skip = pins.slots.len().checked_sub(below_from);
+        let available = pins.slots.len() + below_skip.map_or(0, |skip| (below.len() / bb).saturating_sub(skip));
+        let (mut blocks, mut torn) = (0, false);
+        while blocks < available {
             if faults::check(FaultPoint::LoadCopy).is_err() {
-                if faults::garbage(FaultPoint::LoadCopy) {
-                    read(i, &vec![0x5A; bb]); // a torn copy: junk where the block was to go
-                }
+                torn = faults::garbage(FaultPoint::LoadCopy); // a torn copy: junk where the block was to go
                 break; // an injected error: a short load, as if the rest were evicted
             }
-            match source {
-                Source::Memory(slot) => self.tier.with_pinned(slot, |src| read(i, src)),
-                Source::Below(bytes) => read(i, bytes),
-            }
-            n += 1;
+            blocks += 1;
         }
-        drop(pins);
-        let c = &self.counters;
-        c.loads.fetch_add(1, Relaxed);
-        c.loaded_blocks.fetch_add(n as u64, Relaxed);
-        c.loaded_bytes.fetch_add((n * bb) as u64, Relaxed);
-        let took = t0.elapsed();
-        add_elapsed(&c.load_ns, took);
-        c.load_hist.observe(took);
-        Ok(n * self.cfg.block_size)
+        Ok(PinnedPrefix { engine: self, pins, below, below_skip, blocks, torn, started })
     }
 
     /// Stored events for the new blocks, removed events for what their room cost.

@@ -277,17 +277,29 @@ impl PagedKv {
     /// Copies a payload made by [`pack_block`](Self::pack_block) into block `id` of every layer.
     pub fn unpack_block(&self, id: u32, src: &[u8], copy: BulkCopy) {
         assert!(src.len() == self.block_bytes && (id as usize) < self.num_blocks());
-        let mut start = 0;
-        for layer in &self.layers {
-            let input = &src[start..start + layer.block_bytes];
-            layer.for_each_run(id as usize, |dst, off| {
-                // SAFETY: as in `pack_block`, with the KV memory as the destination; the payload
-                // is engine or caller memory, never inside a KV tensor.
-                unsafe { copy.copy_unfenced(input[off..off + layer.run_bytes].as_ptr(), dst, layer.run_bytes) };
-            });
-            start += layer.block_bytes;
+        for layer in 0..self.layers.len() {
+            self.unpack_layer_unfenced(id, layer, src, copy);
         }
         copy.fence();
+    }
+
+    /// Copies layer `layer`'s part of a [`pack_block`](Self::pack_block) payload into block `id`
+    /// of that layer only: a load that hands the model its KV one layer at a time.
+    pub fn unpack_block_layer(&self, id: u32, layer: usize, src: &[u8], copy: BulkCopy) {
+        assert!(src.len() == self.block_bytes && (id as usize) < self.num_blocks() && layer < self.layers.len());
+        self.unpack_layer_unfenced(id, layer, src, copy);
+        copy.fence();
+    }
+
+    fn unpack_layer_unfenced(&self, id: u32, layer: usize, src: &[u8], copy: BulkCopy) {
+        let start: usize = self.layers[..layer].iter().map(|l| l.block_bytes).sum();
+        let plan = &self.layers[layer];
+        let input = &src[start..start + plan.block_bytes];
+        plan.for_each_run(id as usize, |dst, off| {
+            // SAFETY: as in `pack_block`, with the KV memory as the destination; the payload
+            // is engine or caller memory, never inside a KV tensor.
+            unsafe { copy.copy_unfenced(input[off..off + plan.run_bytes].as_ptr(), dst, plan.run_bytes) };
+        });
     }
 
     /// Packs `ids` back to back into `dst`.

@@ -21,6 +21,7 @@ pub mod hashing;
 pub mod histogram;
 pub mod kv_layout;
 pub mod kv_namespace;
+pub mod layer_loads;
 pub mod lookup_service;
 pub mod memory_tier;
 pub mod metrics;

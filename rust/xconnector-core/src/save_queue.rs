@@ -47,13 +47,19 @@ pub struct SaveQueue {
 impl SaveQueue {
     /// At most `max_queued` jobs wait at once; `submit` waits for room beyond that.
     pub fn new(max_queued: usize) -> Result<Self> {
+        Self::named(max_queued, "save")
+    }
+
+    /// As [`new`](Self::new), its thread named `xconnector-{what}` (the same queue runs a
+    /// worker's layer-wise loads).
+    pub fn named(max_queued: usize, what: &str) -> Result<Self> {
         let shared =
             Arc::new(Shared { state: Mutex::default(), changed: Condvar::new(), max_queued: max_queued.max(1) });
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
-            .name("xconnector-save".into())
+            .name(format!("xconnector-{what}"))
             .spawn(move || run(&worker))
-            .map_err(|e| CoreError::Internal(format!("cannot start the save thread: {e}")))?;
+            .map_err(|e| CoreError::Internal(format!("cannot start the {what} thread: {e}")))?;
         Ok(Self { shared })
     }
 

@@ -234,3 +234,87 @@ fn engine_stores_from_and_loads_into_paged_kv() {
         }
     }
 }
+
+/// Checks, each time a layer-wise load says layers `0..done` are in place, that exactly those
+/// layers of the loaded blocks hold the stored KV and every later layer still holds what it held.
+struct CheckingSink<'a> {
+    dst: &'a [Owned],
+    before: Vec<Vec<Vec<u8>>>,
+    expect: Vec<(usize, Vec<u8>)>,
+    src: Vec<Vec<Vec<u8>>>,
+    reports: std::cell::RefCell<Vec<usize>>,
+    finished: std::cell::Cell<u32>,
+}
+
+impl CheckingSink<'_> {
+    fn check(&self, done: usize) {
+        for (l, layer) in self.dst.iter().enumerate() {
+            for (k, (b, _)) in self.expect.iter().enumerate() {
+                let want = if l < done { &self.src[l][k] } else { &self.before[l][k] };
+                assert_eq!(&layer.block(0, *b), want, "layer {l}, block {b}, {done} layer(s) reported done");
+            }
+        }
+    }
+}
+
+impl xconnector_core::layer_loads::LayerSink for CheckingSink<'_> {
+    fn layers_done(&self, done: usize) {
+        self.check(done);
+        self.reports.borrow_mut().push(done);
+    }
+    fn finish(&self) {
+        self.finished.set(self.finished.get() + 1);
+    }
+}
+
+#[test]
+fn a_layer_wise_load_reports_each_layer_only_once_it_is_in_place() {
+    use xconnector_core::layer_loads::{load_by_layer, LayerLoad};
+    let shape = [8, 2, 4, 2, 8]; // flashinfer: 8 blocks of 4 tokens, block dimension 0
+    let order = [0, 1, 2, 3, 4];
+    let mut src: Vec<Owned> = (0..3).map(|l| Owned::new(&shape, &order, 2, 10 + l)).collect();
+    let mut dst: Vec<Owned> = (0..3).map(|l| Owned::new(&shape, &order, 2, 20 + l)).collect();
+    let a = paged(&mut src, 4, None);
+    let b = paged(&mut dst, 4, None);
+    let engine = Engine::new(EngineConfig {
+        block_size: 4,
+        block_bytes: a.block_bytes(),
+        capacity_bytes: 64 * a.block_bytes() as u64,
+        namespace: Namespace::default(),
+        disk: None,
+        redis: None,
+        events: None,
+    })
+    .unwrap();
+    let one: Vec<u32> = (0..14).collect(); // 3 full blocks
+    let two: Vec<u32> = (100..108).collect(); // 2 full blocks
+    engine
+        .store_with(&one, HashExtras::default(), |i, slot| a.pack_block([5u32, 0, 7][i], slot, BulkCopy::cached()))
+        .unwrap();
+    engine
+        .store_with(&two, HashExtras::default(), |i, slot| a.pack_block([1u32, 2][i], slot, BulkCopy::cached()))
+        .unwrap();
+    // Request one into blocks 3, 4, 6; request two skips its first block (held already) into 1.
+    let (ids_one, ids_two) = ([3u32, 4, 6], [7u32, 1]);
+    let expect = [(3, 5), (4, 0), (6, 7), (1, 2)]; // (dst block, src block)
+    let sink = CheckingSink {
+        dst: &dst,
+        before: (0..3).map(|l| expect.iter().map(|&(d, _)| dst[l].block(0, d)).collect()).collect(),
+        src: (0..3).map(|l| expect.iter().map(|&(_, s)| src[l].block(0, s)).collect()).collect(),
+        expect: expect.iter().map(|&(d, _)| (d, Vec::new())).collect(),
+        reports: Default::default(),
+        finished: Default::default(),
+    };
+    let loads = [
+        LayerLoad { tokens: &one, ids: &ids_one, first_block: 0, extras: HashExtras::default() },
+        LayerLoad { tokens: &two, ids: &ids_two, first_block: 1, extras: HashExtras::default() },
+    ];
+    let out = load_by_layer(&engine, &b, &loads, &sink);
+    assert_eq!(out.into_iter().map(Result::unwrap).collect::<Vec<_>>(), vec![12, 8]);
+    assert_eq!(*sink.reports.borrow(), vec![1, 2, 3]);
+    assert_eq!(sink.finished.get(), 1);
+    // Block 7 (request two's first block, skipped) is untouched in every layer.
+    for (l, layer) in dst.iter().enumerate() {
+        assert_eq!(layer.block(0, 7), Owned::new(&shape, &order, 2, 20 + l as u64).block(0, 7));
+    }
+}
