@@ -2,27 +2,33 @@
 cache, asked about round-robin, so vLLM's prefix cache alone keeps evicting what comes back next.
 
 The workload: D documents of T tokens (random token ids, seeded), each asked about R times
-round-robin; a request is a document plus a short question (new in each round), greedy, 8 new
+round-robin; a request is a document plus a question of Q tokens (24 by default: short; new in
+each round, so its prefill runs on top of the loaded document), greedy, 8 new
 tokens, one request at a time. The model is a small random-weight Llama made here (4 layers,
 hidden 256, fp32, 4k context; nothing is downloaded). Arms, each in its own process:
 
   vllm             vLLM alone, its prefix cache on, KV cache room for about two documents;
   reference        vLLM alone with room for every document: its own prefix cache serves every
                    repeat with no copy at all (the figure to reach);
-  xconnector       the capped vLLM + XConnector (memory tier), saves after the step;
+  xconnector       the capped vLLM + XConnector (memory tier), loads layer by layer beside the
+                   forward pass, saves after the step;
   xconnector-sync  the same with `"async_saves": false`: saves finish inside the step (the
-                   step-wait baseline).
+                   save-wait baseline);
+  xconnector-whole the same with `"layerwise_loads": false`: each step's loads finish before
+                   its forward pass (the load-wait baseline).
 
 Per arm: mean latency per request over the repeats (rounds 2..R) and over all requests; the
 prompt tokens vLLM reports cached; XConnector's loaded tokens; the mean time a step waited inside
 XConnector for its loads and for its saves (`xconnector_step_wait_seconds`); whether the greedy
 outputs are identical to the `vllm` arm's. Then each arm's repeat latency as a ratio to the
-reference, and the save wait of `xconnector` against `xconnector-sync`.
+reference, the save wait of `xconnector` against `xconnector-sync` and its load wait against
+`xconnector-whole`.
 
 Run from the repository root in the vLLM environment (scripts/vllm_env.sh):
 
     PYTHONPATH=. .venv-vllm/bin/python benchmarks/vllm_offload.py [--docs 8] [--doc-tokens 3000]
-        [--rounds 3] [--arms vllm,reference,xconnector,xconnector-sync] [--quick]
+        [--rounds 3] [--question-tokens 24]
+        [--arms vllm,reference,xconnector,xconnector-sync,xconnector-whole] [--quick]
 
 `--quick` is a smoke run (3 documents of 600 tokens, 2 rounds). The default run takes about five
 minutes on 2 CPU cores.
@@ -41,11 +47,11 @@ import tempfile
 import time
 from typing import Any
 
-ARMS = ("vllm", "reference", "xconnector", "xconnector-sync")
+ARMS = ("vllm", "reference", "xconnector", "xconnector-sync", "xconnector-whole")
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 32
 #: Bytes of KV per token: K and V, per layer, fp32.
 KV_BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM * 4
-QUESTION_TOKENS, NEW_TOKENS = 24, 8
+NEW_TOKENS = 8
 
 
 def make_model(path: str) -> None:
@@ -65,32 +71,33 @@ def make_model(path: str) -> None:
     LlamaForCausalLM(config).save_pretrained(path)
 
 
-def workload(docs: int, doc_tokens: int, rounds: int, seed: int) -> list[list[int]]:
+def workload(docs: int, doc_tokens: int, question: int, rounds: int, seed: int) -> list[list[int]]:
     """The prompts in the order they are sent: round by round, every document once."""
     rng = random.Random(seed)
     bodies = [[rng.randrange(1, 1000) for _ in range(doc_tokens)] for _ in range(docs)]
     return [
-        body + [rng.randrange(1, 1000) for _ in range(QUESTION_TOKENS)]
+        body + [rng.randrange(1, 1000) for _ in range(question)]
         for _ in range(rounds)
         for body in bodies
     ]
 
 
-def run_arm(arm: str, model: str, prompts: list[list[int]], docs: int, doc_tokens: int) -> dict:
+def run_arm(arm: str, model: str, prompts: list[list[int]], docs: int) -> dict:
     # The engine in this process (as a single-GPU `vllm serve` runs its scheduler and worker
     # together): the connector's step-wait totals are read from it directly.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    doc_bytes = (doc_tokens + QUESTION_TOKENS + NEW_TOKENS + BLOCK) * KV_BYTES_PER_TOKEN
+    prompt_tokens = len(prompts[0])
+    doc_bytes = (prompt_tokens + NEW_TOKENS + BLOCK) * KV_BYTES_PER_TOKEN
     room = (docs + 1) * doc_bytes if arm == "reference" else int(2.5 * doc_bytes)
     kwargs: dict[str, Any] = dict(
         model=model,
         skip_tokenizer_init=True,
         enable_prefix_caching=True,
         block_size=BLOCK,
-        max_model_len=doc_tokens + 256,
-        max_num_batched_tokens=doc_tokens + 256,
+        max_model_len=prompt_tokens + 256,
+        max_num_batched_tokens=prompt_tokens + 256,
         dtype="float32",
         enforce_eager=True,
         seed=0,
@@ -105,7 +112,8 @@ def run_arm(arm: str, model: str, prompts: list[list[int]], docs: int, doc_token
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {
                 "xconnector": section,
-                "async_saves": arm == "xconnector",
+                "async_saves": arm != "xconnector-sync",
+                "layerwise_loads": arm != "xconnector-whole",
             },
         }
     llm = LLM(**kwargs)
@@ -138,6 +146,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--doc-tokens", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--question-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--quick", action="store_true")
@@ -146,9 +155,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.docs, args.doc_tokens, args.rounds = 3, 600, 2
-    prompts = workload(args.docs, args.doc_tokens, args.rounds, args.seed)
+    prompts = workload(args.docs, args.doc_tokens, args.question_tokens, args.rounds, args.seed)
     if args.arm:
-        result = run_arm(args.arm, args.model, prompts, args.docs, args.doc_tokens)
+        result = run_arm(args.arm, args.model, prompts, args.docs)
         print("OFFLOAD_RESULT " + json.dumps(result), flush=True)
         return
 
@@ -157,7 +166,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown arm(s) {sorted(unknown)}; choose from {', '.join(ARMS)}")
     print(
-        f"{args.docs} documents x {args.doc_tokens} tokens, {args.rounds} rounds round-robin; "
+        f"{args.docs} documents x {args.doc_tokens} tokens + {args.question_tokens}-token "
+        f"questions, {args.rounds} rounds round-robin; "
         f"vLLM's KV cache: room for ~2.5 documents (reference: all)"
     )
     results: dict[str, dict[str, Any]] = {}
@@ -169,6 +179,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--arm", arm, "--model", model]
             cmd += ["--docs", str(args.docs), "--doc-tokens", str(args.doc_tokens)]
             cmd += ["--rounds", str(args.rounds), "--seed", str(args.seed)]
+            cmd += ["--question-tokens", str(args.question_tokens)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next(
                 (ln for ln in proc.stdout.splitlines() if ln.startswith("OFFLOAD_RESULT ")), None
@@ -180,7 +191,7 @@ def main() -> None:
 
     first = args.docs  # requests of round 1: every document computed once
     header = (
-        f"{'arm':<16}{'repeat ms':>10}{'all ms':>9}{'cached tok':>11}{'loaded tok':>11}"
+        f"{'arm':<18}{'repeat ms':>10}{'all ms':>9}{'cached tok':>11}{'loaded tok':>11}"
         f"{'load wait':>10}{'save wait':>10}  same outputs"
     )
     print("\n" + header)
@@ -190,7 +201,7 @@ def main() -> None:
         same = "-" if base is None or arm == "vllm" else str(r["outputs"] == base["outputs"])
         load, save = wait_ms(xc, "load"), wait_ms(xc, "save")
         print(
-            f"{arm:<16}{1e3 * statistics.mean(lat[first:] or lat):>10.1f}"
+            f"{arm:<18}{1e3 * statistics.mean(lat[first:] or lat):>10.1f}"
             f"{1e3 * statistics.mean(lat):>9.1f}{sum(r['cached']):>11}"
             f"{xc.get('loaded_tokens', 0) if xc else '-':>11}"
             f"{'-' if load is None else f'{load:.2f} ms':>10}"
@@ -209,6 +220,14 @@ def main() -> None:
         wa, ws = wait_ms(a["xconnector"], "save"), wait_ms(s["xconnector"], "save")
         if wa is not None and ws:
             print(f"save wait per step, after the step vs inside it: {wa:.3f} ms vs {ws:.3f} ms")
+    w = results.get("xconnector-whole")
+    if a and w:
+        la, lw = wait_ms(a["xconnector"], "load"), wait_ms(w["xconnector"], "load")
+        if la is not None and lw:
+            print(f"load wait per step, layer by layer vs whole: {la:.3f} ms vs {lw:.3f} ms")
+    for arm, r in results.items():
+        if r["xconnector"].get("fallbacks"):
+            print(f"{arm}: XConnector fell back: {r['xconnector']['fallbacks']}")
 
 
 if __name__ == "__main__":

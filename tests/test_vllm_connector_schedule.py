@@ -208,7 +208,8 @@ def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(
 ) -> None:
     # v0 and v1 share one fail-open path (native `fail_open_call`): a native failure in a load
     # opens the cache's backoff, so the next load of the step skips the engine, and both show
-    # in the SDK's fallbacks by reason, as v0's do.
+    # in the SDK's fallbacks by reason, as v0's do. Whole-step loads: a layer-wise batch is
+    # routed once (test_vllm_layer_loads covers its failures).
     import torch
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
@@ -225,7 +226,10 @@ def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(
         cache_config=NS(block_size=BS, cache_dtype="auto"),
         parallel_config=NS(tensor_parallel_size=1, pipeline_parallel_size=1),
         model_config=NS(is_encoder_decoder=False, model="m"),
-        kv_transfer_config=NS(engine_id="failopen", kv_connector_extra_config={"xconnector": {}}),
+        kv_transfer_config=NS(
+            engine_id="failopen",
+            kv_connector_extra_config={"xconnector": {}, "layerwise_loads": False},
+        ),
     )
     worker = c.XConnectorV1(config, KVConnectorRole.WORKER)
     worker.register_kv_caches({"layer0": torch.zeros(8, 2, BS, 8)})

@@ -11,6 +11,7 @@ mod engine;
 mod engine_pool;
 mod errors;
 mod kv_namespace;
+mod layer_loader;
 mod logging;
 mod lookup;
 mod paged;

@@ -238,6 +238,11 @@ impl PagedKv {
 }
 
 impl PagedKv {
+    /// The core's view of the tensors (valid while this object lives).
+    pub(crate) fn core(&self) -> &CorePagedKv {
+        &self.inner
+    }
+
     fn engine_blocks(&self, engine: &CoreEngine) -> xconnector_core::Result<CoreEngineBlocks> {
         let cfg = engine.config();
         CoreEngineBlocks::new(self.inner.block_size(), self.inner.block_bytes(), cfg.block_size, cfg.block_bytes)

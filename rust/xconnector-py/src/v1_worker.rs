@@ -21,6 +21,7 @@ use xconnector_core::{CoreError, Engine as CoreEngine};
 use crate::call::{detached, guarded};
 use crate::engine::{extras, Engine};
 use crate::errors::{core_reason, fallback_reason};
+use crate::layer_loader::{LayerLoader, LayerRequest, LoadPlan};
 use crate::paged::PagedKv;
 use crate::router::Router;
 use crate::sdk::SdkStats;
@@ -96,6 +97,8 @@ struct Binding {
     names: Option<Py<PyAny>>,
     /// Host KV: saves run on the save thread, straight from these tensors.
     saves: Option<(Py<PagedKv>, Arc<CoreEngine>, SaveQueue)>,
+    /// Host KV with its layers named: loads run layer by layer beside the forward pass.
+    loader: Option<LayerLoader>,
 }
 
 /// One transfer of a step, read from the connector's `Transfer`.
@@ -136,9 +139,10 @@ impl V1Worker {
     /// `block_size`: tokens per vLLM block; `engine_block`: tokens per engine block. `io` moves
     /// blocks (`load(engine, tokens, block_ids, first_block=, **extras)`, `store(engine, tokens,
     /// block_ids, **extras)`); `names`, a `VllmBlockNames` when KV events are reported. Saves
-    /// from host KV (`PagedKv`) can run after the step (see `save`).
+    /// from host KV (`PagedKv`) can run after the step (see `save`); with `layerwise` and the
+    /// KV's `layers` named in order, its loads run layer by layer (see `wait_layer`).
     #[new]
-    #[pyo3(signature = (block_size, engine_block, *, io = None, engine = None, router = None, stats = None, names = None))]
+    #[pyo3(signature = (block_size, engine_block, *, io = None, engine = None, router = None, stats = None, names = None, layers = None, layerwise = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -149,21 +153,29 @@ impl V1Worker {
         router: Option<Py<Router>>,
         stats: Option<Py<SdkStats>>,
         names: Option<Py<PyAny>>,
+        layers: Option<Vec<String>>,
+        layerwise: bool,
     ) -> PyResult<Self> {
         guarded(py, || {
             let bound = match (io, engine, router, stats) {
                 (Some(io), Some(engine), Some(router), Some(stats)) => {
                     let host = io.bind(py).cast::<PagedKv>().ok().map(|kv| kv.clone().unbind());
                     let engine_ = engine.bind(py).cast::<Engine>().ok().map(|e| Arc::clone(&e.get().inner));
-                    let saves = match (host, engine_) {
+                    let to_py = |e| crate::errors::core_to_py(py, e);
+                    let (saves, loader) = match (host, engine_) {
                         (Some(kv), Some(e)) => {
-                            let queue =
-                                SaveQueue::new(MAX_QUEUED_SAVES).map_err(|e| crate::errors::core_to_py(py, e))?;
-                            Some((kv, e, queue))
+                            let loader = match layers.filter(|_| layerwise) {
+                                Some(layers) => {
+                                    let n = kv.get().core().num_layers();
+                                    LayerLoader::new(kv.clone_ref(py), Arc::clone(&e), layers, n).map_err(to_py)?
+                                }
+                                None => None,
+                            };
+                            (Some((kv, e, SaveQueue::new(MAX_QUEUED_SAVES).map_err(to_py)?)), loader)
                         }
-                        _ => None,
+                        _ => (None, None),
                     };
-                    Some(Binding { io, engine, router, stats, names, saves })
+                    Some(Binding { io, engine, router, stats, names, saves, loader })
                 }
                 _ => None,
             };
@@ -171,14 +183,19 @@ impl V1Worker {
         })
     }
 
-    /// Runs the loads of `step` (the connector's `Transfer`s). A load that fails or comes up
-    /// short makes its missing blocks load errors; never raises for a failure of the cache.
+    /// Runs the loads of `step` (the connector's `Transfer`s): layer by layer on the load thread
+    /// when layer-wise (they end by `settle`), else here. A load that fails or comes up short
+    /// makes its missing blocks load errors; never raises for a failure of the cache.
     fn load(&self, py: Python<'_>, step: u64, loads: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
+        self.settle(py);
         let started = Instant::now();
+        if let Some((b, loader)) = self.layerwise() {
+            return self.start_by_layer(py, b, loader, step, &loads, started);
+        }
         for t in &loads {
             let first_block: usize = t.getattr("first_block")?.extract()?;
             let t = Transfer::read(t)?;
-            let planned = t.tokens.len()?;
+            let plan = LoadPlan::of(&t, first_block)?;
             let mut loaded = 0;
             if let Some(b) = &self.bound {
                 self.learn_names(py, b, &t);
@@ -190,16 +207,21 @@ impl V1Worker {
                     loaded = v.extract().unwrap_or(0);
                 }
             }
-            let out = self.ledger.lock().load_done(step, &t.req_id, planned, &t.block_ids, first_block, loaded);
-            if let Some(b) = &self.bound {
-                let stats = &b.stats.get().inner;
-                stats.count("loads", 1);
-                stats.count("loaded_tokens", out.written_tokens as u64);
-                stats.count("load_failures", u64::from(out.failed));
-            }
+            self.load_done(step, &plan, loaded);
         }
         self.step_wait("load", &loads, started);
         Ok(())
+    }
+
+    /// Waits until layer `layer_name`'s loads of this step are in place (vLLM calls it before
+    /// that layer's attention); returns at once when loads are not layer-wise.
+    fn wait_layer(&self, py: Python<'_>, layer_name: &str) -> PyResult<()> {
+        guarded(py, || {
+            if let Some(loader) = self.bound.as_ref().and_then(|b| b.loader.as_ref()) {
+                loader.wait_layer(py, layer_name);
+            }
+            Ok(())
+        })
     }
 
     /// Runs the saves of `step`; one planned `if_loads_ok` is skipped after a failed load of
@@ -208,6 +230,7 @@ impl V1Worker {
     /// the step waits only for room in the queue. Never raises for a failure of the cache.
     #[pyo3(signature = (step, saves, hold = false))]
     fn save(&self, py: Python<'_>, step: u64, saves: Vec<Bound<'_, PyAny>>, hold: bool) -> PyResult<()> {
+        self.settle(py);
         let started = Instant::now();
         for t in &saves {
             let if_loads_ok: bool = t.getattr("if_loads_ok")?.extract()?;
@@ -234,6 +257,7 @@ impl V1Worker {
     /// Of the requests vLLM finished (now or before), those whose blocks it may free now: each
     /// request with a save planned, once, when none of its saves is in flight any more.
     fn finished(&self, py: Python<'_>, finished: Vec<String>) -> PyResult<Vec<String>> {
+        self.settle(py);
         guarded(py, || {
             let queue = self.bound.as_ref().and_then(|b| b.saves.as_ref()).map(|(_, _, q)| q);
             let in_flight = |r: &str| queue.is_some_and(|q| q.in_flight(r));
@@ -267,6 +291,7 @@ impl V1Worker {
     /// Waits (without the GIL) until every save queued so far has run: before blocks vLLM
     /// cannot hold back (a preempted request's) are reused, and for a settled cache.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.settle(py);
         detached(py, || {
             self.queue().inspect(|q| q.flush());
             Ok(())
@@ -275,6 +300,10 @@ impl V1Worker {
 
     /// Runs every queued save, then refuses more (the worker shuts down).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.settle(py);
+        if let Some(loader) = self.bound.as_ref().and_then(|b| b.loader.as_ref()) {
+            loader.close(py);
+        }
         detached(py, || {
             self.queue().inspect(|q| q.flush()).inspect(|q| q.close(false));
             Ok(())
@@ -283,12 +312,34 @@ impl V1Worker {
 
     /// The blocks vLLM must recompute (failed or short loads since the last call), once each.
     fn load_errors(&self, py: Python<'_>) -> PyResult<Vec<BlockId>> {
+        self.settle(py);
         guarded(py, || Ok(self.ledger.lock().take_load_errors()))
     }
 
     /// `(steps, failed requests)` for the scheduler, or None when no load ran since the last.
     fn report(&self, py: Python<'_>) -> PyResult<Option<(Vec<u64>, Vec<String>)>> {
+        self.settle(py);
         guarded(py, || Ok(self.ledger.lock().take_report()))
+    }
+}
+
+impl Transfer<'_> {
+    /// `lora_name`, `cache_salt` and `lora_id`, owned (for a job that outlives the call).
+    fn keys(&self) -> PyResult<(Option<String>, Option<String>, Option<String>)> {
+        let text = |k: &str| -> PyResult<Option<String>> {
+            Ok(match self.extras.get_item(k)? {
+                Some(v) if !v.is_none() => Some(v.extract()?),
+                _ => None,
+            })
+        };
+        Ok((text("lora_name")?, text("cache_salt")?, text("lora_id")?))
+    }
+}
+
+impl LoadPlan {
+    fn of(t: &Transfer<'_>, first_block: usize) -> PyResult<Self> {
+        let (req_id, block_ids) = (t.req_id.clone(), t.block_ids.clone());
+        Ok(Self { req_id, planned: t.tokens.len()?, block_ids, first_block })
     }
 }
 
@@ -311,14 +362,7 @@ impl V1Worker {
             return Ok(());
         };
         let read = || -> PyResult<_> {
-            let text = |k: &str| -> PyResult<Option<String>> {
-                Ok(match t.extras.get_item(k)? {
-                    Some(v) if !v.is_none() => Some(v.extract()?),
-                    _ => None,
-                })
-            };
-            let keys = (text("lora_name")?, text("cache_salt")?, text("lora_id")?);
-            Ok((crate::buffers::tokens(&t.tokens)?, kv.get().block_ids(py, t.block_ids.clone())?, keys))
+            Ok((crate::buffers::tokens(&t.tokens)?, kv.get().block_ids(py, t.block_ids.clone())?, t.keys()?))
         };
         let (toks, ids, (lora_name, cache_salt, lora_id)) = match read() {
             Ok(v) => v,
@@ -370,6 +414,97 @@ impl V1Worker {
                 tracing::warn!(target: "vllm", "XConnector kv_events failed, vLLM goes on without it: {e}");
             }
         }
+    }
+
+    /// The binding and its layer loader while loads go layer by layer.
+    fn layerwise(&self) -> Option<(&Binding, &LayerLoader)> {
+        let b = self.bound.as_ref()?;
+        b.loader.as_ref().filter(|l| l.on()).map(|l| (b, l))
+    }
+
+    /// A load of `step` wrote `loaded` tokens of the prefix (0: failed): the ledger and counters.
+    fn load_done(&self, step: u64, plan: &LoadPlan, loaded: usize) {
+        let (req, ids) = (&plan.req_id, &plan.block_ids);
+        let out = self.ledger.lock().load_done(step, req, plan.planned, ids, plan.first_block, loaded);
+        if let Some(b) = &self.bound {
+            let stats = &b.stats.get().inner;
+            stats.count("loads", 1);
+            stats.count("loaded_tokens", out.written_tokens as u64);
+            stats.count("load_failures", u64::from(out.failed));
+        }
+    }
+
+    /// `load`, layer-wise: reads each transfer here (under the GIL) and starts the batch on the
+    /// load thread. Failing open as `fail_open` does: nothing loads while the cache backs off,
+    /// and a transfer that cannot be read loads nothing.
+    fn start_by_layer(
+        &self,
+        py: Python<'_>,
+        b: &Binding,
+        loader: &LayerLoader,
+        step: u64,
+        loads: &[Bound<'_, PyAny>],
+        started: Instant,
+    ) -> PyResult<()> {
+        let target = b.router.get().inner.route("cache").ok();
+        let mut batch = Vec::new();
+        for t in loads {
+            let first_block: usize = t.getattr("first_block")?.extract()?;
+            let t = Transfer::read(t)?;
+            self.learn_names(py, b, &t);
+            let plan = LoadPlan::of(&t, first_block)?;
+            let Some(target) = &target else {
+                b.stats.get().inner.fallback("cache_backoff");
+                self.load_done(step, &plan, 0);
+                continue;
+            };
+            let read = || -> PyResult<_> {
+                let (tokens, keys) = (crate::buffers::tokens(&t.tokens)?, t.keys()?);
+                let ids = loader.block_ids(py, t.block_ids.clone())?;
+                Ok(LayerRequest { tokens, first_block, ids, keys })
+            };
+            match read() {
+                Ok(request) => batch.push((plan, request)),
+                Err(e) => {
+                    let text = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
+                    fell_back(b.router.get(), b.stats.get(), target, "load", fallback_reason(py, &e), &text);
+                    self.load_done(step, &plan, 0);
+                }
+            }
+        }
+        match target.filter(|_| !batch.is_empty()) {
+            Some(target) => loader.start(py, step, target, batch, started),
+            None => self.step_wait("load", loads, started),
+        }
+        Ok(())
+    }
+
+    /// Ends the running layer-wise batch, if any: waits for it (without the GIL), then records
+    /// each load as `load` does. Called before anything that reads what the loads did.
+    fn settle(&self, py: Python<'_>) {
+        let Some(b) = &self.bound else { return };
+        let Some(settled) = b.loader.as_ref().and_then(|l| l.settle(py)) else { return };
+        let (router, stats) = (b.router.get(), b.stats.get());
+        if settled.unwaited {
+            stats.inner.fallback("load_layers_unwaited");
+        }
+        let mut ok = true;
+        for (plan, out) in &settled.loads {
+            let loaded = match out {
+                Ok(tokens) if !settled.unwaited => *tokens,
+                Ok(_) => 0,
+                Err(e) => {
+                    ok = false;
+                    fell_back(router, stats, &settled.target, "load", core_reason(e), &e.to_string());
+                    0
+                }
+            };
+            self.load_done(settled.step, plan, loaded);
+        }
+        if ok {
+            router.inner.settle(&settled.target, None);
+        }
+        stats.inner.step_wait("load", settled.waited);
     }
 
     /// A step with transfers waited since `started` for them: the step-time histogram.

@@ -4,7 +4,9 @@ Usage, keys and KV events: `integrations/vllm/README.md`.
 Scheduler side: `get_num_new_matched_tokens` looks the prompt up (side-effect free, never the
 block of the last prompt token); the native `TransferPlanner` plans each step's loads into the
 blocks vLLM allocated and the saves of prompts whose prefill is complete. Worker side (native
-`V1Worker`): loads run in `start_load_kv`; saves are queued in `wait_for_save` and, from host KV,
+`V1Worker`): loads start in `start_load_kv`; from host KV they run layer by layer on a load
+thread while the forward pass runs, each attention layer waiting for its own
+(`wait_for_layer_load`); saves are queued in `wait_for_save` and, from host KV,
 run after the step on a save thread, straight from vLLM's paged KV into the engine. A finished
 request with a save planned keeps its blocks (`request_finished` says so) until `get_finished`
 reports its saves done; a step that preempts (its blocks reused at once) waits for the saves
@@ -218,6 +220,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
         device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
         on_host = device == "cpu" and extra.get("async_saves", True) is not False
         self._hold = self._planner is not None and on_host
+        # Loads into host KV go layer by layer beside the forward pass unless told otherwise.
+        self._layerwise = extra.get("layerwise_loads", True) is not False
         self._skipped: dict[str, int] = {}
         self._client: LookupClient | None = None
         # Worker side: each step's loads and saves, and what they did (unbound: every load
@@ -409,6 +413,8 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                 router=sdk.router,
                 stats=sdk.monitoring.stats,
                 names=self._names,
+                layers=list(kv_caches),
+                layerwise=self._layerwise,
             )
             with _engines_lock:
                 _engines[self._engine_id] = engine
@@ -435,7 +441,7 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
             self._worker.load(meta.step, meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads complete in start_load_kv
+        self._worker.wait_layer(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any

@@ -1,0 +1,212 @@
+//! A `V1Worker`'s layer-wise loads from host KV (`PagedKv`): `start` pins a step's cached
+//! prefixes and copies them layer by layer on a load thread, while vLLM's forward pass runs;
+//! `wait_layer` (vLLM's `wait_for_layer_load`, called before each attention layer) waits only for
+//! that layer. `settle` waits for the whole batch and says what each load wrote.
+//!
+//! A layer vLLM did not wait for may have been read while its copy ran: that batch's loads are
+//! reported failed (vLLM recomputes them and discards the step's tokens for those requests) and
+//! layer-wise loads are switched off for this worker.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use xconnector_core::layer_loads::{load_by_layer, LayerLoad, LayerProgress, LayerSink};
+use xconnector_core::save_queue::SaveQueue;
+use xconnector_core::transfer_plan::BlockId;
+use xconnector_core::{CoreError, Engine as CoreEngine, Result};
+
+use crate::engine::extras;
+use crate::paged::PagedKv;
+
+/// What the worker's ledger needs of a load.
+pub(crate) struct LoadPlan {
+    pub req_id: String,
+    /// Tokens the scheduler planned to load.
+    pub planned: usize,
+    pub block_ids: Vec<BlockId>,
+    pub first_block: usize,
+}
+
+/// One request's load, as the load thread needs it (owned: it outlives the call).
+pub(crate) struct LayerRequest {
+    pub tokens: Vec<u32>,
+    pub first_block: usize,
+    pub ids: Vec<u32>,
+    /// `lora_name`, `cache_salt`, `lora_id`.
+    pub keys: (Option<String>, Option<String>, Option<String>),
+}
+
+/// A batch's outcome: each request with the tokens its prefix holds, or why it loaded nothing.
+pub(crate) struct Settled {
+    pub step: u64,
+    pub target: String,
+    pub loads: Vec<(LoadPlan, Result<usize>)>,
+    /// How long the step waited for its layers, beyond `start`.
+    pub waited: Duration,
+    /// Some layer was never waited for: the batch's loads cannot be trusted.
+    pub unwaited: bool,
+}
+
+struct Batch {
+    step: u64,
+    target: String,
+    plans: Vec<LoadPlan>,
+    results: Arc<Mutex<Option<Vec<Result<usize>>>>>,
+    waited: Duration,
+    seen: Vec<bool>,
+}
+
+/// Finishes the progress when dropped: the job ran, panicked, or was dropped unrun (a closed
+/// queue), and no waiter may hang on a batch nobody copies.
+struct FinishOnDrop(Arc<LayerProgress>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+pub(crate) struct LayerLoader {
+    kv: Py<PagedKv>,
+    engine: Arc<CoreEngine>,
+    queue: SaveQueue,
+    progress: Arc<LayerProgress>,
+    /// Layer name -> position in the KV payload (the order the tensors were registered in).
+    index: HashMap<String, usize>,
+    on: AtomicBool,
+    batch: Mutex<Option<Batch>>,
+}
+
+impl LayerLoader {
+    /// Layer-wise loads into `kv`, whose layers are named `layers` in order; None when the names
+    /// do not match the layers (loads then run whole, in the step).
+    pub fn new(
+        kv: Py<PagedKv>,
+        engine: Arc<CoreEngine>,
+        layers: Vec<String>,
+        num_layers: usize,
+    ) -> Result<Option<Self>> {
+        let index: HashMap<String, usize> = layers.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        if layers.len() != num_layers || index.len() != num_layers || num_layers == 0 {
+            tracing::info!(
+                target: "vllm",
+                "XConnector loads whole layers at once: {} layer name(s) for {num_layers} KV layer(s)",
+                index.len()
+            );
+            return Ok(None);
+        }
+        let queue = SaveQueue::named(1, "load")?;
+        let (on, batch, progress) = (AtomicBool::new(true), Mutex::new(None), Arc::new(LayerProgress::new()));
+        Ok(Some(Self { kv, engine, queue, progress, index, on, batch }))
+    }
+
+    /// Whether loads go layer by layer (off after a step that did not wait for every layer).
+    pub fn on(&self) -> bool {
+        self.on.load(Relaxed)
+    }
+
+    /// Starts copying `requests` of `step` (routed to `target`) on the load thread. The previous
+    /// batch must have been settled.
+    /// `started`: when the step began waiting for its loads.
+    pub fn start(
+        &self,
+        py: Python<'_>,
+        step: u64,
+        target: String,
+        loads: Vec<(LoadPlan, LayerRequest)>,
+        started: Instant,
+    ) {
+        let (plans, reqs): (Vec<_>, Vec<_>) = loads.into_iter().unzip();
+        let results = Arc::new(Mutex::new(None));
+        self.progress.start();
+        let finish = FinishOnDrop(Arc::clone(&self.progress));
+        let (kv, engine, out) = (self.kv.clone_ref(py), Arc::clone(&self.engine), Arc::clone(&results));
+        let job = move || {
+            let loads: Vec<LayerLoad<'_>> = reqs
+                .iter()
+                .map(|r| LayerLoad {
+                    tokens: &r.tokens,
+                    ids: &r.ids,
+                    first_block: r.first_block,
+                    extras: extras(&r.keys.0, &r.keys.1, &r.keys.2),
+                })
+                .collect();
+            let loaded = load_by_layer(&engine, kv.get().core(), &loads, &*finish.0);
+            *out.lock() = Some(loaded);
+            drop(finish);
+        };
+        let seen = vec![false; self.index.len()];
+        let batch = Batch { step, target, plans, results, waited: Duration::ZERO, seen };
+        *self.batch.lock() = Some(batch);
+        // One batch at a time (settled before the next), so the queue always has room; a closed
+        // queue drops the job, whose guard finishes the progress: settle finds no results.
+        let _ = self.queue.try_submit("load", Box::new(job));
+        if let Some(batch) = self.batch.lock().as_mut() {
+            batch.waited = started.elapsed();
+        }
+    }
+
+    /// `ids` as block indices of the KV loaded into (an error names any out of range).
+    pub fn block_ids(&self, py: Python<'_>, ids: Vec<BlockId>) -> PyResult<Vec<u32>> {
+        self.kv.get().block_ids(py, ids)
+    }
+
+    /// Waits until layer `name` is in place (every layer, for a name not registered).
+    pub fn wait_layer(&self, py: Python<'_>, name: &str) {
+        let layer = {
+            let mut batch = self.batch.lock();
+            let Some(batch) = batch.as_mut() else { return };
+            let layer = self.index.get(name).copied();
+            if let Some(i) = layer {
+                batch.seen[i] = true;
+            }
+            layer.unwrap_or(self.index.len() - 1)
+        };
+        if self.progress.is_ready(layer) {
+            return;
+        }
+        let started = Instant::now();
+        py.detach(|| self.progress.wait_ready(layer));
+        if let Some(batch) = self.batch.lock().as_mut() {
+            batch.waited += started.elapsed();
+        }
+    }
+
+    /// Waits (without the GIL) for the running batch and takes its outcome; None when no batch
+    /// runs. A batch with a layer nobody waited for switches layer-wise loads off.
+    pub fn settle(&self, py: Python<'_>) -> Option<Settled> {
+        let batch = self.batch.lock().take()?;
+        py.detach(|| self.queue.flush());
+        let unwaited = batch.seen.iter().any(|seen| !seen);
+        if unwaited && self.on.swap(false, Relaxed) {
+            tracing::warn!(
+                target: "vllm",
+                "XConnector: vLLM did not wait for every layer's load in step {}; its loads are recomputed \
+                 and this worker loads whole steps from now on",
+                batch.step
+            );
+        }
+        let mut results = batch.results.lock().take().map(Vec::into_iter);
+        let loads = batch
+            .plans
+            .into_iter()
+            .map(|r| {
+                let out = results.as_mut().and_then(Iterator::next);
+                (r, out.unwrap_or_else(|| Err(CoreError::Internal("the layer-wise load did not run".into()))))
+            })
+            .collect();
+        Some(Settled { step: batch.step, target: batch.target, loads, waited: batch.waited, unwaited })
+    }
+
+    /// Runs what the load thread holds, then refuses more (the worker shuts down).
+    pub fn close(&self, py: Python<'_>) {
+        py.detach(|| {
+            self.queue.flush();
+            self.queue.close(false);
+        });
+    }
+}
