@@ -440,17 +440,24 @@ impl MemoryTier {
                 e.exported_sum.get_or_insert(sum);
             }
         }
+        let mut spoiled_now = false;
         if keep < slots.len() {
             let e = inner.entry_mut(slots[keep]);
             if !e.spoiled {
                 e.spoiled = true;
                 inner.spoiled_blocks += 1;
-                tracing::warn!("a cached block was changed through a view of it; it is not served again");
+                spoiled_now = true;
             }
             for &slot in &slots[keep..] {
                 inner.unpin(slot);
             }
             slots.truncate(keep);
+        }
+        drop(inner);
+        // Logged outside the lock: a log record may need Python's GIL, whose holder may be
+        // waiting for this lock.
+        if spoiled_now {
+            tracing::warn!("a cached block was changed through a view of it; it is not served again");
         }
     }
 
