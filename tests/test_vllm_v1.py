@@ -91,6 +91,9 @@ def test_the_repeat_is_served_by_xconnector_with_identical_outputs(
     counts = served(out)
     assert counts["load_wait_steps"] >= 2 and counts["save_wait_steps"] >= 1, counts
     assert counts["load_wait_seconds"] > 0 and counts["save_wait_seconds"] > 0, counts
+    # The repeat's load learned which layers vLLM waits for; the shared prefix's ran layer by
+    # layer (no fallback above: every layer's attention waited for its load).
+    assert counts["layerwise_steps"] >= 1, counts
 
 
 def test_vllms_default_layout_engine_core_in_its_own_process(

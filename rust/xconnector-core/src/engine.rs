@@ -201,10 +201,9 @@ impl Drop for Pins<'_> {
 pub struct PinnedPrefix<'e> {
     engine: &'e Engine,
     pins: Pins<'e>,
-    /// Verified blocks read from the tiers below, back to back, from the promotion's first.
+    /// Verified blocks read from the tiers below that memory had no room for, back to back:
+    /// those that continue memory's prefix, and only those.
     below: Vec<u8>,
-    /// How many of `below`'s blocks memory's prefix already covers (None: they continue none).
-    below_skip: Option<usize>,
     blocks: usize,
     /// An injected torn copy: junk is handed over for the block after the last.
     torn: bool,
@@ -226,9 +225,8 @@ impl PinnedPrefix<'_> {
     /// again: the bytes do not change while this is alive.
     pub fn read(&self, mut read: impl FnMut(usize, &[u8])) {
         let bb = self.engine.cfg.block_bytes;
-        let from_below = self.below_skip.map(|skip| self.below.chunks_exact(bb).skip(skip)).into_iter().flatten();
         let memory = self.pins.slots.iter().map(|&slot| Source::Memory(slot));
-        for (i, source) in memory.chain(from_below.map(Source::Below)).take(self.blocks).enumerate() {
+        for (i, source) in memory.chain(self.below.chunks_exact(bb).map(Source::Below)).take(self.blocks).enumerate() {
             match source {
                 Source::Memory(slot) => self.engine.tier.with_pinned(slot, |src| read(i, src)),
                 Source::Below(bytes) => read(i, bytes),
@@ -665,7 +663,7 @@ impl Engine {
         let digests = self.digests(tokens);
         let ns = self.namespace_for(extras);
         let max_blocks = max_blocks.min(hashes.len());
-        let (below_from, below) = if self.lower.is_some() || self.redis.is_some() {
+        let (below_from, mut below) = if self.lower.is_some() || self.redis.is_some() {
             self.promote(ns, &hashes[..max_blocks], &digests[..max_blocks], tokens, extras)
         } else {
             (0, Vec::new())
@@ -673,10 +671,14 @@ impl Engine {
         let mut pins = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, &hashes, &digests, max_blocks) };
         self.tier.verify_exported(&mut pins.slots, false);
         // Memory's prefix, then (when it reaches them) the verified blocks read from below that
-        // memory had no room for: a prompt longer than memory still loads whole.
-        // None: memory lost blocks before those read from below, so they continue no prefix.
-        let below_skip = pins.slots.len().checked_sub(below_from);
-        let available = pins.slots.len() + below_skip.map_or(0, |skip| (below.len() / bb).saturating_sub(skip));
+        // memory had no room for: a prompt longer than memory still loads whole. Only those are
+        // kept (a layer-wise load pins a whole step's prefixes at once); none when memory lost
+        // blocks before those read from below, since they then continue no prefix.
+        match pins.slots.len().checked_sub(below_from) {
+            Some(skip) if skip * bb < below.len() => drop(below.drain(..skip * bb)),
+            _ => below = Vec::new(),
+        }
+        let available = pins.slots.len() + below.len() / bb;
         let (mut blocks, mut torn) = (0, false);
         while blocks < available {
             if faults::check(FaultPoint::LoadCopy).is_err() {
@@ -685,7 +687,7 @@ impl Engine {
             }
             blocks += 1;
         }
-        Ok(PinnedPrefix { engine: self, pins, below, below_skip, blocks, torn, started })
+        Ok(PinnedPrefix { engine: self, pins, below, blocks, torn, started })
     }
 
     /// Stored events for the new blocks, removed events for what their room cost.

@@ -26,6 +26,9 @@ pub enum Fault {
     /// a copy torn midway would. Tests use it so that KV computed over a failed load is visibly
     /// wrong (a failed load otherwise leaves whatever the block held, often the right KV).
     Garbage = 3,
+    /// The call waits while the fault stays `Hold`, then goes on as the fault then set says:
+    /// tests hold a load thread to see that whatever waits for its copies waits.
+    Hold = 4,
 }
 
 static FAULTS: [AtomicU8; 5] = [const { AtomicU8::new(0) }; 5];
@@ -50,6 +53,7 @@ impl Fault {
             "error" => Some(Self::Error),
             "panic" => Some(Self::Panic),
             "garbage" => Some(Self::Garbage),
+            "hold" => Some(Self::Hold),
             _ => None,
         }
     }
@@ -62,10 +66,16 @@ pub fn inject(point: FaultPoint, fault: Fault) {
 
 /// Called at each fault point.
 pub fn check(point: FaultPoint) -> Result<()> {
-    match FAULTS[point as usize].load(Ordering::Relaxed) {
-        0 => Ok(()),
-        1 | 3 => Err(CoreError::Cache(format!("injected fault at {point:?}"))),
-        _ => panic!("injected panic at {point:?}"),
+    loop {
+        return match FAULTS[point as usize].load(Ordering::Relaxed) {
+            0 => Ok(()),
+            1 | 3 => Err(CoreError::Cache(format!("injected fault at {point:?}"))),
+            4 => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            _ => panic!("injected panic at {point:?}"),
+        };
     }
 }
 

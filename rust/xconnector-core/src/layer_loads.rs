@@ -3,9 +3,10 @@
 //! `wait_for_layer_load`).
 //!
 //! A step's loads are pinned first (how many blocks each request gets is fixed before any byte
-//! moves), then copied layer by layer across all the step's requests; [`LayerProgress`] says how
-//! many layers are in place. A layer's attention must wait for it: reading a layer before its
-//! copy ends would attend over whatever the blocks held before, which is wrong KV.
+//! moves), then copied layer by layer, in a given order, across all the step's requests;
+//! [`LayerProgress`] says how many layers of that order are in place. A layer's attention must
+//! wait for it: reading a layer before its copy ends would attend over whatever the blocks held
+//! before, which is wrong KV.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -20,7 +21,7 @@ use crate::kv_layout::PagedKv;
 
 #[derive(Default)]
 struct Progress {
-    /// Layers in place, in registration order, of the batch running.
+    /// Layers in place, as positions in the copy order, of the batch running.
     done: usize,
     /// A batch is running: layers from `done` on are not in place.
     running: bool,
@@ -28,7 +29,7 @@ struct Progress {
 
 /// Told how far a batch of layer loads has come.
 pub trait LayerSink {
-    /// Layers `0..done` (in registration order) are in place.
+    /// The layers at positions `0..done` of the copy order are in place.
     fn layers_done(&self, done: usize);
     /// The batch ended: nothing more will be written, whatever was copied.
     fn finish(&self);
@@ -51,16 +52,16 @@ impl LayerProgress {
         *self.state.lock() = Progress { done: 0, running: true };
     }
 
-    /// Whether `layer` may be read now.
-    pub fn is_ready(&self, layer: usize) -> bool {
+    /// Whether the layer at `position` of the copy order may be read now.
+    pub fn is_ready(&self, position: usize) -> bool {
         let s = self.state.lock();
-        !s.running || layer < s.done
+        !s.running || position < s.done
     }
 
-    /// Waits until `layer` may be read.
-    pub fn wait_ready(&self, layer: usize) {
+    /// Waits until the layer at `position` of the copy order may be read.
+    pub fn wait_ready(&self, position: usize) {
         let mut s = self.state.lock();
-        while s.running && layer >= s.done {
+        while s.running && position >= s.done {
             self.changed.wait(&mut s);
         }
     }
@@ -99,14 +100,16 @@ pub struct LayerLoad<'a> {
     pub extras: HashExtras<'a>,
 }
 
-/// Runs `loads` into `kv` layer by layer, telling `progress` after each layer; `progress` must
-/// have been [`start`](LayerProgress::start)ed by the caller (before anyone may wait on it), and
-/// is finished here whatever happens, a panic included. Returns each load's tokens, or why it
-/// loaded nothing. Block ids must have been checked against `kv`.
+/// Runs `loads` into `kv` one layer at a time, the layers in `order` (every layer once),
+/// telling `progress` after each; `progress` must have been [`start`](LayerProgress::start)ed by
+/// the caller (before anyone may wait on it), and is finished here whatever happens, a panic
+/// included. Returns each load's tokens, or why it loaded nothing. Block ids must have been
+/// checked against `kv`.
 pub fn load_by_layer(
     engine: &Engine,
     kv: &PagedKv,
     loads: &[LayerLoad<'_>],
+    order: &[usize],
     progress: &impl LayerSink,
 ) -> Vec<Result<usize>> {
     struct Finish<'p, S: LayerSink>(&'p S);
@@ -117,6 +120,11 @@ pub fn load_by_layer(
     }
     let _finish = Finish(progress);
     let run = || {
+        let mut seen = vec![false; kv.num_layers()];
+        if order.len() != seen.len() || order.iter().any(|&l| l >= seen.len() || std::mem::replace(&mut seen[l], true))
+        {
+            return Err(CoreError::invalid(format!("{order:?} is not an order of the {} layers", seen.len())));
+        }
         let cfg = engine.config();
         let geometry = EngineBlocks::new(kv.block_size(), kv.block_bytes(), cfg.block_size, cfg.block_bytes)?;
         let total = loads.iter().map(|l| l.ids.len() * kv.block_bytes()).sum();
@@ -125,7 +133,7 @@ pub fn load_by_layer(
             .iter()
             .map(|l| engine.pin_for_load(l.tokens, l.extras, geometry.load_engine_blocks(l.ids.len())))
             .collect();
-        for layer in 0..kv.num_layers() {
+        for (position, &layer) in order.iter().enumerate() {
             for (load, prefix) in loads.iter().zip(&pinned) {
                 let Ok(prefix) = prefix else { continue };
                 prefix.read(|i, bytes| {
@@ -134,7 +142,7 @@ pub fn load_by_layer(
                     }
                 });
             }
-            progress.layers_done(layer + 1);
+            progress.layers_done(position + 1);
         }
         Ok(pinned.into_iter().map(|p| p.map(|p| p.tokens())).collect::<Vec<_>>())
     };

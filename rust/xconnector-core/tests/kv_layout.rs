@@ -235,13 +235,17 @@ fn engine_stores_from_and_loads_into_paged_kv() {
     }
 }
 
-/// Checks, each time a layer-wise load says layers `0..done` are in place, that exactly those
-/// layers of the loaded blocks hold the stored KV and every later layer still holds what it held.
+/// Checks, each time a layer-wise load says the layers at positions `0..done` of `order` are in
+/// place, that exactly those layers of the loaded blocks hold the stored KV and every other layer
+/// still holds what it held.
 struct CheckingSink<'a> {
     dst: &'a [Owned],
+    order: &'a [usize],
+    /// Per layer, per expected block: the bytes before the load, and those it must write.
     before: Vec<Vec<Vec<u8>>>,
-    expect: Vec<(usize, Vec<u8>)>,
     src: Vec<Vec<Vec<u8>>>,
+    /// The destination blocks the load writes.
+    expect: Vec<usize>,
     reports: std::cell::RefCell<Vec<usize>>,
     finished: std::cell::Cell<u32>,
 }
@@ -249,8 +253,9 @@ struct CheckingSink<'a> {
 impl CheckingSink<'_> {
     fn check(&self, done: usize) {
         for (l, layer) in self.dst.iter().enumerate() {
-            for (k, (b, _)) in self.expect.iter().enumerate() {
-                let want = if l < done { &self.src[l][k] } else { &self.before[l][k] };
+            let in_place = self.order[..done].contains(&l);
+            for (k, b) in self.expect.iter().enumerate() {
+                let want = if in_place { &self.src[l][k] } else { &self.before[l][k] };
                 assert_eq!(&layer.block(0, *b), want, "layer {l}, block {b}, {done} layer(s) reported done");
             }
         }
@@ -267,41 +272,59 @@ impl xconnector_core::layer_loads::LayerSink for CheckingSink<'_> {
     }
 }
 
-#[test]
-fn a_layer_wise_load_reports_each_layer_only_once_it_is_in_place() {
+/// Two requests stored from `src`, loaded layer by layer in `layer_order` into other blocks of
+/// `dst`: engine blocks of `per` KV blocks; the first request `blocks_one` engine blocks, the
+/// second 2, of which it already holds its first KV block. Flashinfer layout (block dim 0).
+fn check_layer_wise_load(shape: [usize; 5], per: usize, layer_order: &[usize], blocks_one: usize) {
     use xconnector_core::layer_loads::{load_by_layer, LayerLoad};
-    let shape = [8, 2, 4, 2, 8]; // flashinfer: 8 blocks of 4 tokens, block dimension 0
-    let order = [0, 1, 2, 3, 4];
-    let mut src: Vec<Owned> = (0..3).map(|l| Owned::new(&shape, &order, 2, 10 + l)).collect();
-    let mut dst: Vec<Owned> = (0..3).map(|l| Owned::new(&shape, &order, 2, 20 + l)).collect();
-    let a = paged(&mut src, 4, None);
-    let b = paged(&mut dst, 4, None);
+    let (nb, bs, layers) = (shape[0], shape[2], layer_order.len());
+    let dims = [0, 1, 2, 3, 4];
+    let mut src: Vec<Owned> = (0..layers as u64).map(|l| Owned::new(&shape, &dims, 2, 10 + l)).collect();
+    let mut dst: Vec<Owned> = (0..layers as u64).map(|l| Owned::new(&shape, &dims, 2, 20 + l)).collect();
+    let a = paged(&mut src, bs, None);
+    let b = paged(&mut dst, bs, None);
     let engine = Engine::new(EngineConfig {
-        block_size: 4,
-        block_bytes: a.block_bytes(),
-        capacity_bytes: 64 * a.block_bytes() as u64,
+        block_size: bs * per,
+        block_bytes: a.block_bytes() * per,
+        capacity_bytes: 4 * (blocks_one + 2) as u64 * (a.block_bytes() * per) as u64,
         namespace: Namespace::default(),
         disk: None,
         redis: None,
         events: None,
     })
     .unwrap();
-    let one: Vec<u32> = (0..14).collect(); // 3 full blocks
-    let two: Vec<u32> = (100..108).collect(); // 2 full blocks
-    engine
-        .store_with(&one, HashExtras::default(), |i, slot| a.pack_block([5u32, 0, 7][i], slot, BulkCopy::cached()))
-        .unwrap();
-    engine
-        .store_with(&two, HashExtras::default(), |i, slot| a.pack_block([1u32, 2][i], slot, BulkCopy::cached()))
-        .unwrap();
-    // Request one into blocks 3, 4, 6; request two skips its first block (held already) into 1.
-    let (ids_one, ids_two) = ([3u32, 4, 6], [7u32, 1]);
-    let expect = [(3, 5), (4, 0), (6, 7), (1, 2)]; // (dst block, src block)
+    // KV blocks: request one from src 0.., into dst in reverse; request two from src after
+    // those, into dst right after one's.
+    let kv_one = blocks_one * per;
+    let one: Vec<u32> = (0..(kv_one * bs + 2) as u32).collect();
+    let two: Vec<u32> = (100_000..100_000 + (2 * per * bs) as u32).collect();
+    let src_one: Vec<u32> = (0..kv_one as u32).collect();
+    let src_two: Vec<u32> = (kv_one as u32..(kv_one + 2 * per) as u32).collect();
+    let ids_one: Vec<u32> = (0..kv_one as u32).rev().map(|i| nb as u32 - 1 - i).collect();
+    let ids_two: Vec<u32> = (0..(2 * per) as u32).collect();
+    assert!(kv_one + 2 * per <= nb && ids_one.iter().all(|i| !ids_two.contains(i)));
+    for (tokens, ids) in [(&one, &src_one), (&two, &src_two)] {
+        let pack = |i: usize, slot: &mut [u8]| {
+            for j in 0..per {
+                let part = &mut slot[j * a.block_bytes()..(j + 1) * a.block_bytes()];
+                a.pack_block(ids[i * per + j], part, BulkCopy::cached());
+            }
+        };
+        engine.store_with(tokens, HashExtras::default(), pack).unwrap();
+    }
+    // (dst block, src block) of every KV block written: request two's first is held already.
+    let pairs: Vec<(usize, usize)> = ids_one
+        .iter()
+        .zip(&src_one)
+        .chain(ids_two.iter().zip(&src_two).skip(1))
+        .map(|(&d, &s)| (d as usize, s as usize))
+        .collect();
     let sink = CheckingSink {
         dst: &dst,
-        before: (0..3).map(|l| expect.iter().map(|&(d, _)| dst[l].block(0, d)).collect()).collect(),
-        src: (0..3).map(|l| expect.iter().map(|&(_, s)| src[l].block(0, s)).collect()).collect(),
-        expect: expect.iter().map(|&(d, _)| (d, Vec::new())).collect(),
+        order: layer_order,
+        before: (0..layers).map(|l| pairs.iter().map(|&(d, _)| dst[l].block(0, d)).collect()).collect(),
+        src: (0..layers).map(|l| pairs.iter().map(|&(_, s)| src[l].block(0, s)).collect()).collect(),
+        expect: pairs.iter().map(|&(d, _)| d).collect(),
         reports: Default::default(),
         finished: Default::default(),
     };
@@ -309,12 +332,113 @@ fn a_layer_wise_load_reports_each_layer_only_once_it_is_in_place() {
         LayerLoad { tokens: &one, ids: &ids_one, first_block: 0, extras: HashExtras::default() },
         LayerLoad { tokens: &two, ids: &ids_two, first_block: 1, extras: HashExtras::default() },
     ];
-    let out = load_by_layer(&engine, &b, &loads, &sink);
-    assert_eq!(out.into_iter().map(Result::unwrap).collect::<Vec<_>>(), vec![12, 8]);
-    assert_eq!(*sink.reports.borrow(), vec![1, 2, 3]);
+    let out = load_by_layer(&engine, &b, &loads, layer_order, &sink);
+    let want = vec![kv_one * bs, 2 * per * bs];
+    assert_eq!(out.into_iter().map(Result::unwrap).collect::<Vec<_>>(), want);
+    assert_eq!(*sink.reports.borrow(), (1..=layers).collect::<Vec<_>>());
     assert_eq!(sink.finished.get(), 1);
-    // Block 7 (request two's first block, skipped) is untouched in every layer.
+    // Request two's first KV block (held already) is untouched in every layer.
     for (l, layer) in dst.iter().enumerate() {
-        assert_eq!(layer.block(0, 7), Owned::new(&shape, &order, 2, 20 + l as u64).block(0, 7));
+        let fresh = Owned::new(&shape, &dims, 2, 20 + l as u64);
+        assert_eq!(layer.block(0, ids_two[0] as usize), fresh.block(0, ids_two[0] as usize));
     }
+}
+
+#[test]
+fn a_layer_wise_load_reports_each_layer_only_once_it_is_in_place() {
+    check_layer_wise_load([8, 2, 4, 2, 8], 1, &[0, 1, 2], 3);
+}
+
+#[test]
+fn a_layer_wise_load_in_any_layer_order_over_engine_blocks_of_two_kv_blocks() {
+    check_layer_wise_load([10, 2, 4, 2, 8], 2, &[2, 0, 3, 1], 3);
+}
+
+#[test]
+fn a_layer_wise_load_large_enough_to_stream_is_in_place_when_reported() {
+    // 24 KV blocks of 3 x 64 KiB: past STREAM_FROM_BYTES, so the copy uses non-temporal stores.
+    let shape = [26, 2, 16, 8, 128];
+    let layer_block: usize = shape[1..].iter().product::<usize>() * 2;
+    assert!((20 + 2) * 3 * layer_block >= STREAM_FROM_BYTES, "the two requests' 22 blocks must stream");
+    check_layer_wise_load(shape, 1, &[1, 2, 0], 20);
+}
+
+#[test]
+fn a_layer_order_that_is_not_one_of_the_layers_loads_nothing() {
+    use xconnector_core::layer_loads::{load_by_layer, LayerLoad, LayerProgress};
+    let shape = [4, 2, 4, 2, 8];
+    let mut dst: Vec<Owned> = (0..2).map(|l| Owned::new(&shape, &[0, 1, 2, 3, 4], 2, l)).collect();
+    let b = paged(&mut dst, 4, None);
+    let engine = Engine::new(EngineConfig {
+        block_size: 4,
+        block_bytes: b.block_bytes(),
+        capacity_bytes: 1 << 20,
+        namespace: Namespace::default(),
+        disk: None,
+        redis: None,
+        events: None,
+    })
+    .unwrap();
+    let tokens: Vec<u32> = (0..8).collect();
+    engine.store_with(&tokens, HashExtras::default(), |_, slot| slot.fill(7)).unwrap();
+    let before: Vec<Vec<u8>> = dst.iter().map(|t| t.mem.clone()).collect();
+    let loads = [LayerLoad { tokens: &tokens, ids: &[0, 1], first_block: 0, extras: HashExtras::default() }];
+    let progress = LayerProgress::new();
+    for order in [&[0usize][..], &[0, 0], &[0, 2], &[1, 0, 1]] {
+        progress.start();
+        let out = load_by_layer(&engine, &b, &loads, order, &progress);
+        assert!(matches!(&out[..], [Err(e)] if e.to_string().contains("not an order")), "{order:?}: {out:?}");
+        assert!(!progress.running(), "the batch is finished even when refused");
+    }
+    assert!(dst.iter().zip(&before).all(|(t, b)| &t.mem == b), "nothing was written");
+    // The same load in a valid order writes (the refusals above are not a broken load).
+    progress.start();
+    assert_eq!(load_by_layer(&engine, &b, &loads, &[1, 0], &progress)[0].as_ref().unwrap(), &8);
+}
+
+/// A sink whose second report panics: a failure after some layers are in place.
+#[derive(Default)]
+struct PanickingSink {
+    finished: std::cell::Cell<u32>,
+}
+
+impl xconnector_core::layer_loads::LayerSink for PanickingSink {
+    fn layers_done(&self, done: usize) {
+        assert!(done < 2, "injected: a failure after the first layer");
+    }
+    fn finish(&self) {
+        self.finished.set(self.finished.get() + 1);
+    }
+}
+
+#[test]
+fn a_failure_after_some_layers_fails_every_load_of_the_batch_and_finishes_it() {
+    use xconnector_core::layer_loads::{load_by_layer, LayerLoad};
+    let shape = [4, 2, 4, 2, 8];
+    let mut dst: Vec<Owned> = (0..3).map(|l| Owned::new(&shape, &[0, 1, 2, 3, 4], 2, l)).collect();
+    let b = paged(&mut dst, 4, None);
+    let engine = Engine::new(EngineConfig {
+        block_size: 4,
+        block_bytes: b.block_bytes(),
+        capacity_bytes: 1 << 20,
+        namespace: Namespace::default(),
+        disk: None,
+        redis: None,
+        events: None,
+    })
+    .unwrap();
+    let (one, two): (Vec<u32>, Vec<u32>) = ((0..8).collect(), (50..54).collect());
+    for t in [&one, &two] {
+        engine.store_with(t, HashExtras::default(), |_, slot| slot.fill(7)).unwrap();
+    }
+    let loads = [
+        LayerLoad { tokens: &one, ids: &[0, 1], first_block: 0, extras: HashExtras::default() },
+        LayerLoad { tokens: &two, ids: &[2], first_block: 0, extras: HashExtras::default() },
+    ];
+    let sink = PanickingSink::default();
+    let out = load_by_layer(&engine, &b, &loads, &[0, 1, 2], &sink);
+    // The first layer was written, so no load may count: vLLM recomputes every block.
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().all(|r| r.as_ref().is_err_and(|e| e.to_string().contains("panic"))), "{out:?}");
+    assert_eq!(sink.finished.get(), 1);
 }

@@ -3,12 +3,14 @@
 //! `wait_layer` (vLLM's `wait_for_layer_load`, called before each attention layer) waits only for
 //! that layer. `settle` waits for the whole batch and says what each load wrote.
 //!
-//! A layer vLLM did not wait for may have been read while its copy ran: that batch's loads are
-//! reported failed (vLLM recomputes them and discards the step's tokens for those requests) and
-//! layer-wise loads are switched off for this worker.
+//! Which layers vLLM waits for is learned first: the first step with loads loads them whole and
+//! notes the layers whose attention waited. Layers that did not (a drafter's, run after the
+//! step's hooks; any attention vLLM does not wrap) are copied first, before `start` returns; the
+//! rest overlap the forward pass. A learned layer that then goes unwaited may have been read
+//! mid-copy: that batch's loads are reported failed (vLLM recomputes them and discards the
+//! step's tokens for those requests) and this worker loads whole steps from then on.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,15 +24,6 @@ use xconnector_core::{CoreError, Engine as CoreEngine, Result};
 use crate::engine::extras;
 use crate::paged::PagedKv;
 
-/// What the worker's ledger needs of a load.
-pub(crate) struct LoadPlan {
-    pub req_id: String,
-    /// Tokens the scheduler planned to load.
-    pub planned: usize,
-    pub block_ids: Vec<BlockId>,
-    pub first_block: usize,
-}
-
 /// One request's load, as the load thread needs it (owned: it outlives the call).
 pub(crate) struct LayerRequest {
     pub tokens: Vec<u32>,
@@ -40,14 +33,23 @@ pub(crate) struct LayerRequest {
     pub keys: (Option<String>, Option<String>, Option<String>),
 }
 
+/// What the worker's ledger needs of a load.
+pub(crate) struct LoadPlan {
+    pub req_id: String,
+    /// Tokens the scheduler planned to load.
+    pub planned: usize,
+    pub block_ids: Vec<BlockId>,
+    pub first_block: usize,
+}
+
 /// A batch's outcome: each request with the tokens its prefix holds, or why it loaded nothing.
 pub(crate) struct Settled {
     pub step: u64,
     pub target: String,
     pub loads: Vec<(LoadPlan, Result<usize>)>,
-    /// How long the step waited for its layers, beyond `start`.
+    /// How long the step waited for its layers, `start` included.
     pub waited: Duration,
-    /// Some layer was never waited for: the batch's loads cannot be trusted.
+    /// A layer vLLM waited for before was not waited for: the batch's loads cannot be trusted.
     pub unwaited: bool,
 }
 
@@ -70,14 +72,32 @@ impl Drop for FinishOnDrop {
     }
 }
 
+/// The copy order learned from a step's waits.
+struct Order {
+    /// Layers in copy order: those vLLM does not wait for first.
+    layers: Arc<Vec<usize>>,
+    /// Layer -> its position in `layers`.
+    position: Vec<usize>,
+    /// How many of `layers` vLLM does not wait for (copied before the forward pass starts).
+    unwaited: usize,
+}
+
+enum Mode {
+    /// Not learned yet; `Some` while a learning step runs (the layers waited for so far).
+    Learning(Option<Vec<bool>>),
+    Learned(Order),
+    /// Loads run whole.
+    Off,
+}
+
 pub(crate) struct LayerLoader {
     kv: Py<PagedKv>,
     engine: Arc<CoreEngine>,
     queue: SaveQueue,
     progress: Arc<LayerProgress>,
-    /// Layer name -> position in the KV payload (the order the tensors were registered in).
+    /// Layer name -> its index in the KV payload (the order the tensors were registered in).
     index: HashMap<String, usize>,
-    on: AtomicBool,
+    mode: Mutex<Mode>,
     batch: Mutex<Option<Batch>>,
 }
 
@@ -94,23 +114,36 @@ impl LayerLoader {
         if layers.len() != num_layers || index.len() != num_layers || num_layers == 0 {
             tracing::info!(
                 target: "vllm",
-                "XConnector loads whole layers at once: {} layer name(s) for {num_layers} KV layer(s)",
+                "XConnector loads whole steps: {} distinct layer name(s) for {num_layers} KV layer(s)",
                 index.len()
             );
             return Ok(None);
         }
         let queue = SaveQueue::named(1, "load")?;
-        let (on, batch, progress) = (AtomicBool::new(true), Mutex::new(None), Arc::new(LayerProgress::new()));
-        Ok(Some(Self { kv, engine, queue, progress, index, on, batch }))
+        let (mode, batch) = (Mutex::new(Mode::Learning(None)), Mutex::new(None));
+        Ok(Some(Self { kv, engine, queue, progress: Arc::new(LayerProgress::new()), index, mode, batch }))
     }
 
-    /// Whether loads go layer by layer (off after a step that did not wait for every layer).
+    /// Whether loads may go layer by layer (learning included).
     pub fn on(&self) -> bool {
-        self.on.load(Relaxed)
+        !matches!(*self.mode.lock(), Mode::Off)
     }
 
-    /// Starts copying `requests` of `step` (routed to `target`) on the load thread. The previous
-    /// batch must have been settled.
+    /// Whether this step's loads go layer by layer: true once which layers vLLM waits for is
+    /// known; false the first time, and this step's loads (run whole by the caller) learn it.
+    pub fn layer_by_layer_now(&self) -> bool {
+        let mut mode = self.mode.lock();
+        match &mut *mode {
+            Mode::Learning(seen) => {
+                *seen = Some(vec![false; self.index.len()]);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Starts copying `loads` of `step` (routed to `target`) on the load thread, and returns once
+    /// the layers vLLM does not wait for are in place. The previous batch must have been settled.
     /// `started`: when the step began waiting for its loads.
     pub fn start(
         &self,
@@ -120,6 +153,10 @@ impl LayerLoader {
         loads: Vec<(LoadPlan, LayerRequest)>,
         started: Instant,
     ) {
+        let (order, unwaited) = match &*self.mode.lock() {
+            Mode::Learned(o) => (Arc::clone(&o.layers), o.unwaited),
+            _ => (Arc::new((0..self.index.len()).collect()), 0),
+        };
         let (plans, reqs): (Vec<_>, Vec<_>) = loads.into_iter().unzip();
         let results = Arc::new(Mutex::new(None));
         self.progress.start();
@@ -135,7 +172,7 @@ impl LayerLoader {
                     extras: extras(&r.keys.0, &r.keys.1, &r.keys.2),
                 })
                 .collect();
-            let loaded = load_by_layer(&engine, kv.get().core(), &loads, &*finish.0);
+            let loaded = load_by_layer(&engine, kv.get().core(), &loads, &order, &*finish.0);
             *out.lock() = Some(loaded);
             drop(finish);
         };
@@ -145,6 +182,9 @@ impl LayerLoader {
         // One batch at a time (settled before the next), so the queue always has room; a closed
         // queue drops the job, whose guard finishes the progress: settle finds no results.
         let _ = self.queue.try_submit("load", Box::new(job));
+        if unwaited > 0 && !self.progress.is_ready(unwaited - 1) {
+            py.detach(|| self.progress.wait_ready(unwaited - 1));
+        }
         if let Some(batch) = self.batch.lock().as_mut() {
             batch.waited = started.elapsed();
         }
@@ -155,38 +195,51 @@ impl LayerLoader {
         self.kv.get().block_ids(py, ids)
     }
 
-    /// Waits until layer `name` is in place (every layer, for a name not registered).
+    /// Waits until layer `name` is in place (every layer, for a name not registered); while
+    /// learning, notes that vLLM waits for it.
     pub fn wait_layer(&self, py: Python<'_>, name: &str) {
-        let layer = {
+        let layer = self.index.get(name).copied();
+        let position = match &mut *self.mode.lock() {
+            Mode::Learning(Some(seen)) => {
+                layer.inspect(|&i| seen[i] = true);
+                return;
+            }
+            Mode::Learned(order) => layer.map_or(self.index.len() - 1, |i| order.position[i]),
+            _ => self.index.len() - 1,
+        };
+        {
             let mut batch = self.batch.lock();
             let Some(batch) = batch.as_mut() else { return };
-            let layer = self.index.get(name).copied();
-            if let Some(i) = layer {
-                batch.seen[i] = true;
-            }
-            layer.unwrap_or(self.index.len() - 1)
-        };
-        if self.progress.is_ready(layer) {
+            layer.inspect(|&i| batch.seen[i] = true);
+        }
+        if self.progress.is_ready(position) {
             return;
         }
         let started = Instant::now();
-        py.detach(|| self.progress.wait_ready(layer));
+        py.detach(|| self.progress.wait_ready(position));
         if let Some(batch) = self.batch.lock().as_mut() {
             batch.waited += started.elapsed();
         }
     }
 
-    /// Waits (without the GIL) for the running batch and takes its outcome; None when no batch
-    /// runs. A batch with a layer nobody waited for switches layer-wise loads off.
+    /// Ends a learning step (its loads ran whole), and waits (without the GIL) for the running
+    /// batch and takes its outcome; None when no batch runs.
     pub fn settle(&self, py: Python<'_>) -> Option<Settled> {
+        self.end_learning();
         let batch = self.batch.lock().take()?;
         py.detach(|| self.queue.flush());
-        let unwaited = batch.seen.iter().any(|seen| !seen);
-        if unwaited && self.on.swap(false, Relaxed) {
+        let mut mode = self.mode.lock();
+        let unwaited = match &*mode {
+            Mode::Learned(o) => o.layers[o.unwaited..].iter().any(|&l| !batch.seen[l]),
+            _ => false,
+        };
+        if unwaited {
+            *mode = Mode::Off;
+            drop(mode);
             tracing::warn!(
                 target: "vllm",
-                "XConnector: vLLM did not wait for every layer's load in step {}; its loads are recomputed \
-                 and this worker loads whole steps from now on",
+                "XConnector: vLLM did not wait for a layer's load in step {} as it did before; that step's loads \
+                 are recomputed and this worker loads whole steps from now on",
                 batch.step
             );
         }
@@ -200,6 +253,26 @@ impl LayerLoader {
             })
             .collect();
         Some(Settled { step: batch.step, target: batch.target, loads, waited: batch.waited, unwaited })
+    }
+
+    /// The copy order from a learning step's waits: layers never waited for first.
+    fn end_learning(&self) {
+        let mut mode = self.mode.lock();
+        let Mode::Learning(Some(seen)) = &*mode else { return };
+        if !seen.contains(&true) {
+            *mode = Mode::Off;
+            drop(mode);
+            tracing::info!(target: "vllm", "XConnector: vLLM waits for no layer's load; loads run whole steps");
+            return;
+        }
+        let (waited, not): (Vec<usize>, Vec<usize>) = (0..seen.len()).partition(|&l| seen[l]);
+        let unwaited = not.len();
+        let layers: Vec<usize> = not.into_iter().chain(waited).collect();
+        let mut position = vec![0; layers.len()];
+        for (p, &l) in layers.iter().enumerate() {
+            position[l] = p;
+        }
+        *mode = Mode::Learned(Order { layers: Arc::new(layers), position, unwaited });
     }
 
     /// Runs what the load thread holds, then refuses more (the worker shuts down).

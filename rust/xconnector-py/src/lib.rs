@@ -84,8 +84,9 @@ fn _inject_fault(point: &str, fault: &str) -> PyResult<()> {
             "unknown fault point {point:?}; use lookup, store, load, store_copy or load_copy"
         ))
     })?;
-    let f = Fault::parse(fault)
-        .ok_or_else(|| PyValueError::new_err(format!("unknown fault {fault:?}; use none, error, panic or garbage")))?;
+    let f = Fault::parse(fault).ok_or_else(|| {
+        PyValueError::new_err(format!("unknown fault {fault:?}; use none, error, panic, garbage or hold"))
+    })?;
     faults::inject(p, f);
     Ok(())
 }

@@ -189,7 +189,7 @@ impl V1Worker {
     fn load(&self, py: Python<'_>, step: u64, loads: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         self.settle(py);
         let started = Instant::now();
-        if let Some((b, loader)) = self.layerwise() {
+        if let Some((b, loader)) = self.layerwise().filter(|(_, l)| l.layer_by_layer_now()) {
             return self.start_by_layer(py, b, loader, step, &loads, started);
         }
         for t in &loads {
@@ -265,13 +265,14 @@ impl V1Worker {
         })
     }
 
-    /// What this worker did: loads, loaded tokens, load failures and saved blocks; the steps
-    /// that waited for loads and for saves, with the seconds they waited; fallbacks by reason.
+    /// What this worker did: loads, loaded tokens, load failures, saved blocks and the steps
+    /// whose loads ran layer by layer; the steps that waited for loads and for saves, with the
+    /// seconds they waited; fallbacks by reason.
     fn totals<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = self.bound.as_ref().map(|b| &b.stats.get().inner);
         let out = PyDict::new(py);
         let counts = stats.map(|s| s.counters()).unwrap_or_default();
-        for name in ["load_failures", "loaded_tokens", "loads", "saved_blocks"] {
+        for name in ["layerwise_steps", "load_failures", "loaded_tokens", "loads", "saved_blocks"] {
             out.set_item(name, counts.get(name).copied().unwrap_or(0))?;
         }
         for (op, waits) in stats.map(|s| s.step_waits()).unwrap_or_default() {
@@ -473,7 +474,10 @@ impl V1Worker {
             }
         }
         match target.filter(|_| !batch.is_empty()) {
-            Some(target) => loader.start(py, step, target, batch, started),
+            Some(target) => {
+                b.stats.get().inner.count("layerwise_steps", 1);
+                loader.start(py, step, target, batch, started);
+            }
             None => self.step_wait("load", loads, started),
         }
         Ok(())
