@@ -162,17 +162,22 @@ def test_layers_vllm_never_waits_for_are_in_place_before_the_forward_pass(
     whole.shutdown()
 
 
-def test_a_step_that_skips_a_learned_wait_recomputes_and_turns_layer_wise_off() -> None:
+def test_a_learned_layer_left_unwaited_is_recomputed_then_loaded_before_the_forward_pass() -> None:
     conn, _ = worker("layers-skipped", layerwise=True)
     store_prefix(conn)
     assert step(conn, 1) == set()  # learning: every layer waited for
     # The last layer's attention did not wait for its load: it may have read it mid-copy.
     assert step(conn, 2, waited=LAYERS[:-1]) == set(BLOCKS)
     assert conn._sdk.get_monitoring_handler().fallbacks() == {"load_layers_unwaited": 1}
-    # From now on loads finish inside start_load_kv: nothing to wait for, nothing failed.
-    assert step(conn, 3, waited=[]) == set()
+    # From now on that layer is copied before start_load_kv returns: nothing failed.
+    assert step(conn, 3, waited=LAYERS[:-1]) == set()
+    assert conn._worker.totals()["layerwise_steps"] == 2
+    # No layer waited for any more: recomputed once, then whole-step loads.
+    assert step(conn, 4, waited=[]) == set(BLOCKS)
+    assert step(conn, 5, waited=[]) == set()
     totals = conn._worker.totals()
-    assert totals["layerwise_steps"] == 1 and totals["loaded_tokens"] == 2 * len(PREFIX), totals
+    assert totals["layerwise_steps"] == 3 and totals["loaded_tokens"] == 3 * len(PREFIX), totals
+    assert totals["fallbacks"] == {"load_layers_unwaited": 2}, totals
     conn.shutdown()
 
 
@@ -209,13 +214,14 @@ def test_a_failed_layer_wise_load_skips_the_steps_conditional_save(no_faults: No
     conn.shutdown()
 
 
-def test_shutdown_during_a_layer_wise_load_returns() -> None:
+def test_shutdown_during_a_layer_wise_load_returns_and_counts_no_failure() -> None:
     conn, _ = worker("layers-shutdown", layerwise=True)
     store_prefix(conn)
     assert step(conn, 1) == set()
-    start(conn, 2)  # the worker shuts down before any layer is waited for
+    start(conn, 2)  # the worker shuts down mid-step, before any layer is waited for
     conn.shutdown()
-    assert conn._worker.totals()["loaded_tokens"] == len(PREFIX)  # the first step's only
+    totals = conn._worker.totals()
+    assert totals["loaded_tokens"] == len(PREFIX) and totals["fallbacks"] == {}, totals
 
 
 @pytest.mark.parametrize(

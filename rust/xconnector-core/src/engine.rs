@@ -675,7 +675,7 @@ impl Engine {
         // kept (a layer-wise load pins a whole step's prefixes at once); none when memory lost
         // blocks before those read from below, since they then continue no prefix.
         match pins.slots.len().checked_sub(below_from) {
-            Some(skip) if skip * bb < below.len() => drop(below.drain(..skip * bb)),
+            Some(skip) if skip * bb < below.len() => below = below.split_off(skip * bb),
             _ => below = Vec::new(),
         }
         let available = pins.slots.len() + below.len() / bb;

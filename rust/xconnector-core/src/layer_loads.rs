@@ -91,6 +91,60 @@ impl LayerSink for LayerProgress {
     }
 }
 
+/// The order a worker copies layers in, learned from which layers its forward pass waited for:
+/// layers nobody waits for first (they must be in place before the forward pass starts, since
+/// nothing tells when they are read), then the waited-for ones in registration order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerOrder {
+    waited: Vec<bool>,
+    layers: Vec<usize>,
+    position: Vec<usize>,
+}
+
+impl LayerOrder {
+    /// From the layers a step waited for; None when it waited for none (loads stay whole).
+    pub fn learn(waited: &[bool]) -> Option<Self> {
+        if !waited.contains(&true) {
+            return None;
+        }
+        let (first, rest): (Vec<usize>, Vec<usize>) = (0..waited.len()).partition(|&l| !waited[l]);
+        let layers: Vec<usize> = first.into_iter().chain(rest).collect();
+        let mut position = vec![0; layers.len()];
+        for (p, &l) in layers.iter().enumerate() {
+            position[l] = p;
+        }
+        Some(Self { waited: waited.to_vec(), layers, position })
+    }
+
+    /// Layers in copy order (for [`load_by_layer`]).
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
+    /// The position of `layer` in the copy order: a reader of `layer` waits for it.
+    pub fn position(&self, layer: usize) -> usize {
+        self.position[layer]
+    }
+
+    /// How many leading positions hold layers nobody waits for.
+    pub fn unwaited(&self) -> usize {
+        self.waited.iter().filter(|w| !**w).count()
+    }
+
+    /// Whether a batch whose waits were `seen` left a layer unwaited that was learned as waited
+    /// for: it may have been read mid-copy.
+    pub fn missed(&self, seen: &[bool]) -> bool {
+        self.waited.iter().zip(seen).any(|(&w, &s)| w && !s)
+    }
+
+    /// The order once `seen` is all a batch waited for: layers that went unwaited join those
+    /// copied first (None when no waited layer is left).
+    pub fn narrowed(&self, seen: &[bool]) -> Option<Self> {
+        let still: Vec<bool> = self.waited.iter().zip(seen).map(|(&w, &s)| w && s).collect();
+        Self::learn(&still)
+    }
+}
+
 /// One request's load: the longest cached prefix of `tokens`, into KV blocks `ids`, those
 /// before position `first_block` not written (the worker holds them already).
 pub struct LayerLoad<'a> {
@@ -159,6 +213,34 @@ mod tests {
     use super::*;
     use std::sync::mpsc::channel;
     use std::sync::Arc;
+
+    #[test]
+    fn layers_nobody_waits_for_are_copied_first_and_each_layer_waits_for_its_own_position() {
+        let order = LayerOrder::learn(&[true, false, true, false, true]).unwrap();
+        assert_eq!(order.layers(), &[1, 3, 0, 2, 4]);
+        assert_eq!(order.unwaited(), 2);
+        for (p, &l) in order.layers().iter().enumerate() {
+            assert_eq!(order.position(l), p, "layer {l}");
+        }
+        // A reader of layer 0 waits until positions 0..=2 are copied: layers 1, 3 and 0.
+        let p = LayerProgress::new();
+        p.start();
+        p.layers_done(2);
+        assert!(!p.is_ready(order.position(0)) && p.is_ready(order.position(3)));
+        assert_eq!(LayerOrder::learn(&[false, false]), None, "nothing waited: loads stay whole");
+    }
+
+    #[test]
+    fn a_learned_layer_left_unwaited_is_missed_and_then_copied_first() {
+        let order = LayerOrder::learn(&[true, true, false]).unwrap();
+        assert!(!order.missed(&[true, true, false]));
+        assert!(!order.missed(&[true, true, true]), "a wait for a layer copied first is harmless");
+        assert!(order.missed(&[true, false, false]));
+        let narrowed = order.narrowed(&[true, false, false]).unwrap();
+        assert_eq!((narrowed.layers(), narrowed.unwaited()), (&[1, 2, 0][..], 2));
+        assert!(!narrowed.missed(&[true, false, false]));
+        assert_eq!(order.narrowed(&[false, false, true]), None, "no waited layer left");
+    }
 
     #[test]
     fn a_layer_is_ready_only_once_copied_and_every_layer_once_the_batch_ends() {

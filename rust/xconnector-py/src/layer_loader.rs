@@ -8,7 +8,8 @@
 //! step's hooks; any attention vLLM does not wrap) are copied first, before `start` returns; the
 //! rest overlap the forward pass. A learned layer that then goes unwaited may have been read
 //! mid-copy: that batch's loads are reported failed (vLLM recomputes them and discards the
-//! step's tokens for those requests) and this worker loads whole steps from then on.
+//! step's tokens for those requests) and the layer joins those copied first (once no waited
+//! layer is left, loads run whole).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use xconnector_core::layer_loads::{load_by_layer, LayerLoad, LayerProgress, LayerSink};
+use xconnector_core::layer_loads::{load_by_layer, LayerLoad, LayerOrder, LayerProgress, LayerSink};
 use xconnector_core::save_queue::SaveQueue;
 use xconnector_core::transfer_plan::BlockId;
 use xconnector_core::{CoreError, Engine as CoreEngine, Result};
@@ -72,20 +73,10 @@ impl Drop for FinishOnDrop {
     }
 }
 
-/// The copy order learned from a step's waits.
-struct Order {
-    /// Layers in copy order: those vLLM does not wait for first.
-    layers: Arc<Vec<usize>>,
-    /// Layer -> its position in `layers`.
-    position: Vec<usize>,
-    /// How many of `layers` vLLM does not wait for (copied before the forward pass starts).
-    unwaited: usize,
-}
-
 enum Mode {
     /// Not learned yet; `Some` while a learning step runs (the layers waited for so far).
     Learning(Option<Vec<bool>>),
-    Learned(Order),
+    Learned(LayerOrder),
     /// Loads run whole.
     Off,
 }
@@ -153,9 +144,9 @@ impl LayerLoader {
         loads: Vec<(LoadPlan, LayerRequest)>,
         started: Instant,
     ) {
-        let (order, unwaited) = match &*self.mode.lock() {
-            Mode::Learned(o) => (Arc::clone(&o.layers), o.unwaited),
-            _ => (Arc::new((0..self.index.len()).collect()), 0),
+        let (order, unwaited): (Vec<usize>, usize) = match &*self.mode.lock() {
+            Mode::Learned(o) => (o.layers().to_vec(), o.unwaited()),
+            _ => ((0..self.index.len()).collect(), 0),
         };
         let (plans, reqs): (Vec<_>, Vec<_>) = loads.into_iter().unzip();
         let results = Arc::new(Mutex::new(None));
@@ -204,7 +195,7 @@ impl LayerLoader {
                 layer.inspect(|&i| seen[i] = true);
                 return;
             }
-            Mode::Learned(order) => layer.map_or(self.index.len() - 1, |i| order.position[i]),
+            Mode::Learned(order) => layer.map_or(self.index.len() - 1, |i| order.position(i)),
             _ => self.index.len() - 1,
         };
         {
@@ -229,18 +220,21 @@ impl LayerLoader {
         let batch = self.batch.lock().take()?;
         py.detach(|| self.queue.flush());
         let mut mode = self.mode.lock();
-        let unwaited = match &*mode {
-            Mode::Learned(o) => o.layers[o.unwaited..].iter().any(|&l| !batch.seen[l]),
-            _ => false,
+        let narrowed = match &*mode {
+            Mode::Learned(o) if o.missed(&batch.seen) => Some(o.narrowed(&batch.seen)),
+            _ => None,
         };
-        if unwaited {
-            *mode = Mode::Off;
+        let unwaited = narrowed.is_some();
+        if let Some(order) = narrowed {
+            let whole = order.is_none();
+            *mode = order.map_or(Mode::Off, Mode::Learned);
             drop(mode);
             tracing::warn!(
                 target: "vllm",
-                "XConnector: vLLM did not wait for a layer's load in step {} as it did before; that step's loads \
-                 are recomputed and this worker loads whole steps from now on",
-                batch.step
+                "XConnector: vLLM did not wait for a layer's load in step {} as it did before, so that step's loads \
+                 are recomputed; {}",
+                batch.step,
+                if whole { "loads run whole steps from now on" } else { "that layer is loaded first from now on" }
             );
         }
         let mut results = batch.results.lock().take().map(Vec::into_iter);
@@ -259,27 +253,24 @@ impl LayerLoader {
     fn end_learning(&self) {
         let mut mode = self.mode.lock();
         let Mode::Learning(Some(seen)) = &*mode else { return };
-        if !seen.contains(&true) {
-            *mode = Mode::Off;
-            drop(mode);
-            tracing::info!(target: "vllm", "XConnector: vLLM waits for no layer's load; loads run whole steps");
-            return;
+        match LayerOrder::learn(seen) {
+            Some(order) => *mode = Mode::Learned(order),
+            None => {
+                *mode = Mode::Off;
+                drop(mode);
+                tracing::info!(target: "vllm", "XConnector: vLLM waits for no layer's load; loads run whole steps");
+            }
         }
-        let (waited, not): (Vec<usize>, Vec<usize>) = (0..seen.len()).partition(|&l| seen[l]);
-        let unwaited = not.len();
-        let layers: Vec<usize> = not.into_iter().chain(waited).collect();
-        let mut position = vec![0; layers.len()];
-        for (p, &l) in layers.iter().enumerate() {
-            position[l] = p;
-        }
-        *mode = Mode::Learned(Order { layers: Arc::new(layers), position, unwaited });
     }
 
-    /// Runs what the load thread holds, then refuses more (the worker shuts down).
+    /// Lets the running batch end and drops it uncounted (the worker shuts down mid-step), then
+    /// refuses more.
     pub fn close(&self, py: Python<'_>) {
+        let batch = self.batch.lock().take();
         py.detach(|| {
             self.queue.flush();
             self.queue.close(false);
         });
+        drop(batch);
     }
 }

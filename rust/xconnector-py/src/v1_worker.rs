@@ -299,9 +299,9 @@ impl V1Worker {
         })
     }
 
-    /// Runs every queued save, then refuses more (the worker shuts down).
+    /// Runs every queued save, then refuses more (the worker shuts down; a layer-wise load
+    /// still running ends uncounted).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        self.settle(py);
         if let Some(loader) = self.bound.as_ref().and_then(|b| b.loader.as_ref()) {
             loader.close(py);
         }

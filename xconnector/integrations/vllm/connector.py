@@ -4,13 +4,12 @@ Usage, keys and KV events: `integrations/vllm/README.md`.
 Scheduler side: `get_num_new_matched_tokens` looks the prompt up (side-effect free, never the
 block of the last prompt token); the native `TransferPlanner` plans each step's loads into the
 blocks vLLM allocated and the saves of prompts whose prefill is complete. Worker side (native
-`V1Worker`): loads start in `start_load_kv`; into host KV they run layer by layer on a load
-thread while the forward pass runs, each attention layer waiting for its own
-(`wait_for_layer_load`; the layers vLLM never waits for are learned, and copied first); saves are queued in `wait_for_save` and, from host KV,
-run after the step on a save thread, straight from vLLM's paged KV into the engine. A finished
-request with a save planned keeps its blocks (`request_finished` says so) until `get_finished`
-reports its saves done; a step that preempts (its blocks reused at once) waits for the saves
-first (`handle_preemptions`).
+`V1Worker`): loads start in `start_load_kv` and into host KV run layer by layer beside the
+forward pass, each attention layer waiting for its own (`wait_for_layer_load`); saves are queued
+in `wait_for_save` and, from host KV, run after the step on a save thread, straight from vLLM's
+paged KV into the engine. A finished request with a save planned keeps its blocks
+(`request_finished` says so) until `get_finished` reports its saves done; a step that preempts
+(its blocks reused at once) waits for the saves first (`handle_preemptions`).
 
 Never keeping wrong KV: a load that fails or comes up short is reported through
 `get_block_ids_with_load_errors` (vLLM recomputes those blocks). Whatever is computed on top of
