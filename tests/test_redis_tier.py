@@ -202,6 +202,7 @@ def test_hybrid_mode_through_the_sdk(redis: RedisServer, tmp_path: Path) -> None
                     "remote_url": redis.url,
                     "local_disk": str(tmp_path / "kv"),
                     "max_local_disk_size": "64MiB",
+                    "remote_ttl_s": 3600,
                 },
             }
         ],
@@ -219,6 +220,8 @@ def test_hybrid_mode_through_the_sdk(redis: RedisServer, tmp_path: Path) -> None
         assert engine is not None and engine.flush(30)
         assert [t["name"] for t in engine.tiers()] == ["memory", "disk", "redis"]
         assert engine.stats()["redis_written_blocks"] == 3
+        key = f"xconnector:{engine.namespace:016x}:{sequence_hashes(toks, BLOCK)[0]:016x}"
+        assert 0 < int(redis.cli("TTL", key)) <= 3600  # remote_ttl_s
     # Another worker (no shared disk) finds the blocks in Redis.
     config["adapters"][0]["config"]["local_disk"] = str(tmp_path / "kv2")  # type: ignore[index]
     with XConnectorSDK(config) as b:
@@ -310,3 +313,52 @@ def test_a_server_that_never_answers_is_a_miss_not_a_hang(redis: RedisServer) ->
     assert e.lookup(t) == 4 * BLOCK  # memory still serves
     other = engine(redis.url.replace("redis://", "rediss://"), redis_timeout=0.3)
     assert other.lookup(t) == 0 and other.stats()["redis_errors"] >= 1
+
+
+def test_values_live_remote_ttl_s_seconds_and_without_it_until_evicted(
+    redis: RedisServer,
+) -> None:
+    keys = {}
+    for ttl in (None, 120):
+        toks = prompt(900 + (ttl or 0), 2)
+        e = engine(redis.url, redis_ttl_s=ttl)
+        assert e.store(toks, block_payload(toks)) == 2 and e.flush(30)
+        keys[ttl] = [f"xconnector:{e.namespace:016x}:{h:016x}" for h in sequence_hashes(toks)]
+    assert [redis.cli("TTL", k).strip() for k in keys[None]] == ["-1", "-1"]
+    for k in keys[120]:
+        assert 0 < int(redis.cli("TTL", k)) <= 120, k
+    with pytest.raises(ConfigError, match=r"redis_ttl_s must be in 1\.\.=31536000"):
+        engine(redis.url, redis_ttl_s=0)
+
+
+@pytest.mark.parametrize(
+    ("maxmemory", "policy", "ttl", "warned"),
+    [
+        ("0", "noeviction", None, "has no memory limit (maxmemory 0)"),  # redis-server's defaults
+        ("64mb", "noeviction", None, "refuses writes once full (maxmemory-policy noeviction)"),
+        ("64mb", "volatile-lru", None, "evicts only keys with a TTL (maxmemory-policy volatile-"),
+        ("64mb", "volatile-lru", 60, None),
+        ("64mb", "allkeys-lru", None, None),
+    ],
+)
+def test_a_redis_that_will_not_make_room_is_warned_about_once(
+    tmp_path: Path,
+    logs: pytest.LogCaptureFixture,
+    maxmemory: str,
+    policy: str,
+    ttl: int | None,
+    warned: str | None,
+) -> None:
+    server = RedisServer(tmp_path)  # a server per case: each is warned about once per process
+    try:
+        server.cli("CONFIG", "SET", "maxmemory", maxmemory)
+        server.cli("CONFIG", "SET", "maxmemory-policy", policy)
+        for _ in range(2):  # two engines on one server: one line
+            engine(server.url, redis_ttl_s=ttl)
+        records = [r for r in logs.records if f"Redis at {server.url}" in r.getMessage()]
+        assert len(records) == (0 if warned is None else 1), [r.getMessage() for r in records]
+        if warned is not None:
+            assert warned in records[0].getMessage() and "allkeys-lru" in records[0].getMessage()
+            assert records[0].levelname == "WARNING"
+    finally:
+        server.stop()

@@ -104,6 +104,7 @@ class Engine:
         redis_timeout: float = 0.02,
         redis_ca_file: str | None = None,
         redis_auth_key: str | None = None,
+        redis_ttl_s: int | None = None,
         events_url: str | None = None,
         events_subject: str = "xconnector.kv_events",
         worker_id: str = "",

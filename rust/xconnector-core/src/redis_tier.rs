@@ -45,6 +45,7 @@
 
 mod breaker;
 mod calls;
+mod server_memory;
 pub mod value;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -58,6 +59,7 @@ use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
 use breaker::Breaker;
 use calls::Helpers;
+use server_memory::warn_about_memory;
 use value::{Block, Format, Reject};
 
 pub use value::AuthKey;
@@ -95,6 +97,8 @@ pub struct RedisConfig {
     pub batch_blocks: usize,
     /// The budget: the longest a request waits on Redis (plus `bytes / READ_RATE` for a load).
     pub timeout: Duration,
+    /// How long each value lives (written with PX); None: until Redis evicts it.
+    pub ttl: Option<Duration>,
     /// PEM file of the CA that signed the server's certificate (`rediss://` with a private CA);
     /// None: the public web roots.
     pub ca_file: Option<std::path::PathBuf>,
@@ -111,6 +115,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("queue_blocks", &self.queue_blocks)
             .field("batch_blocks", &self.batch_blocks)
             .field("timeout", &self.timeout)
+            .field("ttl", &self.ttl)
             .field("ca_file", &self.ca_file)
             .field("auth_key", &self.auth_key)
             .finish()
@@ -325,7 +330,10 @@ impl Shared {
                 let key = self.key(w.ns, w.hash);
                 let block = Block { ns: w.ns, hash: w.hash, digest: w.digest, data: &w.data };
                 let value = self.format.encode(&key, &block);
-                pipe.set(key, value).ignore();
+                match self.cfg.ttl {
+                    Some(ttl) => pipe.pset_ex(key, value, ttl.as_millis().max(1) as u64).ignore(),
+                    None => pipe.set(key, value).ignore(),
+                };
             }
             pipe.query::<()>(con)
         });
@@ -571,9 +579,15 @@ impl RedisTier {
         }
         let limit = shared.cfg.timeout.max(OPEN_TIMEOUT_FLOOR);
         let first = Arc::clone(&shared);
-        let ping = move || first.with_connection(limit, |con| redis::cmd("PING").query::<String>(con));
+        // PING, then the server's memory settings (INFO works where CONFIG is renamed away).
+        let ping = move || {
+            first.with_connection(limit, |con| {
+                redis::cmd("PING").query::<String>(con)?;
+                redis::cmd("INFO").arg("memory").query::<String>(con)
+            })
+        };
         match shared.helpers.run(limit, ping) {
-            Some(Ok(_)) => {}
+            Some(Ok(info)) => warn_about_memory(&shown, &info, shared.cfg.ttl.is_some()),
             Some(Err(e)) if is_auth_error(&e) => {
                 return Err(CoreError::config(format!(
                     "remote_url {shown}: Redis refused the credentials ({e}); check the password in the URL"
@@ -720,6 +734,7 @@ mod tests {
             queue_blocks: 16,
             batch_blocks: 4,
             timeout: Duration::from_millis(20),
+            ttl: None,
             ca_file: None,
             auth_key: None,
         }

@@ -75,8 +75,8 @@ impl Engine {
         revision = "", quantization = "", pp_world_size = 1, pp_rank = 0,
         disk_path = None, disk_capacity_bytes = 0, disk_queue_blocks = 1024, disk_shared = false,
         redis_url = None, redis_key_prefix = "xconnector", redis_queue_blocks = 4096,
-        redis_batch_blocks = 64, redis_timeout = 0.02, redis_ca_file = None, redis_auth_key = None, events_url = None,
-        events_subject = "xconnector.kv_events", worker_id = "", events_queue = 65536))]
+        redis_batch_blocks = 64, redis_timeout = 0.02, redis_ca_file = None, redis_auth_key = None, redis_ttl_s = None,
+        events_url = None, events_subject = "xconnector.kv_events", worker_id = "", events_queue = 65536))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -104,6 +104,7 @@ impl Engine {
         #[pyo3(from_py_with = args::redis_timeout)] redis_timeout: f64,
         #[pyo3(from_py_with = args::redis_ca_file)] redis_ca_file: Option<PathBuf>,
         #[pyo3(from_py_with = args::redis_auth_key)] redis_auth_key: Option<String>,
+        #[pyo3(from_py_with = args::redis_ttl_s)] redis_ttl_s: Option<u64>,
         #[pyo3(from_py_with = args::events_url)] events_url: Option<String>,
         events_subject: &str,
         worker_id: &str,
@@ -137,6 +138,7 @@ impl Engine {
             queue_blocks: redis_queue_blocks,
             batch_blocks: redis_batch_blocks,
             timeout,
+            ttl: redis_ttl_s.map(std::time::Duration::from_secs),
             ca_file: redis_ca_file,
             auth_key,
         });
@@ -623,5 +625,11 @@ mod args {
     }
     pub fn redis_auth_key(v: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
         crate::args::opt_text(v, "redis_auth_key")
+    }
+    pub fn redis_ttl_s(v: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+        if v.is_none() {
+            return Ok(None);
+        }
+        crate::args::int(v, "redis_ttl_s", 1, 31_536_000, "seconds each value lives in Redis, at most a year").map(Some)
     }
 }

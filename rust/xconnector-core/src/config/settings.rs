@@ -89,6 +89,8 @@ pub struct RedisSettings {
     pub url: String,
     pub ca_file: Option<PathBuf>,
     pub timeout_ms: u64,
+    /// Seconds each value lives (`remote_ttl_s`); None: until Redis evicts it.
+    pub ttl_s: Option<u64>,
     pub auth_key: Option<AuthKeySource>,
 }
 
@@ -169,6 +171,7 @@ impl EngineSettings {
             url,
             ca_file: text(s, "remote_ca_file").map(PathBuf::from),
             timeout_ms: s.get("remote_timeout_ms").and_then(Value::as_u64).unwrap_or(DEFAULT_REDIS_TIMEOUT_MS),
+            ttl_s: s.get("remote_ttl_s").and_then(Value::as_u64),
             auth_key,
         });
         let events = enabled(cfg, "dynamo").filter(|_| cfg.enable_distributed).and_then(|a| {
@@ -203,6 +206,7 @@ impl EngineSettings {
                 "url": redact_url(&r.url),
                 "ca_file": r.ca_file.as_ref().map(|p| p.display().to_string()),
                 "timeout_ms": r.timeout_ms,
+                "ttl_s": r.ttl_s,
                 "auth_key": match &r.auth_key { Some(AuthKeySource::Inline(_)) => Some(HIDDEN), _ => None },
                 "auth_key_env": match &r.auth_key { Some(AuthKeySource::Env(n)) => Some(n.as_str()), _ => None },
             })),
@@ -270,6 +274,7 @@ impl EngineSettings {
                     queue_blocks: REDIS_QUEUE_BLOCKS,
                     batch_blocks: REDIS_BATCH_BLOCKS,
                     timeout: Duration::from_millis(r.timeout_ms),
+                    ttl: r.ttl_s.map(Duration::from_secs),
                     ca_file: r.ca_file.clone(),
                     auth_key,
                 })
