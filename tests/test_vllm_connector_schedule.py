@@ -27,7 +27,11 @@ PREFIX = list(range(1, 3 * BS + 1))  # three blocks, stored before each test
 
 
 def connector(
-    engine_id: str, tp: int = 1, device: str | None = None, extra: dict[str, Any] | None = None
+    engine_id: str,
+    tp: int = 1,
+    device: str | None = None,
+    extra: dict[str, Any] | None = None,
+    policy: str | None = None,
 ) -> Any:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
@@ -42,6 +46,7 @@ def connector(
         kv_transfer_config=NS(
             engine_id=engine_id,
             kv_connector_extra_config={"xconnector": {}, **(extra or {})},
+            **({} if policy is None else {"kv_load_failure_policy": policy}),
         ),
     )
     sched = c.XConnectorV1(config, KVConnectorRole.SCHEDULER)
@@ -248,3 +253,15 @@ def test_the_worker_fails_open_like_v0_an_error_backs_the_cache_off(
     worker.start_load_kv(NS())
     assert worker.get_block_ids_with_load_errors() == set()  # served again after the backoff
     worker.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute", None])
+def test_a_vllm_that_fails_requests_on_a_failed_load_is_warned_about(
+    policy: str | None, logs: pytest.LogCaptureFixture
+) -> None:
+    # vLLM's default, "fail", turns a prefix evicted between lookup and load into a failed
+    # request; XConnector reports such loads for recomputation, which "recompute" does.
+    connector(f"policy-{policy}", policy=policy)
+    warned = [r for r in logs.records if "kv_load_failure_policy" in r.getMessage()]
+    assert len(warned) == (1 if policy == "fail" else 0), [r.getMessage() for r in warned]
+    assert all(r.levelname == "WARNING" and '"recompute"' in r.getMessage() for r in warned)

@@ -53,6 +53,18 @@ fn text<'v>(m: &'v Map<String, Value>, key: &str) -> Option<&'v str> {
     m.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
+/// What to tell a user whose vLLM runs XConnector with `kv_load_failure_policy` `policy`: with
+/// `fail` (vLLM's default), a prefix XConnector said it holds but could not load (evicted in
+/// between, a fault of the cache) fails the request instead of being recomputed.
+pub fn failure_policy_warning(policy: Option<&str>) -> Option<String> {
+    (policy == Some("fail")).then(|| {
+        "XConnector: vLLM's kv_load_failure_policy is \"fail\" (its default), so a request whose cached prefix \
+         cannot be loaded (evicted after the lookup, a cache fault) fails instead of being recomputed; set \
+         \"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config (xconnector-run and the autopatch do)"
+            .to_owned()
+    })
+}
+
 /// The `kv_transfer_config` an engine whose own is `existing` (a mapping; null: none) should run
 /// with for XConnector's `section`.
 pub fn transfer_config(existing: &Value, section: &Value) -> Transfer {
@@ -92,6 +104,13 @@ pub fn transfer_config(existing: &Value, section: &Value) -> Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_failing_policy_is_warned_about() {
+        assert!(failure_policy_warning(Some("fail")).unwrap().contains("\"recompute\""));
+        assert_eq!(failure_policy_warning(Some("recompute")), None);
+        assert_eq!(failure_policy_warning(None), None, "a vLLM without the setting");
+    }
 
     #[test]
     fn alone_beside_the_engines_own_or_not_twice() {

@@ -141,6 +141,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(config::config_coerce, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_read_document, m)?)?;
     m.add_function(wrap_pyfunction!(vllm_transfer::vllm_transfer_config, m)?)?;
+    m.add_function(wrap_pyfunction!(vllm_transfer::warn_on_failing_loads, m)?)?;
     m.add_function(wrap_pyfunction!(config::config_engine_settings, m)?)?;
     m.add_function(wrap_pyfunction!(startup_check::config_worker_patches, m)?)?;
     m.add_function(wrap_pyfunction!(startup_check::config_for_vllm_connector, m)?)?;

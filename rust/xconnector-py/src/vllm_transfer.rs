@@ -13,6 +13,20 @@ fn read(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value> {
     to_value(obj, "").map_err(|(at, message)| invalid_input(py, format!("{what}{at}: {message}")))
 }
 
+/// Warns (through logging) when vLLM's `kv_transfer_config` fails requests whose loads fail
+/// (`kv_load_failure_policy: fail`). Never raises: a config it cannot read is not warned about.
+#[pyfunction]
+pub fn warn_on_failing_loads(py: Python<'_>, kv_transfer_config: &Bound<'_, PyAny>) -> PyResult<()> {
+    guarded(py, || {
+        let policy = kv_transfer_config.getattr("kv_load_failure_policy").ok();
+        let policy = policy.and_then(|p| p.extract::<String>().ok());
+        if let Some(warning) = vllm_transfer::failure_policy_warning(policy.as_deref()) {
+            tracing::warn!(target: "vllm", "{warning}");
+        }
+        Ok(())
+    })
+}
+
 /// `(config, auth_key)`: the `kv_transfer_config` an engine whose own is `existing` (a mapping, or
 /// None) should run with for `section` (None: XConnector is in it already), and an inline Redis
 /// auth key to put in the environment instead of the config.

@@ -181,9 +181,10 @@ class XConnectorV1(KVConnectorBase_V1):  # type: ignore[misc]
                     raise
                 log.error("XConnector is off, vLLM runs without it: %s", e)
         self._encoder_decoder = bool(getattr(vllm_config.model_config, "is_encoder_decoder", False))
-        # vLLM publishes KV events (and `dynamo.vllm` relays them to Dynamo's router): report
-        # what XConnector holds with them.
-        # `"report_kv_events": false` in kv_connector_extra_config keeps XConnector out of them.
+        if role == KVConnectorRole.SCHEDULER and self._config is not None:
+            load_native().warn_on_failing_loads(self._kv_transfer_config)
+        # vLLM publishes KV events (dynamo.vllm relays them to Dynamo's router): report what we
+        # hold with them, unless kv_connector_extra_config says `"report_kv_events": false`.
         events_config = getattr(vllm_config, "kv_events_config", None)
         self._report_events = (
             self._config is not None
