@@ -388,6 +388,7 @@ def lmcache_sdk(settings: dict[str, Any]) -> XConnectorSDK:
         ),
         ({"remote_timeout_ms": 600000}, r"remote_timeout_ms: expected an integer from 1 to 60000"),
         ({"remote_timeout_ms": "20"}, r"remote_timeout_ms: expected an integer from 1 to 60000"),
+        ({"remote_ttl_s": 0}, r"remote_ttl_s: expected an integer from 1 to 31536000, got 0"),
         ({"remote_auth_key": ""}, r"remote_auth_key: the secret is empty"),
         (
             {"remote_auth_key": 123456789},

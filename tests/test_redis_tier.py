@@ -341,7 +341,7 @@ def test_values_live_remote_ttl_s_seconds_and_without_it_until_evicted(
         ("64mb", "allkeys-lru", None, None),
     ],
 )
-def test_a_redis_that_will_not_make_room_is_warned_about_once(
+def test_a_redis_that_will_not_make_room_is_warned_about_at_connect(
     tmp_path: Path,
     logs: pytest.LogCaptureFixture,
     maxmemory: str,
@@ -349,16 +349,34 @@ def test_a_redis_that_will_not_make_room_is_warned_about_once(
     ttl: int | None,
     warned: str | None,
 ) -> None:
-    server = RedisServer(tmp_path)  # a server per case: each is warned about once per process
+    server = RedisServer(tmp_path)
     try:
         server.cli("CONFIG", "SET", "maxmemory", maxmemory)
         server.cli("CONFIG", "SET", "maxmemory-policy", policy)
-        for _ in range(2):  # two engines on one server: one line
-            engine(server.url, redis_ttl_s=ttl)
+        engine(server.url, redis_ttl_s=ttl)
         records = [r for r in logs.records if f"Redis at {server.url}" in r.getMessage()]
         assert len(records) == (0 if warned is None else 1), [r.getMessage() for r in records]
         if warned is not None:
             assert warned in records[0].getMessage() and "allkeys-lru" in records[0].getMessage()
             assert records[0].levelname == "WARNING"
+    finally:
+        server.stop()
+
+
+def test_a_server_that_refuses_info_is_used_without_advice(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    # INFO is @dangerous in Redis' ACLs: a user without it still gets a working tier.
+    server = RedisServer(tmp_path)
+    try:
+        server.cli("ACL", "SETUSER", "kv", "on", ">pw", "~*", "+@all", "-@dangerous")
+        url = f"redis://kv:pw@127.0.0.1:{server.port}"
+        e = engine(url, redis_ttl_s=60)  # SET .. PX needs only SET
+        toks = prompt(950, 2)
+        assert e.store(toks, block_payload(toks)) == 2 and e.flush(30)
+        stats = e.stats()
+        assert (stats["redis_written_blocks"], stats["redis_errors"]) == (2, 0), stats
+        assert [r.getMessage() for r in logs.records if r.levelname == "WARNING"] == []
+        assert engine(url).lookup(toks) == 2 * BLOCK
     finally:
         server.stop()

@@ -97,7 +97,8 @@ pub struct RedisConfig {
     pub batch_blocks: usize,
     /// The budget: the longest a request waits on Redis (plus `bytes / READ_RATE` for a load).
     pub timeout: Duration,
-    /// How long each value lives (written with PX); None: until Redis evicts it.
+    /// How long each value lives from its write (SET .. PX; hits do not renew it); None: until
+    /// Redis evicts it.
     pub ttl: Option<Duration>,
     /// PEM file of the CA that signed the server's certificate (`rediss://` with a private CA);
     /// None: the public web roots.
@@ -330,8 +331,11 @@ impl Shared {
                 let key = self.key(w.ns, w.hash);
                 let block = Block { ns: w.ns, hash: w.hash, digest: w.digest, data: &w.data };
                 let value = self.format.encode(&key, &block);
+                // SET .. PX rather than PSETEX: an ACL that allows SET need not allow PSETEX.
                 match self.cfg.ttl {
-                    Some(ttl) => pipe.pset_ex(key, value, ttl.as_millis().max(1) as u64).ignore(),
+                    Some(ttl) => {
+                        pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(ttl.as_millis().max(1) as u64).ignore()
+                    }
                     None => pipe.set(key, value).ignore(),
                 };
             }
@@ -579,15 +583,17 @@ impl RedisTier {
         }
         let limit = shared.cfg.timeout.max(OPEN_TIMEOUT_FLOOR);
         let first = Arc::clone(&shared);
-        // PING, then the server's memory settings (INFO works where CONFIG is renamed away).
-        let ping = move || {
-            first.with_connection(limit, |con| {
-                redis::cmd("PING").query::<String>(con)?;
-                redis::cmd("INFO").arg("memory").query::<String>(con)
-            })
-        };
+        let ping = move || first.with_connection(limit, |con| redis::cmd("PING").query::<String>(con));
         match shared.helpers.run(limit, ping) {
-            Some(Ok(info)) => warn_about_memory(&shown, &info, shared.cfg.ttl.is_some()),
+            Some(Ok(_)) => {
+                // The server's memory settings, for advice only: a server that refuses, renames
+                // or delays INFO (an ACL without @dangerous, a proxy) is no failure of the tier.
+                let probe = Arc::clone(&shared);
+                let info = move || probe.with_connection(limit, |con| redis::cmd("INFO").arg("memory").query(con));
+                if let Some(Ok(info)) = shared.helpers.run::<redis::RedisResult<String>>(limit, info) {
+                    warn_about_memory(&shown, &info, shared.cfg.ttl.is_some());
+                }
+            }
             Some(Err(e)) if is_auth_error(&e) => {
                 return Err(CoreError::config(format!(
                     "remote_url {shown}: Redis refused the credentials ({e}); check the password in the URL"

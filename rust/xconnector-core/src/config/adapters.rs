@@ -42,7 +42,7 @@ pub const LMCACHE_SETTINGS: &[(&str, Setting)] = &[
     ("remote_ca_file", Setting::Str),
     // The most a request waits on Redis, in ms (redis_tier.rs: the budget).
     ("remote_timeout_ms", Setting::IntIn(1, 60_000)),
-    // Seconds a value lives in Redis (EXPIRE), at most a year; none: until Redis evicts it.
+    // Seconds a value lives in Redis (SET .. PX), at most a year; none: until Redis evicts it.
     ("remote_ttl_s", Setting::IntIn(1, 31_536_000)),
     // The shared secret of the values' MAC, or the environment variable holding it.
     ("remote_auth_key", Setting::Secret),

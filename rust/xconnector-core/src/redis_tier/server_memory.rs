@@ -1,12 +1,7 @@
 //! What the Redis server will do when the shared tier fills it, read once at connect from
 //! `INFO memory` (which works where `CONFIG` is renamed away): a server without a memory limit
 //! grows until its machine runs out, and one that evicts nothing of ours refuses every write once
-//! full, so new blocks silently stop being shared. Either is logged once per server per process.
-
-use parking_lot::Mutex;
-
-/// Servers (as shown, without passwords) already warned about in this process.
-static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+//! full, so new blocks silently stop being shared. Either is logged once per tier opened.
 
 /// The advice for a server with `maxmemory` bytes (0: no limit) and `policy`, when values are
 /// written with a TTL or not; None when it evicts our values as it fills.
@@ -30,24 +25,21 @@ pub fn advice(maxmemory: u64, policy: &str, ttl: bool) -> Option<String> {
     }
 }
 
-/// Reads `maxmemory` and `maxmemory_policy` from an `INFO memory` reply and warns once about
-/// the server `shown` if it will not make room for new blocks.
-pub fn warn_about_memory(shown: &str, info: &str, ttl: bool) {
+/// The advice for the server an `INFO memory` reply describes (None: it makes room, or does not
+/// say: a Redis-compatible server without these fields).
+pub fn advice_from_info(info: &str, ttl: bool) -> Option<String> {
     let field = |name: &str| {
         info.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(':'))).map(str::trim)
     };
-    let (Some(max), Some(policy)) = (field("maxmemory").and_then(|v| v.parse().ok()), field("maxmemory_policy")) else {
-        return; // a Redis-compatible server that does not say: nothing to advise
-    };
-    let Some(advice) = advice(max, policy, ttl) else { return };
-    {
-        let mut warned = WARNED.lock();
-        if warned.iter().any(|s| s == shown) {
-            return;
-        }
-        warned.push(shown.to_owned());
+    advice(field("maxmemory")?.parse().ok()?, field("maxmemory_policy")?, ttl)
+}
+
+/// Warns about the server `shown` (its URL without a password) if its `INFO memory` reply says
+/// it will not make room for new blocks.
+pub fn warn_about_memory(shown: &str, info: &str, ttl: bool) {
+    if let Some(advice) = advice_from_info(info, ttl) {
+        tracing::warn!("XConnector: Redis at {shown} {advice}");
     }
-    tracing::warn!(target: "redis", "XConnector: Redis at {shown} {advice}");
 }
 
 #[cfg(test)]
@@ -69,14 +61,10 @@ mod tests {
     #[test]
     fn fields_are_read_from_an_info_reply() {
         // `maxmemory_human` and `maxmemory_policy` share a prefix with `maxmemory`.
-        let info =
-            "# Memory\r\nused_memory:1000\r\nmaxmemory_human:0B\r\nmaxmemory:0\r\nmaxmemory_policy:noeviction\r\n";
-        warn_about_memory("redis://127.0.0.1:1", info, false);
-        assert!(WARNED.lock().iter().any(|s| s == "redis://127.0.0.1:1"));
-        warn_about_memory("redis://127.0.0.1:2", "# Memory\r\nused_memory:1\r\n", false);
-        assert!(!WARNED.lock().iter().any(|s| s == "redis://127.0.0.1:2"), "no fields, no advice");
-        let fine = "maxmemory:67108864\r\nmaxmemory_policy:allkeys-lru\r\n";
-        warn_about_memory("redis://127.0.0.1:3", fine, false);
-        assert!(!WARNED.lock().iter().any(|s| s == "redis://127.0.0.1:3"));
+        let info = "# Memory\r\nused_memory:1000\r\nmaxmemory_human:64.00M\r\nmaxmemory:67108864\r\n\
+                    maxmemory_policy:noeviction\r\n";
+        assert!(advice_from_info(info, false).unwrap().contains("noeviction"));
+        assert_eq!(advice_from_info("# Memory\r\nused_memory:1\r\n", false), None, "no fields, no advice");
+        assert_eq!(advice_from_info("maxmemory:67108864\r\nmaxmemory_policy:allkeys-lru\r\n", false), None);
     }
 }
