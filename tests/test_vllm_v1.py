@@ -159,3 +159,6 @@ def test_an_engine_with_its_own_connector_gets_a_multiconnector(
     # The shared prefix's 128 tokens are XConnector's loads (the repeat may be either's).
     assert served(out)["loaded_tokens"] >= 128
     assert served(out)["fallbacks"] == {}
+    # The composition keeps the engine's own policy (here vLLM's default, fail) for both; what
+    # that means for XConnector's loads is said once, by the scheduler-side connector.
+    assert out["logs"].count('XConnector: vLLM\'s kv_load_failure_policy is "fail"') == 1

@@ -64,6 +64,7 @@ __all__ = [
     "v0_store",
     "vllm_kv_namespace",
     "vllm_transfer_config",
+    "warn_on_failing_loads",
 ]
 
 __version__: str

@@ -60,7 +60,8 @@ pub fn failure_policy_warning(policy: Option<&str>) -> Option<String> {
     (policy == Some("fail")).then(|| {
         "XConnector: vLLM's kv_load_failure_policy is \"fail\" (its default), so a request whose cached prefix \
          cannot be loaded (evicted after the lookup, a cache fault) fails instead of being recomputed; set \
-         \"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config (xconnector-run and the autopatch do)"
+         \"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config (under MultiConnector, in it and in \
+         XConnector's entry)"
             .to_owned()
     })
 }
@@ -92,10 +93,15 @@ pub fn transfer_config(existing: &Value, section: &Value) -> Transfer {
         .filter(|(k, v)| CHILD_KEYS.contains(&k.as_str()) && !v.is_null())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let policy = text(current, "kv_load_failure_policy").unwrap_or("recompute");
+    // vLLM builds each child's config from its entry alone: XConnector's own copy of the policy
+    // is the one it can see (the scheduler reads the outer one).
+    let mut ours = ours;
+    ours["kv_load_failure_policy"] = policy.into();
     let config = json!({
         "kv_connector": "MultiConnector",
         "kv_role": text(current, "kv_role").unwrap_or("kv_both"),
-        "kv_load_failure_policy": text(current, "kv_load_failure_policy").unwrap_or("recompute"),
+        "kv_load_failure_policy": policy,
         "kv_connector_extra_config": {"connectors": [inner, ours]},
     });
     Transfer { config: Some(config), auth_key }
@@ -128,6 +134,7 @@ mod tests {
         // The engine's own first, with only the keys a child keeps (no nulls).
         assert_eq!(children[0], json!({"kv_connector": "NixlConnector", "kv_role": "kv_both"}));
         assert_eq!(children[1]["kv_connector"], CONNECTOR);
+        assert_eq!(children[1]["kv_load_failure_policy"], "recompute", "the policy XConnector itself sees");
         assert_eq!(transfer_config(&multi, &section).config, None, "never composed twice");
         assert_eq!(transfer_config(&alone, &section).config, None);
     }
