@@ -109,10 +109,12 @@ struct LayerPlan {
     /// Bytes copied at once: a contiguous innermost run.
     run_bytes: usize,
     block_bytes: usize,
+    /// Where this layer's part starts in a block's payload (the layers before it, back to back).
+    payload_offset: usize,
 }
 
 impl LayerPlan {
-    fn new(t: &StridedTensor, layout: KvLayout) -> Self {
+    fn new(t: &StridedTensor, layout: KvLayout, payload_offset: usize) -> Self {
         let e = t.elem_size as isize;
         let bd = layout.block_dim();
         let mut dims: Vec<(usize, isize)> = (0..t.shape.len())
@@ -142,6 +144,7 @@ impl LayerPlan {
             outer,
             run_bytes,
             block_bytes: elems * elem,
+            payload_offset,
         }
     }
 
@@ -204,6 +207,7 @@ impl PagedKv {
         };
         let blocks = first.shape.get(layout.block_dim()).copied().unwrap_or(0);
         let mut layers = Vec::with_capacity(tensors.len());
+        let mut block_bytes = 0;
         for (i, t) in tensors.iter().enumerate() {
             if t.shape.len() != t.strides.len() || t.elem_size == 0 {
                 return Err(CoreError::invalid(format!("layer {i}: shape and strides differ in length")));
@@ -217,13 +221,13 @@ impl PagedKv {
                     layout.shape_doc()
                 )));
             }
-            let plan = LayerPlan::new(t, layout);
+            let plan = LayerPlan::new(t, layout, block_bytes);
             if plan.block_bytes == 0 {
                 return Err(CoreError::invalid(format!("layer {i}: shape {:?} holds no KV per block", t.shape)));
             }
+            block_bytes += plan.block_bytes;
             layers.push(plan);
         }
-        let block_bytes = layers.iter().map(|l| l.block_bytes).sum();
         Ok(Self { layout, block_size, layers, block_bytes })
     }
 
@@ -292,9 +296,8 @@ impl PagedKv {
     }
 
     fn unpack_layer_unfenced(&self, id: u32, layer: usize, src: &[u8], copy: BulkCopy) {
-        let start: usize = self.layers[..layer].iter().map(|l| l.block_bytes).sum();
         let plan = &self.layers[layer];
-        let input = &src[start..start + plan.block_bytes];
+        let input = &src[plan.payload_offset..plan.payload_offset + plan.block_bytes];
         plan.for_each_run(id as usize, |dst, off| {
             // SAFETY: as in `pack_block`, with the KV memory as the destination; the payload
             // is engine or caller memory, never inside a KV tensor.

@@ -86,6 +86,8 @@ const OPEN_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
 /// longer a bound on a request.
 pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest lifetime a value may be given (`remote_ttl_s`): a year.
+pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
 
 #[derive(Clone)]
 pub struct RedisConfig {

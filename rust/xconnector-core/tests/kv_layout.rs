@@ -87,6 +87,12 @@ fn paged(layers: &mut [Owned], bs: usize, layout: Option<KvLayout>) -> PagedKv {
     unsafe { PagedKv::new(&descs, bs, layout, None) }.unwrap()
 }
 
+/// An engine with only a memory tier of `capacity_bytes`.
+fn memory_engine(block_size: usize, block_bytes: usize, capacity_bytes: u64) -> Engine {
+    let (namespace, disk, redis, events) = (Namespace::default(), None, None, None);
+    Engine::new(EngineConfig { block_size, block_bytes, capacity_bytes, namespace, disk, redis, events }).unwrap()
+}
+
 fn layout_strategy() -> impl Strategy<Value = KvLayout> {
     prop::sample::select(KvLayout::ALL.to_vec())
 }
@@ -203,16 +209,7 @@ fn engine_stores_from_and_loads_into_paged_kv() {
     let mut dst = vec![Owned::new(&shape, &[0, 3, 1, 2, 4], 2, 5), Owned::new(&shape, &[0, 3, 1, 2, 4], 2, 6)];
     let a = paged(&mut src, 4, None);
     let b = paged(&mut dst, 4, None);
-    let engine = Engine::new(EngineConfig {
-        block_size: 4,
-        block_bytes: a.block_bytes(),
-        capacity_bytes: 64 * a.block_bytes() as u64,
-        namespace: Namespace::default(),
-        disk: None,
-        redis: None,
-        events: None,
-    })
-    .unwrap();
+    let engine = memory_engine(4, a.block_bytes(), 64 * a.block_bytes() as u64);
     let tokens: Vec<u32> = (0..14).collect(); // 3 full blocks + 2 tokens
     let src_ids = [5u32, 0, 7];
     let out = engine
@@ -283,16 +280,8 @@ fn check_layer_wise_load(shape: [usize; 5], per: usize, layer_order: &[usize], b
     let mut dst: Vec<Owned> = (0..layers as u64).map(|l| Owned::new(&shape, &dims, 2, 20 + l)).collect();
     let a = paged(&mut src, bs, None);
     let b = paged(&mut dst, bs, None);
-    let engine = Engine::new(EngineConfig {
-        block_size: bs * per,
-        block_bytes: a.block_bytes() * per,
-        capacity_bytes: 4 * (blocks_one + 2) as u64 * (a.block_bytes() * per) as u64,
-        namespace: Namespace::default(),
-        disk: None,
-        redis: None,
-        events: None,
-    })
-    .unwrap();
+    let engine =
+        memory_engine(bs * per, a.block_bytes() * per, 4 * (blocks_one + 2) as u64 * (a.block_bytes() * per) as u64);
     // KV blocks: request one from src 0.., into dst in reverse; request two from src after
     // those, into dst right after one's.
     let kv_one = blocks_one * per;
@@ -369,16 +358,7 @@ fn a_layer_order_that_is_not_one_of_the_layers_loads_nothing() {
     let shape = [4, 2, 4, 2, 8];
     let mut dst: Vec<Owned> = (0..2).map(|l| Owned::new(&shape, &[0, 1, 2, 3, 4], 2, l)).collect();
     let b = paged(&mut dst, 4, None);
-    let engine = Engine::new(EngineConfig {
-        block_size: 4,
-        block_bytes: b.block_bytes(),
-        capacity_bytes: 1 << 20,
-        namespace: Namespace::default(),
-        disk: None,
-        redis: None,
-        events: None,
-    })
-    .unwrap();
+    let engine = memory_engine(4, b.block_bytes(), 1 << 20);
     let tokens: Vec<u32> = (0..8).collect();
     engine.store_with(&tokens, HashExtras::default(), |_, slot| slot.fill(7)).unwrap();
     let before: Vec<Vec<u8>> = dst.iter().map(|t| t.mem.clone()).collect();
@@ -417,16 +397,7 @@ fn a_failure_after_some_layers_fails_every_load_of_the_batch_and_finishes_it() {
     let shape = [4, 2, 4, 2, 8];
     let mut dst: Vec<Owned> = (0..3).map(|l| Owned::new(&shape, &[0, 1, 2, 3, 4], 2, l)).collect();
     let b = paged(&mut dst, 4, None);
-    let engine = Engine::new(EngineConfig {
-        block_size: 4,
-        block_bytes: b.block_bytes(),
-        capacity_bytes: 1 << 20,
-        namespace: Namespace::default(),
-        disk: None,
-        redis: None,
-        events: None,
-    })
-    .unwrap();
+    let engine = memory_engine(4, b.block_bytes(), 1 << 20);
     let (one, two): (Vec<u32>, Vec<u32>) = ((0..8).collect(), (50..54).collect());
     for t in [&one, &two] {
         engine.store_with(t, HashExtras::default(), |_, slot| slot.fill(7)).unwrap();

@@ -630,6 +630,7 @@ mod args {
         if v.is_none() {
             return Ok(None);
         }
-        crate::args::int(v, "redis_ttl_s", 1, 31_536_000, "seconds each value lives in Redis, at most a year").map(Some)
+        let max = xconnector_core::redis_tier::MAX_TTL_SECS;
+        crate::args::int(v, "redis_ttl_s", 1, max, "seconds each value lives in Redis, at most a year").map(Some)
     }
 }

@@ -43,7 +43,7 @@ pub const LMCACHE_SETTINGS: &[(&str, Setting)] = &[
     // The most a request waits on Redis, in ms (redis_tier.rs: the budget).
     ("remote_timeout_ms", Setting::IntIn(1, 60_000)),
     // Seconds a value lives in Redis (SET .. PX), at most a year; none: until Redis evicts it.
-    ("remote_ttl_s", Setting::IntIn(1, 31_536_000)),
+    ("remote_ttl_s", Setting::IntIn(1, crate::redis_tier::MAX_TTL_SECS as i64)),
     // The shared secret of the values' MAC, or the environment variable holding it.
     ("remote_auth_key", Setting::Secret),
     ("remote_auth_key_env", Setting::EnvName),
