@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BLOCK, block_payload
-from services import RedisServer
+from services import RedisServer, make_tls_cert
 
 from xconnector import Engine, sequence_hashes
 from xconnector.exceptions import ConfigError
@@ -236,58 +236,7 @@ def test_hybrid_mode_through_the_sdk(redis: RedisServer, tmp_path: Path) -> None
 
 
 def test_rediss_with_a_password_and_a_private_ca(tmp_path: Path) -> None:
-    # A private CA, and a server certificate for 127.0.0.1 signed by it.
-    ca, ca_key = tmp_path / "ca.pem", tmp_path / "ca.key"
-    cert, key, csr = tmp_path / "server.pem", tmp_path / "server.key", tmp_path / "server.csr"
-    ext = tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-    for cmd in (
-        [
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca),
-            "-subj",
-            "/CN=test-ca",
-        ],
-        [
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-        [
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(ca),
-            "-CAkey",
-            str(ca_key),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            str(cert),
-            "-extfile",
-            str(ext),
-        ],
-    ):
-        subprocess.run(["openssl", *cmd], check=True, capture_output=True)
+    ca, cert, key = make_tls_cert(tmp_path)
     server = RedisServer(tmp_path, password="tls-pass", tls_cert=(cert, key))
     try:
         e = engine(server.url, redis_ca_file=str(ca))

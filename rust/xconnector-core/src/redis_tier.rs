@@ -16,8 +16,8 @@
 //! Each request's Redis call runs on a helper thread and the request waits for it at most its
 //! deadline, whatever the server does (no reply, a reply dripping in, a stalled TLS handshake).
 //! A lookup's EXISTS, whose reply is a few bytes, gets the budget (`timeout`, from
-//! `remote_timeout_ms`). A load's MGET gets the budget plus its bytes at `READ_RATE`: Redis sends
-//! nothing of an MGET reply until it has copied every value into it, so 64 blocks of 1 MiB see
+//! `remote_timeout_ms`). A load's GETs get the budget plus their bytes at `READ_RATE`: Redis sends
+//! nothing of a value until it has copied all of it into the reply, so 64 blocks of 1 MiB see
 //! their first byte only after tens of milliseconds even over loopback, and a budget that fits a
 //! lookup (or a first-byte bound of that size) would fail every large legitimate read. The
 //! socket's own timeouts are the same, so the helper is free again as soon as the request stops
@@ -43,6 +43,7 @@
 //! plaintext), and availability (anyone with write access can delete). Redis ACLs and TLS remain
 //! the first line; the MAC limits what a breach of them can inject.
 
+mod backend;
 mod breaker;
 mod calls;
 mod server_memory;
@@ -57,6 +58,7 @@ use parking_lot::Mutex;
 
 use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
+use backend::{Client, Conn};
 use breaker::Breaker;
 use calls::Helpers;
 use server_memory::warn_about_memory;
@@ -216,13 +218,13 @@ struct Counters {
 }
 
 struct Shared {
-    client: redis::Client,
+    client: Client,
     cfg: RedisConfig,
     /// The URL without its password, for messages.
     shown: String,
     format: Format,
     /// Idle connections; a connection that fails is dropped, a new one made on demand.
-    pool: Mutex<Vec<redis::Connection>>,
+    pool: Mutex<Vec<Conn>>,
     breaker: Breaker,
     helpers: Arc<Helpers>,
     refusal_logged: AtomicBool,
@@ -285,15 +287,16 @@ impl Shared {
     fn with_connection<T>(
         &self,
         timeout: Duration,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+        f: impl FnOnce(&mut Conn) -> redis::RedisResult<T>,
     ) -> redis::RedisResult<T> {
         let pooled = self.pool.lock().pop();
         let mut con = match pooled {
-            Some(c) => c,
-            None => self.client.get_connection_with_timeout(timeout)?,
+            Some(mut c) => {
+                c.set_timeouts(timeout)?;
+                c
+            }
+            None => self.client.connect(timeout)?,
         };
-        con.set_read_timeout(Some(timeout))?;
-        con.set_write_timeout(Some(timeout))?;
         let out = f(&mut con)?;
         let mut pool = self.pool.lock();
         if pool.len() < POOL {
@@ -308,7 +311,7 @@ impl Shared {
         self: &Arc<Self>,
         op: &str,
         limit: Duration,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T> + Send + 'static,
+        f: impl FnOnce(&mut Conn) -> redis::RedisResult<T> + Send + 'static,
     ) -> Option<T> {
         let me = Arc::clone(self);
         match self.helpers.run(limit, move || me.with_connection(limit, f)) {
@@ -328,20 +331,11 @@ impl Shared {
         let n = batch.len() as u64;
         let timeout = self.cfg.timeout.max(WRITE_TIMEOUT_FLOOR);
         let result = self.with_connection(timeout, |con| {
-            let mut pipe = redis::pipe();
-            for w in &batch {
-                let key = self.key(w.ns, w.hash);
-                let block = Block { ns: w.ns, hash: w.hash, digest: w.digest, data: &w.data };
-                let value = self.format.encode(&key, &block);
-                // SET .. PX rather than PSETEX: an ACL that allows SET need not allow PSETEX.
-                match self.cfg.ttl {
-                    Some(ttl) => {
-                        pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(ttl.as_millis().max(1) as u64).ignore()
-                    }
-                    None => pipe.set(key, value).ignore(),
-                };
-            }
-            pipe.query::<()>(con)
+            let blocks = batch
+                .iter()
+                .map(|w| (self.key(w.ns, w.hash), Block { ns: w.ns, hash: w.hash, digest: w.digest, data: &w.data }));
+            // SET .. PX rather than PSETEX: an ACL that allows SET need not allow PSETEX.
+            con.set_all(&self.format, blocks, self.cfg.ttl.map(|t| t.as_millis().max(1) as u64))
         });
         match result {
             Ok(()) => {
@@ -386,10 +380,8 @@ impl Shared {
     fn prober(&self) {
         while self.breaker.wait_to_probe() {
             let t = self.cfg.timeout;
-            let answered = self.client.get_connection_with_timeout(t).and_then(|mut con| {
-                con.set_read_timeout(Some(t))?;
-                con.set_write_timeout(Some(t))?;
-                redis::cmd("PING").query::<String>(&mut con)?;
+            let answered = self.client.connect(t).and_then(|mut con| {
+                con.query::<String>(&redis::cmd("PING"))?;
                 Ok(con)
             });
             match answered {
@@ -478,31 +470,9 @@ impl Shared {
         let me = Arc::clone(self);
         self.helpers.spawn_background(Box::new(move || {
             if !me.breaker.is_open() {
-                let _ = me.with_connection(me.cfg.timeout, |con| redis::cmd("DEL").arg(&key).query::<()>(con));
+                let _ = me.with_connection(me.cfg.timeout, |con| con.query::<()>(redis::cmd("DEL").arg(&key)));
             }
         }));
-    }
-}
-
-/// A client for `url` (with the CA of `ca_file` for `rediss://`); errors never show the password.
-fn client(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client> {
-    let shown = redact_url(url);
-    if url.starts_with("rediss://") {
-        // rustls needs a process-wide crypto provider; installing one twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-    let bad_url = |e: redis::RedisError| {
-        CoreError::config(format!("remote_url {shown}: {e}; expected redis://[:password@]host:port"))
-    };
-    match ca_file {
-        None => redis::Client::open(url).map_err(bad_url),
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                CoreError::config(format!("remote_ca_file {}: {e}; give the CA's PEM file", path.display()))
-            })?;
-            let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
-            redis::Client::build_with_tls(url, certs).map_err(bad_url)
-        }
     }
 }
 
@@ -513,28 +483,42 @@ fn client(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client>
 /// to open with (a malformed URL, an unreadable CA file, refused credentials, a server that is
 /// not Redis), `CoreError::Cache` for a server that does not answer (yet).
 pub fn ping(url: &str, ca_file: Option<&std::path::Path>, limit: Duration) -> Result<()> {
-    let client = client(url, ca_file)?;
+    /// Why the check failed: servers other than the URL says, refused credentials or not Redis,
+    /// or no answer.
+    enum Failure {
+        Wrong(String),
+        Refused(String),
+        Silent(String),
+    }
+    let client = backend::client(url, ca_file)?;
+    let shown = redact_url(url);
     let (tx, rx) = std::sync::mpsc::channel();
+    let about = shown.clone();
     std::thread::Builder::new()
         .name("xconnector-redis-ping".into())
         .spawn(move || {
-            let answer = client.get_connection_with_timeout(limit).and_then(|mut con| {
-                con.set_read_timeout(Some(limit))?;
-                con.set_write_timeout(Some(limit))?;
-                redis::cmd("PING").query::<String>(&mut con)
-            });
-            let refused = |e: &redis::RedisError| is_auth_error(e) || e.kind() == redis::ErrorKind::Parse;
-            let _ = tx.send(answer.map(drop).map_err(|e| (refused(&e), redact_url(&e.to_string()))));
+            let answer = client.connect(limit).and_then(|mut con| con.query::<String>(&redis::cmd("PING")));
+            let failure = match answer {
+                Err(e) if is_auth_error(&e) || e.kind() == redis::ErrorKind::Parse => {
+                    Some(Failure::Refused(redact_url(&e.to_string())))
+                }
+                Err(e) if e.is_timeout() => Some(Failure::Silent(redact_url(&e.to_string()))),
+                answer => match client.mode_mismatch(&about, limit) {
+                    Some(wrong) => Some(Failure::Wrong(wrong)),
+                    None => answer.err().map(|e| Failure::Silent(redact_url(&e.to_string()))),
+                },
+            };
+            let _ = tx.send(failure);
         })
         .map_err(|e| CoreError::Io { context: "starting the Redis check".into(), source: e })?;
     match rx.recv_timeout(limit) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err((true, e))) => Err(CoreError::config(format!(
-            "Redis at {} refused the connection ({e}); check the password in the URL and that it is a Redis \
-             server",
-            redact_url(url)
+        Ok(None) => Ok(()),
+        Ok(Some(Failure::Wrong(e))) => Err(CoreError::config(e)),
+        Ok(Some(Failure::Refused(e))) => Err(CoreError::config(format!(
+            "Redis at {shown} refused the connection ({e}); check the password in the URL and that it is a Redis \
+             server"
         ))),
-        Ok(Err((false, e))) => Err(CoreError::Cache(e)),
+        Ok(Some(Failure::Silent(e))) => Err(CoreError::Cache(e)),
         Err(_) => Err(CoreError::Cache(format!("no answer within {} ms", limit.as_millis()))),
     }
 }
@@ -552,7 +536,7 @@ impl RedisTier {
                 cfg.timeout
             )));
         }
-        let client = client(&cfg.url, cfg.ca_file.as_deref())?;
+        let client = backend::client(&cfg.url, cfg.ca_file.as_deref())?;
         let (queue, rx) = sync_channel::<Write>(cfg.queue_blocks.max(1));
         let shared = Arc::new(Shared {
             client,
@@ -585,15 +569,25 @@ impl RedisTier {
         }
         let limit = shared.cfg.timeout.max(OPEN_TIMEOUT_FLOOR);
         let first = Arc::clone(&shared);
-        let ping = move || first.with_connection(limit, |con| redis::cmd("PING").query::<String>(con));
-        match shared.helpers.run(limit, ping) {
+        let ping = move || first.with_connection(limit, |con| con.query::<String>(&redis::cmd("PING")));
+        let answer = shared.helpers.run(limit, ping);
+        let checked = Arc::clone(&shared);
+        let mode = move || checked.client.mode_mismatch(&checked.shown, limit);
+        // Only a server that answered can say what it is (a silent one would cost `limit` again).
+        if matches!(&answer, Some(Ok(_))) || matches!(&answer, Some(Err(e)) if !is_auth_error(e) && !e.is_timeout()) {
+            if let Some(Some(wrong)) = shared.helpers.run(limit, mode) {
+                return Err(CoreError::config(wrong));
+            }
+        }
+        match answer {
             Some(Ok(_)) => {
                 // The server's memory settings, for advice only: a server that refuses, renames
                 // or delays INFO (an ACL without @dangerous, a proxy) is no failure of the tier.
                 let probe = Arc::clone(&shared);
-                let info = move || probe.with_connection(limit, |con| redis::cmd("INFO").arg("memory").query(con));
-                if let Some(Ok(info)) = shared.helpers.run::<redis::RedisResult<String>>(limit, info) {
-                    warn_about_memory(&shown, &info, shared.cfg.ttl.is_some());
+                let info = move || probe.with_connection(limit, Conn::memory_info);
+                if let Some(Ok(infos)) = shared.helpers.run(limit, info) {
+                    // One warning per tier: the first node (of a cluster) that would refuse writes.
+                    infos.iter().any(|info| warn_about_memory(&shown, info, shared.cfg.ttl.is_some()));
                 }
             }
             Some(Err(e)) if is_auth_error(&e) => {
@@ -624,11 +618,7 @@ impl RedisTier {
             }
             let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
             let found = s.call("lookup", s.cfg.timeout, move |con| {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.exists(k);
-                }
-                pipe.query::<Vec<bool>>(con)
+                con.pipeline::<Vec<bool>>(keys.iter().map(|k| redis::cmd("EXISTS").arg(k).clone()))
             });
             let here = found.map_or(0, |found| found.iter().take_while(|&&f| f).count());
             n += here;
@@ -659,9 +649,9 @@ impl RedisTier {
             let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
             let limit = s.cfg.timeout + Duration::from_secs_f64((keys.len() * value_len) as f64 / READ_RATE);
             let asked = keys.clone();
-            let Some(values) =
-                s.call("read", limit, move |con| redis::cmd("MGET").arg(&asked).query::<Vec<Option<Vec<u8>>>>(con))
-            else {
+            let Some(values) = s.call("read", limit, move |con| {
+                con.pipeline::<Vec<Option<Vec<u8>>>>(asked.iter().map(|k| redis::cmd("GET").arg(k).clone()))
+            }) else {
                 break;
             };
             s.n.reads.fetch_add(1, Relaxed);

@@ -38,7 +38,7 @@ pub const LMCACHE_SETTINGS: &[(&str, Setting)] = &[
     ("max_local_disk_size", Setting::SizeGb),
     // The disk directory is shared by several users' workers on purpose (group-writable).
     ("local_disk_shared", Setting::Bool),
-    ("remote_url", Setting::Url(&["redis", "rediss"])),
+    ("remote_url", Setting::Url(&["redis", "rediss", "redis-cluster", "rediss-cluster"])),
     ("remote_ca_file", Setting::Str),
     // The most a request waits on Redis, in ms (redis_tier.rs: the budget).
     ("remote_timeout_ms", Setting::IntIn(1, 60_000)),

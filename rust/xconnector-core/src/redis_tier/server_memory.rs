@@ -35,11 +35,13 @@ pub fn advice_from_info(info: &str, ttl: bool) -> Option<String> {
 }
 
 /// Warns about the server `shown` (its URL without a password) if its `INFO memory` reply says
-/// it will not make room for new blocks.
-pub fn warn_about_memory(shown: &str, info: &str, ttl: bool) {
-    if let Some(advice) = advice_from_info(info, ttl) {
+/// it will not make room for new blocks; whether it did.
+pub fn warn_about_memory(shown: &str, info: &str, ttl: bool) -> bool {
+    let advice = advice_from_info(info, ttl);
+    if let Some(advice) = &advice {
         tracing::warn!("XConnector: Redis at {shown} {advice}");
     }
+    advice.is_some()
 }
 
 #[cfg(test)]

@@ -99,6 +99,13 @@ impl Format {
     /// The value stored under `redis_key` for `b`.
     pub fn encode(&self, redis_key: &str, b: &Block<'_>) -> Vec<u8> {
         let mut value = Vec::with_capacity(self.header() + b.data.len());
+        self.encode_into(redis_key, b, &mut value);
+        value
+    }
+
+    /// Appends the value stored under `redis_key` for `b` to `value` (a pipeline being packed).
+    pub fn encode_into(&self, redis_key: &str, b: &Block<'_>, value: &mut Vec<u8>) {
+        let at = value.len();
         let (magic, format) = if self.key.is_some() { (MAGIC_KEYED, FORMAT_KEYED) } else { (MAGIC, FORMAT) };
         value.extend_from_slice(magic);
         value.extend_from_slice(&format.to_le_bytes());
@@ -108,11 +115,10 @@ impl Format {
         value.extend_from_slice(&(b.data.len() as u64).to_le_bytes());
         value.extend_from_slice(&xxh3_64(b.data).to_le_bytes());
         if let Some(key) = &self.key {
-            let tag = mac(key, redis_key, &value[..FIELDS], b.data);
+            let tag = mac(key, redis_key, &value[at..at + FIELDS], b.data);
             value.extend_from_slice(tag.as_bytes());
         }
         value.extend_from_slice(b.data);
-        value
     }
 
     /// The payload of `value`, read under `redis_key`, if it is the KV of block `(ns, hash)` with
@@ -220,6 +226,18 @@ mod tests {
         assert_eq!(fmt(None).check(KEY, &v, 0xaa, 1, 7), Err(Reject::Foreign));
         assert_eq!(f.check(KEY, b"junk", 0xaa, 1, 7), Err(Reject::Foreign));
         assert_eq!(f.check(KEY, &v[..v.len() - 1], 0xaa, 1, 7), Err(Reject::Foreign));
+    }
+
+    #[test]
+    fn a_value_encoded_into_a_packed_pipeline_is_the_same_value() {
+        for f in [fmt(None), fmt(Some(b"s3cret"))] {
+            let data = [9u8; BB];
+            let mut packed = b"*3\r\n$3\r\nSET\r\n".to_vec();
+            let at = packed.len();
+            f.encode_into(KEY, &block(&data), &mut packed);
+            assert_eq!(packed[at..], f.encode(KEY, &block(&data))[..]);
+            assert_eq!(f.check(KEY, &packed[at..], 0xaa, 1, 7), Ok(&data[..]));
+        }
     }
 
     #[test]

@@ -1,0 +1,309 @@
+//! One Redis server or a Redis Cluster, behind the few operations the tier uses. A cluster is
+//! reached through the `redis` crate's cluster client: it maps keys to slots and slots to nodes,
+//! sends a pipeline to each node at once, and follows MOVED/ASK (refreshing its slot map) when
+//! slots move or a replica takes over. Keys carry no hash tag, so blocks spread over all slots.
+//!
+//! A cluster is named by `redis-cluster://[user:password@]host:port[,host:port...]` (or
+//! `rediss-cluster://` for TLS): the seed nodes, any of which may be down, sharing credentials.
+
+use std::path::Path;
+use std::time::Duration;
+
+use redis::cluster::{cluster_pipe, ClusterClient, ClusterClientBuilder, ClusterConfig, ClusterConnection};
+use redis::{Cmd, FromRedisValue, RedisResult, Value};
+
+use super::value::{Block, Format};
+use crate::config::secrets::redact_url;
+use crate::error::{CoreError, Result};
+
+const CLUSTER: &str = "redis-cluster://";
+const CLUSTER_TLS: &str = "rediss-cluster://";
+/// Retries of a command the cluster client redirects or finds its node gone, and the wait
+/// between them: a request's deadline bounds the whole call anyway, and a failover takes longer
+/// than a request waits, so retrying longer only keeps a helper busy.
+const CLUSTER_RETRIES: u32 = 2;
+const CLUSTER_RETRY_WAIT_MS: u64 = 50;
+
+pub enum Client {
+    Single(redis::Client),
+    Cluster {
+        client: ClusterClient,
+        /// The seeds as one-server clients, to tell a seed without cluster support (see `mode`).
+        seeds: Vec<redis::Client>,
+    },
+}
+
+pub enum Conn {
+    Single(redis::Connection),
+    Cluster(Box<ClusterConnection>),
+}
+
+/// Whether `url` names a Redis Cluster.
+pub fn is_cluster(url: &str) -> bool {
+    url.starts_with(CLUSTER) || url.starts_with(CLUSTER_TLS)
+}
+
+/// The seed nodes of a cluster URL, each as a node URL with the shared credentials.
+pub fn seeds(url: &str) -> Result<Vec<String>> {
+    let (scheme, rest) = match url.strip_prefix(CLUSTER) {
+        Some(rest) => ("redis", rest),
+        None => ("rediss", url.strip_prefix(CLUSTER_TLS).unwrap_or(url)),
+    };
+    let shown = redact_url(url);
+    let bad = |why: &str| {
+        CoreError::config(format!(
+            "remote_url {shown}: {why}; expected redis-cluster://[:password@]host:port[,host:port...]"
+        ))
+    };
+    let (auth, hosts) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let hosts = match hosts.split_once('/') {
+        Some((hosts, "" | "0")) => hosts,
+        Some(_) => return Err(bad("a Redis Cluster has only database 0")),
+        None => hosts,
+    };
+    let seeds: Vec<String> =
+        hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(|h| format!("{scheme}://{auth}{h}")).collect();
+    if seeds.is_empty() {
+        return Err(bad("no seed node"));
+    }
+    if let Some(h) = hosts.split(',').map(str::trim).find(|h| !h.is_empty() && !h.contains(':')) {
+        return Err(bad(&format!("seed node {h} has no port")));
+    }
+    Ok(seeds)
+}
+
+/// A client for `url` (with the CA of `ca_file` for TLS); errors never show the password.
+pub fn client(url: &str, ca_file: Option<&Path>) -> Result<Client> {
+    let shown = redact_url(url);
+    if url.starts_with("rediss") {
+        // rustls needs a process-wide crypto provider; installing one twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let bad_url = |e: redis::RedisError| {
+        CoreError::config(format!(
+            "remote_url {shown}: {}; expected redis://[:password@]host:port or \
+             redis-cluster://[:password@]host:port[,host:port...]",
+            redact_url(&e.to_string())
+        ))
+    };
+    let certs = match ca_file {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                CoreError::config(format!("remote_ca_file {}: {e}; give the CA's PEM file", path.display()))
+            })?;
+            Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+        }
+    };
+    let one = |url: &str| match &certs {
+        None => redis::Client::open(url).map_err(bad_url),
+        Some(certs) => redis::Client::build_with_tls(url, certs.clone()).map_err(bad_url),
+    };
+    if is_cluster(url) {
+        let seeds = seeds(url)?;
+        let mut b = ClusterClientBuilder::new(seeds.clone())
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(CLUSTER_RETRY_WAIT_MS)
+            .max_retry_wait(CLUSTER_RETRY_WAIT_MS);
+        if let Some(certs) = certs.clone() {
+            b = b.certs(certs);
+        }
+        let client = b.build().map_err(bad_url)?;
+        let seeds = seeds.iter().map(|s| one(s)).collect::<Result<_>>()?;
+        return Ok(Client::Cluster { client, seeds });
+    }
+    one(url).map(Client::Single)
+}
+
+impl Client {
+    /// A new connection (for a cluster: to the nodes its seeds name), every step within `timeout`.
+    pub fn connect(&self, timeout: Duration) -> RedisResult<Conn> {
+        let mut con = match self {
+            Client::Single(c) => Conn::Single(c.get_connection_with_timeout(timeout)?),
+            Client::Cluster { client, .. } => {
+                let cfg = ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
+                Conn::Cluster(Box::new(client.get_connection_with_config(cfg)?))
+            }
+        };
+        con.set_timeouts(timeout)?;
+        Ok(con)
+    }
+
+    /// What is wrong if the servers are not what the URL says: a one-server URL that reaches a
+    /// node of a cluster (most keys would be MOVED), or a cluster URL whose seeds have cluster
+    /// support disabled. None when they match, or when the servers do not say (INFO refused).
+    pub fn mode_mismatch(&self, shown: &str, timeout: Duration) -> Option<String> {
+        let cluster_enabled = |c: &redis::Client| -> Option<bool> {
+            let mut con = c.get_connection_with_timeout(timeout).ok()?;
+            con.set_read_timeout(Some(timeout)).ok()?;
+            let info: String = redis::cmd("INFO").arg("cluster").query(&mut con).ok()?;
+            let field = info.lines().find_map(|l| l.trim().strip_prefix("cluster_enabled:"))?;
+            Some(field.trim() == "1")
+        };
+        match self {
+            Client::Single(c) => (cluster_enabled(c) == Some(true)).then(|| {
+                format!(
+                    "remote_url {shown} is a node of a Redis Cluster; name the cluster as \
+                     redis-cluster://[:password@]host:port[,host:port...] so each block goes to the node that \
+                     owns its slot"
+                )
+            }),
+            Client::Cluster { seeds, .. } => {
+                let mut answers = seeds.iter().map(cluster_enabled);
+                answers.all(|a| a == Some(false)).then(|| {
+                    format!(
+                        "remote_url {shown} names a Redis Cluster, but its servers have cluster support disabled; \
+                         use redis://[:password@]host:port for one server"
+                    )
+                })
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Bounds every socket read and write (of every node's connection) by `timeout`.
+    pub fn set_timeouts(&mut self, timeout: Duration) -> RedisResult<()> {
+        match self {
+            Conn::Single(c) => {
+                c.set_read_timeout(Some(timeout))?;
+                c.set_write_timeout(Some(timeout))
+            }
+            Conn::Cluster(c) => {
+                c.set_read_timeout(Some(timeout))?;
+                c.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+
+    /// `cmds` pipelined: on one connection, or on each node its keys belong to, all nodes at once.
+    pub fn pipeline<T: FromRedisValue>(&mut self, cmds: impl IntoIterator<Item = Cmd>) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c)
+            }
+            Conn::Cluster(c) => {
+                let mut p = cluster_pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c)
+            }
+        }
+    }
+
+    /// SETs of `blocks` under their keys, encoded in `format`, with `PX ttl_ms` when given. On
+    /// one server the pipeline is packed by hand, each value encoded straight into it: the
+    /// crate's commands copied every value twice more (into the command, then into the
+    /// pipeline), which held stores of 64 KiB blocks to a third of Redis' speed.
+    pub fn set_all<'b>(
+        &mut self,
+        format: &Format,
+        blocks: impl Iterator<Item = (String, Block<'b>)>,
+        ttl_ms: Option<u64>,
+    ) -> RedisResult<()> {
+        let ttl = ttl_ms.map(|ms| ms.to_string());
+        let len = format.header() + format.block_bytes;
+        match self {
+            Conn::Single(c) => {
+                let mut packed = Vec::new();
+                let mut n = 0;
+                for (key, block) in blocks {
+                    let args = if ttl.is_some() { 5 } else { 3 };
+                    packed.reserve(len + key.len() + 64);
+                    packed.extend_from_slice(format!("*{args}\r\n$3\r\nSET\r\n").as_bytes());
+                    bulk(&mut packed, key.as_bytes());
+                    packed.extend_from_slice(format!("${len}\r\n").as_bytes());
+                    format.encode_into(&key, &block, &mut packed);
+                    packed.extend_from_slice(b"\r\n");
+                    if let Some(ttl) = &ttl {
+                        bulk(&mut packed, b"PX");
+                        bulk(&mut packed, ttl.as_bytes());
+                    }
+                    n += 1;
+                }
+                c.send_packed_command(&packed)?;
+                // Every reply is read, so the connection stays in step after a refused SET.
+                let mut refused = None;
+                for _ in 0..n {
+                    match c.recv_response().and_then(Value::extract_error) {
+                        Ok(_) => {}
+                        Err(e) if matches!(e.kind(), redis::ErrorKind::Server(_) | redis::ErrorKind::Extension) => {
+                            refused = refused.or(Some(e));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                refused.map_or(Ok(()), Err)
+            }
+            Conn::Cluster(_) => self.pipeline(blocks.map(|(key, block)| {
+                let value = format.encode(&key, &block);
+                let mut set = redis::cmd("SET");
+                set.arg(key).arg(value);
+                if let Some(ttl) = &ttl {
+                    set.arg("PX").arg(ttl);
+                }
+                set
+            })),
+        }
+    }
+
+    /// One command, routed by its key (PING, DEL).
+    pub fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query(c),
+            Conn::Cluster(c) => cmd.query(c),
+        }
+    }
+
+    /// `INFO memory` of the server, or of each primary of a cluster.
+    pub fn memory_info(&mut self) -> RedisResult<Vec<String>> {
+        let value: Value = self.query(redis::cmd("INFO").arg("memory"))?;
+        Ok(texts(value))
+    }
+}
+
+/// Appends `data` as a RESP bulk string.
+fn bulk(packed: &mut Vec<u8>, data: &[u8]) {
+    packed.extend_from_slice(format!("${}\r\n", data.len()).as_bytes());
+    packed.extend_from_slice(data);
+    packed.extend_from_slice(b"\r\n");
+}
+
+/// The text replies in `value`: one (a server), or one per node (a map or array of them).
+fn texts(value: Value) -> Vec<String> {
+    match value {
+        Value::BulkString(b) => vec![String::from_utf8_lossy(&b).into_owned()],
+        Value::SimpleString(s) => vec![s],
+        Value::VerbatimString { text, .. } => vec![text],
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(_, v)| texts(v)).collect(),
+        Value::Array(items) => items.into_iter().flat_map(texts).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_url_names_its_seeds_with_shared_credentials() {
+        assert_eq!(
+            seeds("redis-cluster://:pw@127.0.0.1:7000,127.0.0.1:7001/").unwrap(),
+            ["redis://:pw@127.0.0.1:7000", "redis://:pw@127.0.0.1:7001"]
+        );
+        assert_eq!(seeds("rediss-cluster://h:1").unwrap(), ["rediss://h:1"]);
+        for bad in ["redis-cluster://", "redis-cluster://:pw@", "redis-cluster://h:1/3", "redis-cluster://h"] {
+            let e = seeds(bad).unwrap_err().to_string();
+            assert!(e.contains("expected redis-cluster://") && !e.contains("pw"), "{e}");
+        }
+        assert!(is_cluster("rediss-cluster://h:1") && !is_cluster("redis://h:1"));
+    }
+}
