@@ -553,7 +553,7 @@ impl Engine {
         let (rejected, out_of_room) = (reserved.res.rejected, reserved.res.out_of_room);
         // Copied for the lower tiers while the slots are still ours: once published they may be
         // evicted and reused at any moment.
-        let behind: Vec<Pending> = match (&self.lower, &self.redis) {
+        let mut behind: Vec<Pending> = match (&self.lower, &self.redis) {
             (None, None) => Vec::new(),
             _ => reserved.res.new_blocks[..filled]
                 .iter()
@@ -577,8 +577,11 @@ impl Engine {
                 }
                 match (name.as_str(), &self.redis, &self.lower) {
                     ("redis", Some(redis), _) => {
-                        for p in &behind {
-                            redis.put_behind(Write { ns: p.ns, hash: p.hash, digest: p.digest, data: p.data.clone() });
+                        // Without a disk tier Redis is the copy's last user: moved, not copied again.
+                        let last = self.lower.is_none();
+                        for p in &mut behind {
+                            let data = if last { std::mem::take(&mut p.data) } else { p.data.clone() };
+                            redis.put_behind(Write { ns: p.ns, hash: p.hash, digest: p.digest, data });
                         }
                     }
                     ("disk", _, Some(lower)) => disk_took_all = self.write_behind(lower, &behind),
@@ -693,12 +696,13 @@ impl Engine {
         match pins.slots.len().checked_sub(below_from) {
             Some(skip) if skip * bb < below.len() => below = below.split_off(skip * bb),
             _ => {
-                // Memory took all of it (the usual case): the buffer serves the next load.
-                below.clear();
-                // Kept up to the memory budget: the load's peak needed that much anyway.
+                // Memory took all of it (the usual case): the buffer serves the next load, kept
+                // up to the memory budget (the load's peak needed that much anyway); else freed.
+                let mut spent = std::mem::take(&mut below);
+                spent.clear();
                 let mut scratch = self.scratch.lock();
-                if below.capacity() > scratch.capacity() && below.capacity() as u64 <= self.cfg.capacity_bytes {
-                    *scratch = std::mem::take(&mut below);
+                if spent.capacity() > scratch.capacity() && spent.capacity() as u64 <= self.cfg.capacity_bytes {
+                    *scratch = spent;
                 }
             }
         }

@@ -1,5 +1,5 @@
-//! The shared tier: Redis, through the `redis` crate's synchronous connections (a small pool,
-//! helper threads for requests' reads, two writer threads): its async connection re-parses a large
+//! The shared tier: one Redis server or a Redis Cluster (`backend.rs`), through the `redis` crate's
+//! synchronous connections (a small pool, helper threads for requests' reads, two writer threads): its async connection re-parses a large
 //! reply from the start as each chunk arrives, which made 1 MiB blocks three times slower than raw
 //! SET/GET.
 //!
@@ -16,12 +16,13 @@
 //! Each request's Redis call runs on a helper thread and the request waits for it at most its
 //! deadline, whatever the server does (no reply, a reply dripping in, a stalled TLS handshake).
 //! A lookup's EXISTS, whose reply is a few bytes, gets the budget (`timeout`, from
-//! `remote_timeout_ms`). A load's GETs get the budget plus their bytes at `READ_RATE`: Redis sends
-//! nothing of a value until it has copied all of it into the reply, so 64 blocks of 1 MiB see
-//! their first byte only after tens of milliseconds even over loopback, and a budget that fits a
-//! lookup (or a first-byte bound of that size) would fail every large legitimate read. The
+//! `remote_timeout_ms`). A load's pipeline of GETs gets the budget plus its bytes at `READ_RATE`:
+//! Redis copies each value into its reply before sending a byte of it, so 4 MiB of values take
+//! tens of milliseconds even over loopback, and a budget that fits a lookup (or a first-byte
+//! bound of that size) would fail every large legitimate read. The
 //! socket's own timeouts are the same, so the helper is free again as soon as the request stops
-//! waiting. A hung Redis thus costs the one request that finds it hung its budget (a load: plus
+//! waiting (a cluster's pipeline is the crate's, whose reads each get the full timeout: there a
+//! helper may stay busy longer). A hung Redis thus costs the one request that finds it hung its budget (a load: plus
 //! one 4 MiB chunk's allowance, 125 ms, since loads go in chunks). A call past
 //! its deadline is a miss and opens the circuit breaker (`breaker.rs`): until a background PING
 //! succeeds, requests do not touch Redis (one atomic load) and writers drop their batches
@@ -52,7 +53,7 @@ pub mod value;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -75,7 +76,7 @@ const POOL: usize = 8;
 /// (Redis alone: first byte after ~50 ms, last after ~80 ms; the rest is this client's parsing
 /// and the copies), so only a Redis several times slower than that times out.
 const READ_RATE: f64 = (32u64 << 20) as f64;
-/// Keys per EXISTS pipeline of a lookup, and bytes per MGET of a load (see `get_prefix`).
+/// Keys per EXISTS pipeline of a lookup, and bytes per GET pipeline of a load (`get_prefix`).
 const LOOKUP_CHUNK: usize = 1024;
 const READ_CHUNK: usize = 4 << 20;
 /// Writers (background) wait at least this long per socket read or write: a healthy Redis may
@@ -93,7 +94,8 @@ pub const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
 
 #[derive(Clone)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]` or `rediss://...` (TLS).
+    /// `redis://[:password@]host:port[/db]` or `rediss://...` (TLS); a Redis Cluster as
+    /// `redis-cluster://[:password@]host:port[,host:port...]` or `rediss-cluster://...`.
     pub url: String,
     pub key_prefix: String,
     pub queue_blocks: usize,
@@ -327,7 +329,7 @@ impl Shared {
         }
     }
 
-    fn write_batch(&self, batch: Vec<Write>) {
+    fn write_batch(&self, batch: Vec<Write>, packed: &mut Vec<u8>) {
         let n = batch.len() as u64;
         let timeout = self.cfg.timeout.max(WRITE_TIMEOUT_FLOOR);
         let result = self.with_connection(timeout, |con| {
@@ -335,7 +337,7 @@ impl Shared {
                 .iter()
                 .map(|w| (self.key(w.ns, w.hash), Block { ns: w.ns, hash: w.hash, digest: w.digest, data: &w.data }));
             // SET .. PX rather than PSETEX: an ACL that allows SET need not allow PSETEX.
-            con.set_all(&self.format, blocks, self.cfg.ttl.map(|t| t.as_millis().max(1) as u64))
+            con.set_all(&self.format, blocks, self.cfg.ttl.map(|t| t.as_millis().max(1) as u64), packed)
         });
         match result {
             Ok(()) => {
@@ -352,6 +354,7 @@ impl Shared {
     /// One of the writer threads: takes a batch from the shared queue and writes it. Two of
     /// them overlap one batch's encoding with the other's round trip to Redis.
     fn writer(&self, rx: &Mutex<Receiver<Write>>) {
+        let mut packed = Vec::new();
         loop {
             let batch = {
                 let rx = rx.lock();
@@ -370,7 +373,7 @@ impl Shared {
                 self.n.dropped.fetch_add(n, Relaxed);
                 self.n.in_flight.fetch_sub(n, Relaxed);
             } else {
-                self.write_batch(batch);
+                self.write_batch(batch, &mut packed);
             }
         }
     }
@@ -380,12 +383,16 @@ impl Shared {
     fn prober(&self) {
         while self.breaker.wait_to_probe() {
             let t = self.cfg.timeout;
-            let answered = self.client.connect(t).and_then(|mut con| {
-                con.query::<String>(&redis::cmd("PING"))?;
-                Ok(con)
-            });
+            // A panic in the client (a probe is its code running on a topology it just read)
+            // must not end the prober, or the breaker would stay open for good.
+            let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.client.connect(t).and_then(|mut con| {
+                    con.query::<String>(&redis::cmd("PING"))?;
+                    Ok(con)
+                })
+            }));
             match answered {
-                Ok(con) => {
+                Ok(Ok(con)) => {
                     self.pool.lock().push(con);
                     if let Some(after) = self.breaker.close() {
                         tracing::info!(
@@ -395,7 +402,7 @@ impl Shared {
                         );
                     }
                 }
-                Err(_) => self.breaker.probe_failed(),
+                Ok(Err(_)) | Err(_) => self.breaker.probe_failed(),
             }
         }
     }
@@ -617,8 +624,9 @@ impl RedisTier {
                 break;
             }
             let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
+            let deadline = Instant::now() + s.cfg.timeout;
             let found = s.call("lookup", s.cfg.timeout, move |con| {
-                con.pipeline::<Vec<bool>>(keys.iter().map(|k| redis::cmd("EXISTS").arg(k).clone()))
+                con.pipeline_until::<bool>(keys.iter().map(|k| redis::cmd("EXISTS").arg(k).clone()).collect(), deadline)
             });
             let here = found.map_or(0, |found| found.iter().take_while(|&&f| f).count());
             n += here;
@@ -631,7 +639,7 @@ impl RedisTier {
 
     /// Reads the leading blocks of `hashes` (whose digests are `digests`) into `out` (blocks back
     /// to back) until the first missing or invalid one; returns how many were read. Reads go in
-    /// MGETs of at most `READ_CHUNK` bytes, each within the budget plus its bytes at `READ_RATE`:
+    /// pipelines of GETs of at most `READ_CHUNK` bytes, each within the budget plus its bytes at `READ_RATE`:
     /// a Redis that stalls costs one chunk's allowance (then the breaker opens), and what was
     /// read and verified before is kept. A damaged or mismatched value is deleted, so the next
     /// store of that block can write a good one.
@@ -649,8 +657,12 @@ impl RedisTier {
             let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
             let limit = s.cfg.timeout + Duration::from_secs_f64((keys.len() * value_len) as f64 / READ_RATE);
             let asked = keys.clone();
+            let deadline = Instant::now() + limit;
             let Some(values) = s.call("read", limit, move |con| {
-                con.pipeline::<Vec<Option<Vec<u8>>>>(asked.iter().map(|k| redis::cmd("GET").arg(k).clone()))
+                con.pipeline_until::<Option<Vec<u8>>>(
+                    asked.iter().map(|k| redis::cmd("GET").arg(k).clone()).collect(),
+                    deadline,
+                )
             }) else {
                 break;
             };

@@ -1,13 +1,13 @@
 //! One Redis server or a Redis Cluster, behind the few operations the tier uses. A cluster is
 //! reached through the `redis` crate's cluster client: it maps keys to slots and slots to nodes,
-//! sends a pipeline to each node at once, and follows MOVED/ASK (refreshing its slot map) when
+//! sends each node its part of a pipeline before reading any reply, and follows MOVED/ASK (refreshing its slot map) when
 //! slots move or a replica takes over. Keys carry no hash tag, so blocks spread over all slots.
 //!
 //! A cluster is named by `redis-cluster://[user:password@]host:port[,host:port...]` (or
 //! `rediss-cluster://` for TLS): the seed nodes, any of which may be down, sharing credentials.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::cluster::{cluster_pipe, ClusterClient, ClusterClientBuilder, ClusterConfig, ClusterConnection};
 use redis::{Cmd, FromRedisValue, RedisResult, Value};
@@ -136,17 +136,27 @@ impl Client {
     /// node of a cluster (most keys would be MOVED), or a cluster URL whose seeds have cluster
     /// support disabled. None when they match, or when the servers do not say (INFO refused).
     pub fn mode_mismatch(&self, shown: &str, timeout: Duration) -> Option<String> {
+        let field = |text: &str, name: &str| {
+            text.lines().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_owned()))
+        };
         let cluster_enabled = |c: &redis::Client| -> Option<bool> {
             let mut con = c.get_connection_with_timeout(timeout).ok()?;
             con.set_read_timeout(Some(timeout)).ok()?;
             let info: String = redis::cmd("INFO").arg("cluster").query(&mut con).ok()?;
-            let field = info.lines().find_map(|l| l.trim().strip_prefix("cluster_enabled:"))?;
-            Some(field.trim() == "1")
+            Some(field(&info, "cluster_enabled:")? == "1")
+        };
+        // Several primaries: most keys would be MOVED. (One that serves every slot works as one
+        // server, as a one-shard managed cluster does.)
+        let sharded = |c: &redis::Client| -> Option<bool> {
+            let mut con = c.get_connection_with_timeout(timeout).ok()?;
+            con.set_read_timeout(Some(timeout)).ok()?;
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).ok()?;
+            Some(field(&info, "cluster_size:")?.parse::<u32>().ok()? > 1)
         };
         match self {
-            Client::Single(c) => (cluster_enabled(c) == Some(true)).then(|| {
+            Client::Single(c) => (cluster_enabled(c) == Some(true) && sharded(c) == Some(true)).then(|| {
                 format!(
-                    "remote_url {shown} is a node of a Redis Cluster; name the cluster as \
+                    "remote_url {shown} is a node of a Redis Cluster of several primaries; name the cluster as \
                      redis-cluster://[:password@]host:port[,host:port...] so each block goes to the node that \
                      owns its slot"
                 )
@@ -199,37 +209,65 @@ impl Conn {
         }
     }
 
+    /// The replies of `cmds`, pipelined, read by `deadline`. On one server each reply is waited
+    /// for only as long as is left: the crate's pipeline gives every reply a full socket
+    /// timeout, so a server that stalls a pipeline of 63 GETs would hold its helper for 63
+    /// timeouts. (A cluster's pipeline is the crate's: it may hold a helper past the deadline.)
+    pub fn pipeline_until<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>, deadline: Instant) -> RedisResult<Vec<T>> {
+        let c = match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(_) => return self.pipeline(cmds),
+        };
+        let mut packed = Vec::new();
+        for cmd in &cmds {
+            cmd.write_packed_command(&mut packed);
+        }
+        c.send_packed_command(&packed)?;
+        let mut out = Vec::with_capacity(cmds.len());
+        for _ in &cmds {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "past the call's deadline").into());
+            }
+            c.set_read_timeout(Some(left))?;
+            let value = c.recv_response()?.extract_error()?;
+            out.push(redis::from_redis_value(value)?);
+        }
+        Ok(out)
+    }
+
     /// SETs of `blocks` under their keys, encoded in `format`, with `PX ttl_ms` when given. On
-    /// one server the pipeline is packed by hand, each value encoded straight into it: the
-    /// crate's commands copied every value twice more (into the command, then into the
-    /// pipeline), which held stores of 64 KiB blocks to a third of Redis' speed.
+    /// one server the pipeline is packed by hand into `packed` (the writer's, reused: a fresh
+    /// 4 MiB buffer per batch cost a page fault per 4 KiB), each value encoded straight into it;
+    /// the crate's commands copied every value twice more (into the command, then the pipeline).
     pub fn set_all<'b>(
         &mut self,
         format: &Format,
         blocks: impl Iterator<Item = (String, Block<'b>)>,
         ttl_ms: Option<u64>,
+        packed: &mut Vec<u8>,
     ) -> RedisResult<()> {
         let ttl = ttl_ms.map(|ms| ms.to_string());
-        let len = format.header() + format.block_bytes;
         match self {
             Conn::Single(c) => {
-                let mut packed = Vec::new();
+                packed.clear();
                 let mut n = 0;
                 for (key, block) in blocks {
+                    let len = format.header() + block.data.len();
                     let args = if ttl.is_some() { 5 } else { 3 };
                     packed.reserve(len + key.len() + 64);
                     packed.extend_from_slice(format!("*{args}\r\n$3\r\nSET\r\n").as_bytes());
-                    bulk(&mut packed, key.as_bytes());
+                    bulk(packed, key.as_bytes());
                     packed.extend_from_slice(format!("${len}\r\n").as_bytes());
-                    format.encode_into(&key, &block, &mut packed);
+                    format.encode_into(&key, &block, packed);
                     packed.extend_from_slice(b"\r\n");
                     if let Some(ttl) = &ttl {
-                        bulk(&mut packed, b"PX");
-                        bulk(&mut packed, ttl.as_bytes());
+                        bulk(packed, b"PX");
+                        bulk(packed, ttl.as_bytes());
                     }
                     n += 1;
                 }
-                c.send_packed_command(&packed)?;
+                c.send_packed_command(packed)?;
                 // Every reply is read, so the connection stays in step after a refused SET.
                 let mut refused = None;
                 for _ in 0..n {
