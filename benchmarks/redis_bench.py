@@ -1,5 +1,6 @@
 """Redis tier throughput over loopback, against raw SET/GET of the same sizes measured by
-`redis-benchmark` in the same run (one connection, pipelines of 64, like the tier's batches).
+`redis-benchmark` in the same run (pipelines of 64, like the tier's batches): on one server (one
+connection), then on a 3-primary Redis Cluster (a connection to each primary).
 
 - store: `Engine.store` of a request's blocks plus `flush()` (the write-behind batches reach
   Redis), on an engine whose only lower tier is Redis;
@@ -19,12 +20,17 @@ import io
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from xconnector import Engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from services import RedisCluster
 
 
 def free_port() -> int:
@@ -45,6 +51,10 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
             "",
             "--appendonly",
             "no",
+            "--maxmemory",
+            "2gb",
+            "--maxmemory-policy",
+            "allkeys-lru",
             "--dir",
             workdir,
         ],
@@ -59,8 +69,10 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
     raise RuntimeError("redis-server did not start")
 
 
-def raw_gbs(port: int, size: int, n: int) -> dict[str, float]:
-    """GB/s of SET and GET of `size`-byte values, as redis-benchmark measures them."""
+def raw_gbs(port: int, size: int, n: int, masters: int = 0) -> dict[str, float]:
+    """GB/s of SET and GET of `size`-byte values, as redis-benchmark measures them (on a cluster
+    of `masters` primaries: one pipelining connection to each)."""
+    cluster = ["--cluster", "-c", str(masters)] if masters else ["-c", "1"]
     out = subprocess.run(
         [
             "redis-benchmark",
@@ -74,8 +86,7 @@ def raw_gbs(port: int, size: int, n: int) -> dict[str, float]:
             str(size),
             "-P",
             "64",
-            "-c",
-            "1",
+            *cluster,
             "--csv",
             "-q",
         ],
@@ -125,6 +136,20 @@ def tier_gbs(url: str, block_bytes: int, blocks: int, runs: int) -> dict[str, fl
     return best
 
 
+def compare(where: str, url: str, port: int, masters: int, total: int, runs: int) -> None:
+    for size in (1 << 20, 64 << 10):
+        blocks = total // size
+        best_tier = tier_gbs(url, size, blocks, runs)
+        raw = raw_gbs(port, size, blocks, masters)
+        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        for op, name in (("set", "store"), ("get", "load")):
+            print(
+                f"{where:>7} {label:>7} blocks, {name}: tier {best_tier[op]:5.2f} GB/s | "
+                f"redis-benchmark {op.upper()} {raw[op]:5.2f} GB/s | "
+                f"ratio {best_tier[op] / raw[op]:4.2f}x"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -132,25 +157,24 @@ def main() -> None:
     if not (shutil.which("redis-server") and shutil.which("redis-benchmark")):
         raise SystemExit("needs redis-server and redis-benchmark: bash scripts/services.sh")
     total = (16 if args.quick else 256) << 20
+    runs = 1 if args.quick else 3
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         proc = start_redis(port, workdir)
         try:
-            url = f"redis://127.0.0.1:{port}"
-            for size in (1 << 20, 64 << 10):
-                blocks = total // size
-                best_tier = tier_gbs(url, size, blocks, 1 if args.quick else 3)
-                raw = raw_gbs(port, size, blocks)
-                label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
-                for op, name in (("set", "store"), ("get", "load")):
-                    print(
-                        f"{label:>7} blocks, {name}: tier {best_tier[op]:5.2f} GB/s | "
-                        f"redis-benchmark {op.upper()} {raw[op]:5.2f} GB/s | "
-                        f"ratio {best_tier[op] / raw[op]:4.2f}x"
-                    )
+            compare("server", f"redis://127.0.0.1:{port}", port, 0, total, runs)
         finally:
             proc.terminate()
             proc.wait()
+        # A 3-primary cluster (no replicas: both sides would pay for replication alike).
+        (Path(workdir) / "cluster").mkdir()
+        cluster = RedisCluster(Path(workdir) / "cluster", masters=3, replicas=0)
+        for node in cluster.nodes:
+            node.cli("CONFIG", "SET", "maxmemory", "2gb", "maxmemory-policy", "allkeys-lru")
+        try:
+            compare("cluster", cluster.url, cluster.nodes[0].port, 3, total, runs)
+        finally:
+            cluster.stop()
 
 
 if __name__ == "__main__":

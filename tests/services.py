@@ -110,8 +110,8 @@ def make_tls_cert(workdir: Path) -> tuple[Path, Path, Path]:
 
 class RedisCluster:
     """A Redis Cluster on loopback made by `redis-cli --cluster create`: `masters` primaries with
-    one replica each. A node that stops answering is failed after 1 s (`cluster-node-timeout`),
-    so a replica takes over within a few seconds."""
+    `replicas` replicas each. A node that stops answering is failed after 1 s
+    (`cluster-node-timeout`), so a replica takes over within a few seconds."""
 
     def __init__(
         self,
@@ -119,15 +119,17 @@ class RedisCluster:
         masters: int = 3,
         password: str | None = None,
         tls: tuple[Path, Path, Path] | None = None,
+        replicas: int = 1,
     ) -> None:
         self.workdir = workdir
         self.password = password
         self.tls = tls  # (CA, cert, key): nodes, their bus and replication all speak TLS
         self.nodes: list[RedisServer] = []
         try:
-            for _ in range(masters * 2):
+            for _ in range(masters * (1 + replicas)):
                 self.nodes.append(self._node())
-            self._cli("--cluster", "create", *self._addrs(self.nodes), "--cluster-replicas", "1")
+            addrs = self._addrs(self.nodes)
+            self._cli("--cluster", "create", *addrs, "--cluster-replicas", str(replicas))
             self.wait_ok()
         except BaseException:
             self.stop()
