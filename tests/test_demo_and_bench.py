@@ -98,7 +98,15 @@ def test_kv_layout_benchmark_quick_run() -> None:
 def test_redis_benchmark_quick_run() -> None:
     r = run(sys.executable, str(ROOT / "benchmarks" / "redis_bench.py"), "--quick")
     lines = r.stdout.splitlines()
-    assert len([ln for ln in lines if "redis-benchmark" in ln and "ratio" in ln]) == 4, r.stdout
+    rows = [ln for ln in lines if "redis-benchmark" in ln and "ratio" in ln]
+    # Two sizes, store and load, on one server and on a cluster.
+    assert [ln.split()[0] for ln in rows] == ["server"] * 4 + ["cluster"] * 4, r.stdout
+
+
+def test_fleet_benchmark_quick_run() -> None:
+    r = run(sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--quick")
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith(("| alone", "| shared"))]
+    assert len(rows) == 2 and "shared vs alone: hit rate" in r.stdout, r.stdout
 
 
 def test_usable_prefix_never_includes_the_block_holding_the_last_token() -> None:
