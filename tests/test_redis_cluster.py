@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from conftest import BLOCK, block_payload
 from services import RedisCluster, RedisServer, make_tls_cert
+from test_redis_tier import BLOCK_BYTES
+from test_redis_tier import engine as redis_engine
 
 from xconnector import Engine
 from xconnector.exceptions import ConfigError
 
-BLOCK_BYTES = 256
 PROMPT_BLOCKS = 4
 
 
@@ -34,12 +35,9 @@ def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 
 def engine(url: str, blocks: int = PROMPT_BLOCKS, ca_file: Path | None = None) -> Engine:
     """An engine whose memory holds one prompt: cycling through several, each load reads Redis."""
-    return Engine(
-        block_bytes=BLOCK_BYTES,
-        capacity_bytes=blocks * BLOCK_BYTES,
-        block_size=BLOCK,
-        model="m",
-        redis_url=url,
+    return redis_engine(
+        url,
+        blocks,
         redis_queue_blocks=4096,
         redis_timeout=1.0,
         redis_ca_file=str(ca_file) if ca_file else None,

@@ -1,7 +1,7 @@
-//! The shared tier: one Redis server or a Redis Cluster (`backend.rs`), through the `redis` crate's
-//! synchronous connections (a small pool, helper threads for requests' reads, two writer threads): its async connection re-parses a large
-//! reply from the start as each chunk arrives, which made 1 MiB blocks three times slower than raw
-//! SET/GET.
+//! The shared tier: one Redis server or a Redis Cluster (`backend.rs`), through the `redis`
+//! crate's synchronous connections (a small pool, helper threads for requests' reads, two writer
+//! threads): its async connection re-parses a large reply from the start as each chunk arrives,
+//! which made 1 MiB blocks three times slower than raw SET/GET.
 //!
 //! Keys are `<prefix>:<namespace>:<sequence hash>` (hex), so engines of different models never
 //! meet and two engines of the same model, in any processes, share blocks. Values carry a header
@@ -19,11 +19,11 @@
 //! `remote_timeout_ms`). A load's pipeline of GETs gets the budget plus its bytes at `READ_RATE`:
 //! Redis copies each value into its reply before sending a byte of it, so 4 MiB of values take
 //! tens of milliseconds even over loopback, and a budget that fits a lookup (or a first-byte
-//! bound of that size) would fail every large legitimate read. The
-//! socket's own timeouts are the same, so the helper is free again as soon as the request stops
-//! waiting (a cluster's pipeline is the crate's, whose reads each get the full timeout: there a
-//! helper may stay busy longer). A hung Redis thus costs the one request that finds it hung its budget (a load: plus
-//! one 4 MiB chunk's allowance, 125 ms, since loads go in chunks). A call past
+//! bound of that size) would fail every large legitimate read. The socket's own timeouts are the
+//! same, so the helper is free again as soon as the request stops waiting (a cluster's pipeline
+//! is the crate's, whose reads each get the full timeout: there a helper may stay busy longer).
+//! A hung Redis thus costs the one request that finds it hung its budget (a load: plus one 4 MiB
+//! chunk's allowance, 125 ms, since loads go in chunks). A call past
 //! its deadline is a miss and opens the circuit breaker (`breaker.rs`): until a background PING
 //! succeeds, requests do not touch Redis (one atomic load) and writers drop their batches
 //! (counted). One WARNING when the breaker opens, one INFO when it closes, counters for the rest;
@@ -578,10 +578,10 @@ impl RedisTier {
         let first = Arc::clone(&shared);
         let ping = move || first.with_connection(limit, |con| con.query::<String>(&redis::cmd("PING")));
         let answer = shared.helpers.run(limit, ping);
-        let checked = Arc::clone(&shared);
-        let mode = move || checked.client.mode_mismatch(&checked.shown, limit);
         // Only a server that answered can say what it is (a silent one would cost `limit` again).
         if matches!(&answer, Some(Ok(_))) || matches!(&answer, Some(Err(e)) if !is_auth_error(e) && !e.is_timeout()) {
+            let checked = Arc::clone(&shared);
+            let mode = move || checked.client.mode_mismatch(&checked.shown, limit);
             if let Some(Some(wrong)) = shared.helpers.run(limit, mode) {
                 return Err(CoreError::config(wrong));
             }
@@ -639,9 +639,9 @@ impl RedisTier {
 
     /// Reads the leading blocks of `hashes` (whose digests are `digests`) into `out` (blocks back
     /// to back) until the first missing or invalid one; returns how many were read. Reads go in
-    /// pipelines of GETs of at most `READ_CHUNK` bytes, each within the budget plus its bytes at `READ_RATE`:
-    /// a Redis that stalls costs one chunk's allowance (then the breaker opens), and what was
-    /// read and verified before is kept. A damaged or mismatched value is deleted, so the next
+    /// pipelines of GETs of at most `READ_CHUNK` bytes, each within the budget plus its bytes at
+    /// `READ_RATE`: a Redis that stalls costs one chunk's allowance (then the breaker opens), and
+    /// what was read and verified before is kept. A damaged or mismatched value is deleted, so the next
     /// store of that block can write a good one.
     pub fn get_prefix(&self, ns: u64, hashes: &[u64], digests: &[u128], out: &mut [u8]) -> usize {
         let s = &self.shared;

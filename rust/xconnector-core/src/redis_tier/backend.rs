@@ -1,10 +1,12 @@
 //! One Redis server or a Redis Cluster, behind the few operations the tier uses. A cluster is
 //! reached through the `redis` crate's cluster client: it maps keys to slots and slots to nodes,
-//! sends each node its part of a pipeline before reading any reply, and follows MOVED/ASK (refreshing its slot map) when
-//! slots move or a replica takes over. Keys carry no hash tag, so blocks spread over all slots.
+//! sends each node its part of a pipeline before reading any reply, and follows MOVED/ASK
+//! (refreshing its slot map) when slots move or a replica takes over. Keys carry no hash tag, so
+//! blocks spread over all slots.
 //!
 //! A cluster is named by `redis-cluster://[user:password@]host:port[,host:port...]` (or
-//! `rediss-cluster://` for TLS): the seed nodes, any of which may be down, sharing credentials.
+//! `rediss-cluster://` for TLS): the seed nodes, tried in order until one answers, sharing
+//! credentials.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,7 +30,8 @@ pub enum Client {
     Single(redis::Client),
     Cluster {
         client: ClusterClient,
-        /// The seeds as one-server clients, to tell a seed without cluster support (see `mode`).
+        /// The seeds as one-server clients, to tell seeds without cluster support
+        /// (`mode_mismatch`).
         seeds: Vec<redis::Client>,
     },
 }
@@ -139,22 +142,21 @@ impl Client {
         let field = |text: &str, name: &str| {
             text.lines().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_owned()))
         };
-        let cluster_enabled = |c: &redis::Client| -> Option<bool> {
+        // What one server says of itself, on one connection: whether it has cluster support, and
+        // if so whether its cluster has several primaries (then most keys would be MOVED; one
+        // that serves every slot works as one server, as a one-shard managed cluster does).
+        let cluster = |c: &redis::Client| -> Option<(bool, bool)> {
             let mut con = c.get_connection_with_timeout(timeout).ok()?;
             con.set_read_timeout(Some(timeout)).ok()?;
             let info: String = redis::cmd("INFO").arg("cluster").query(&mut con).ok()?;
-            Some(field(&info, "cluster_enabled:")? == "1")
-        };
-        // Several primaries: most keys would be MOVED. (One that serves every slot works as one
-        // server, as a one-shard managed cluster does.)
-        let sharded = |c: &redis::Client| -> Option<bool> {
-            let mut con = c.get_connection_with_timeout(timeout).ok()?;
-            con.set_read_timeout(Some(timeout)).ok()?;
+            if field(&info, "cluster_enabled:")? != "1" {
+                return Some((false, false));
+            }
             let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut con).ok()?;
-            Some(field(&info, "cluster_size:")?.parse::<u32>().ok()? > 1)
+            Some((true, field(&info, "cluster_size:")?.parse::<u32>().ok()? > 1))
         };
         match self {
-            Client::Single(c) => (cluster_enabled(c) == Some(true) && sharded(c) == Some(true)).then(|| {
+            Client::Single(c) => (cluster(c) == Some((true, true))).then(|| {
                 format!(
                     "remote_url {shown} is a node of a Redis Cluster of several primaries; name the cluster as \
                      redis-cluster://[:password@]host:port[,host:port...] so each block goes to the node that \
@@ -162,8 +164,8 @@ impl Client {
                 )
             }),
             Client::Cluster { seeds, .. } => {
-                let mut answers = seeds.iter().map(cluster_enabled);
-                answers.all(|a| a == Some(false)).then(|| {
+                let mut answers = seeds.iter().map(cluster);
+                answers.all(|a| a.is_some_and(|(enabled, _)| !enabled)).then(|| {
                     format!(
                         "remote_url {shown} names a Redis Cluster, but its servers have cluster support disabled; \
                          use redis://[:password@]host:port for one server"
@@ -189,26 +191,6 @@ impl Conn {
         }
     }
 
-    /// `cmds` pipelined: on one connection, or on each node its keys belong to, all nodes at once.
-    pub fn pipeline<T: FromRedisValue>(&mut self, cmds: impl IntoIterator<Item = Cmd>) -> RedisResult<T> {
-        match self {
-            Conn::Single(c) => {
-                let mut p = redis::pipe();
-                for cmd in cmds {
-                    p.add_command(cmd);
-                }
-                p.query(c)
-            }
-            Conn::Cluster(c) => {
-                let mut p = cluster_pipe();
-                for cmd in cmds {
-                    p.add_command(cmd);
-                }
-                p.query(c)
-            }
-        }
-    }
-
     /// The replies of `cmds`, pipelined, read by `deadline`. On one server each reply is waited
     /// for only as long as is left: the crate's pipeline gives every reply a full socket
     /// timeout, so a server that stalls a pipeline of 63 GETs would hold its helper for 63
@@ -216,7 +198,7 @@ impl Conn {
     pub fn pipeline_until<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>, deadline: Instant) -> RedisResult<Vec<T>> {
         let c = match self {
             Conn::Single(c) => c,
-            Conn::Cluster(_) => return self.pipeline(cmds),
+            Conn::Cluster(c) => return cluster_pipeline(c, cmds),
         };
         let mut packed = Vec::new();
         for cmd in &cmds {
@@ -281,15 +263,18 @@ impl Conn {
                 }
                 refused.map_or(Ok(()), Err)
             }
-            Conn::Cluster(_) => self.pipeline(blocks.map(|(key, block)| {
-                let value = format.encode(&key, &block);
-                let mut set = redis::cmd("SET");
-                set.arg(key).arg(value);
-                if let Some(ttl) = &ttl {
-                    set.arg("PX").arg(ttl);
-                }
-                set
-            })),
+            Conn::Cluster(c) => cluster_pipeline(
+                c,
+                blocks.map(|(key, block)| {
+                    let value = format.encode(&key, &block);
+                    let mut set = redis::cmd("SET");
+                    set.arg(key).arg(value);
+                    if let Some(ttl) = &ttl {
+                        set.arg("PX").arg(ttl);
+                    }
+                    set
+                }),
+            ),
         }
     }
 
@@ -306,6 +291,18 @@ impl Conn {
         let value: Value = self.query(redis::cmd("INFO").arg("memory"))?;
         Ok(texts(value))
     }
+}
+
+/// `cmds` pipelined on a cluster: each node gets the commands for its keys.
+fn cluster_pipeline<T: FromRedisValue>(
+    c: &mut ClusterConnection,
+    cmds: impl IntoIterator<Item = Cmd>,
+) -> RedisResult<T> {
+    let mut p = cluster_pipe();
+    for cmd in cmds {
+        p.add_command(cmd);
+    }
+    p.query(c)
 }
 
 /// Appends `data` as a RESP bulk string.
