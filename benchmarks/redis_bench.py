@@ -4,8 +4,8 @@ connection), then on a 3-primary Redis Cluster (a connection to each primary).
 
 - store: `Engine.store` of a request's blocks plus `flush()` (the write-behind batches reach
   Redis), on an engine whose only lower tier is Redis;
-- load: `Engine.load` on a fresh engine (empty memory): the blocks come from Redis (one MGET),
-  are checked (header and XXH3) and promoted into memory.
+- load: `Engine.load` on an engine without them in memory: the blocks come from Redis
+  (pipelined GETs), are checked (header and XXH3) and promoted into memory.
 
 Each number is the best of 3 runs after a warm-up run (engines in a worker are warm).
 Run: `.venv/bin/python benchmarks/redis_bench.py` (`--quick` for a smoke run). Needs

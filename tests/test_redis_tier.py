@@ -147,6 +147,45 @@ def test_kill_9_mid_workload_then_restart(redis: RedisServer) -> None:
     assert reader.load(fresh, out) == 4 * BLOCK and bytes(out) == block_payload(fresh)
 
 
+def test_loads_reusing_the_last_loads_buffer_serve_their_own_blocks(redis: RedisServer) -> None:
+    # Memory holds 4 blocks, so most of each load is served from the buffer its Redis reads went
+    # into, which the next load reuses with the last one's bytes still in it.
+    writer = engine(redis.url, blocks=4)
+    prompts = [prompt(s, blocks) for s, blocks in ((21, 24), (22, 9), (23, 17))]
+    for toks in prompts:
+        assert writer.store(toks, block_payload(toks)) > 0
+    assert writer.flush(30)
+    reader = engine(redis.url, blocks=4)
+    for toks in [*prompts, prompts[0], prompts[1]]:
+        out = bytearray(len(toks) // BLOCK * BLOCK_BYTES)
+        assert reader.load(toks, out) == len(toks)
+        assert bytes(out) == block_payload(toks)
+    # A prefix of a prompt read before, longer than memory, and then a miss past it.
+    toks = prompts[0][: 12 * BLOCK] + list(range(900_000, 900_000 + 4 * BLOCK))
+    out = bytearray(16 * BLOCK_BYTES)
+    assert reader.load(toks, out) == 12 * BLOCK
+    assert bytes(out[: 12 * BLOCK_BYTES]) == block_payload(prompts[0])[: 12 * BLOCK_BYTES]
+
+
+def test_an_acl_user_and_a_database_number_reach_the_server(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="admin-pass")
+    try:
+        server.cli("ACL", "SETUSER", "kv", "on", ">kv-pass", "~*", "+@all")
+        url = f"redis://kv:kv-pass@127.0.0.1:{server.port}/3"
+        toks = prompt(31, 6)
+        writer = engine(url)
+        writer.store(toks, block_payload(toks))
+        assert writer.flush(30) and writer.stats()["redis_written_blocks"] == 6
+        assert server.cli("-n", "3", "DBSIZE").strip() == "6"
+        assert server.cli("-n", "0", "DBSIZE").strip() == "0"
+        out = bytearray(6 * BLOCK_BYTES)
+        assert engine(url).load(toks, out) == len(toks) and bytes(out) == block_payload(toks)
+        with pytest.raises(ConfigError, match="Redis refused the credentials"):
+            engine(f"redis://kv:wrong@127.0.0.1:{server.port}/3")
+    finally:
+        server.stop()
+
+
 def test_a_wrong_password_is_a_clear_error_at_startup(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, password="s3cret")
     try:

@@ -559,7 +559,9 @@ impl Engine {
                 .iter()
                 .map(|&(i, slot)| {
                     let mut data = Vec::new();
-                    self.tier.fill_reserved(slot, |b| data = b.to_vec());
+                    self.tier.fill_reserved(slot, |b| {
+                        data = self.redis.as_ref().map_or_else(|| b.to_vec(), |r| r.write_buffer(b));
+                    });
                     let change = self.journal.get().map(|_| {
                         BlockChange::stored(Medium::Disk, &hashes, tokens, self.cfg.block_size, i..i + 1, extras)
                     });
@@ -698,8 +700,7 @@ impl Engine {
             _ => {
                 // Memory took all of it (the usual case): the buffer serves the next load, kept
                 // up to the memory budget (the load's peak needed that much anyway); else freed.
-                let mut spent = std::mem::take(&mut below);
-                spent.clear();
+                let spent = std::mem::take(&mut below);
                 let mut scratch = self.scratch.lock();
                 if spent.capacity() > scratch.capacity() && spent.capacity() as u64 <= self.cfg.capacity_bytes {
                     *scratch = spent;
@@ -886,22 +887,31 @@ impl Engine {
         let pinned = Pins { tier: &self.tier, slots: self.tier.pin_prefix(ns, hashes, digests, hashes.len()) };
         let in_memory = pinned.slots.len();
         let bb = self.cfg.block_bytes;
+        // The last load's buffer, its bytes kept: only what it lacks is zero-filled (the whole
+        // of it each load was a pass over memory as large as the load), and a block's bytes are
+        // only read back once a tier has written and checked them.
         let mut buf = std::mem::take(&mut *self.scratch.lock());
-        buf.clear();
-        let mut got = 0;
+        let (mut got, mut filled) = (0, 0);
         for tier in self.below() {
             let from = in_memory + got;
             let (rest, rest_digests) = (&hashes[from..], &digests[from..]);
             if rest.is_empty() {
                 break;
             }
-            let start = buf.len();
+            let start = filled;
+            let mut room = |blocks: usize| {
+                let end = start + blocks * bb;
+                if buf.len() < end {
+                    buf.resize(end, 0);
+                }
+                end
+            };
             let n = match tier {
                 Below::Disk(lower) => {
                     let on_disk = lower.disk.contains_prefix(ns, rest);
-                    buf.resize(start + on_disk * bb, 0);
+                    let end = room(on_disk);
                     let mut n = 0;
-                    for (k, chunk) in buf[start..].chunks_exact_mut(bb).enumerate() {
+                    for (k, chunk) in buf[start..end].chunks_exact_mut(bb).enumerate() {
                         if !lower.disk.get(ns, rest[k], rest_digests[k], chunk) {
                             break; // damaged, mismatched or gone: the run ends here
                         }
@@ -910,13 +920,14 @@ impl Engine {
                     n
                 }
                 Below::Redis(redis) => {
-                    buf.resize(start + rest.len() * bb, 0);
-                    redis.get_prefix(ns, rest, rest_digests, &mut buf[start..])
+                    let end = room(rest.len());
+                    redis.get_prefix(ns, rest, rest_digests, &mut buf[start..end])
                 }
             };
-            buf.truncate(start + n * bb);
+            filled = start + n * bb;
             got += n;
         }
+        buf.truncate(filled);
         if got > 0 {
             let upto = in_memory + got;
             if let Ok(res) = self.tier.reserve(ns, &hashes[..upto], &digests[..upto]) {

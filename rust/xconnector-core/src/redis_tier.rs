@@ -47,11 +47,12 @@
 mod backend;
 mod breaker;
 mod calls;
+mod resp;
 mod server_memory;
 pub mod value;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,7 +62,7 @@ use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
 use backend::{Client, Conn};
 use breaker::Breaker;
-use calls::Helpers;
+use calls::{Helpers, Started};
 use server_memory::warn_about_memory;
 use value::{Block, Format, Reject};
 
@@ -79,6 +80,12 @@ const READ_RATE: f64 = (32u64 << 20) as f64;
 /// Keys per EXISTS pipeline of a lookup, and bytes per GET pipeline of a load (`get_prefix`).
 const LOOKUP_CHUNK: usize = 1024;
 const READ_CHUNK: usize = 4 << 20;
+/// Reply buffers kept for loads (each about one chunk): as many as loads read at once commonly.
+const READ_BUFFERS: usize = 4;
+/// Spare write buffers are freed after the writers have been idle this long: while writes keep
+/// coming they are reused, so a store does not fault in fresh zeroed pages for every block's copy
+/// (the kernel zeroing them was a fifth of a 64 KiB store's time).
+const SPARES_IDLE: Duration = Duration::from_secs(5);
 /// Writers (background) wait at least this long per socket read or write: a healthy Redis may
 /// pause on a big pipelined write (a fork for a snapshot), and no request waits on them.
 const WRITE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
@@ -127,6 +134,11 @@ impl std::fmt::Debug for RedisConfig {
             .field("auth_key", &self.auth_key)
             .finish()
     }
+}
+
+/// The time `bytes` of values are allowed on top of the budget (`READ_RATE`).
+fn read_allowance(bytes: usize) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / READ_RATE)
 }
 
 /// The budget from seconds, as the binding's `redis_timeout` gives it.
@@ -233,8 +245,23 @@ struct Shared {
     /// The process that opened the tier (see `usable`).
     pid: u32,
     fork_logged: AtomicBool,
+    /// Buffers of written blocks, for the next blocks' copies (`write_buffer`): at most as many
+    /// as the queue holds, freed when the writers are idle (`SPARES_IDLE`).
+    spares: Mutex<Vec<Vec<u8>>>,
+    /// Buffers that loads' replies are read into, kept for the next loads (`READ_BUFFERS`).
+    read_buffers: Mutex<Vec<Vec<u8>>>,
     n: Counters,
 }
+
+/// A request's Redis call under way on a helper.
+struct Call<T> {
+    started: Started<redis::RedisResult<T>>,
+    limit: Duration,
+    deadline: Instant,
+}
+
+/// The replies of a load's GETs: the buffer they were read into and each value's range of it.
+type Values = (Vec<u8>, Vec<Option<std::ops::Range<usize>>>);
 
 pub struct RedisTier {
     shared: Arc<Shared>,
@@ -315,21 +342,35 @@ impl Shared {
         limit: Duration,
         f: impl FnOnce(&mut Conn) -> redis::RedisResult<T> + Send + 'static,
     ) -> Option<T> {
+        self.finish(op, self.start_call(limit, f))
+    }
+
+    /// `call`, started now and waited for by `finish` (dropped instead: abandoned).
+    fn start_call<T: Send + 'static>(
+        self: &Arc<Self>,
+        limit: Duration,
+        f: impl FnOnce(&mut Conn) -> redis::RedisResult<T> + Send + 'static,
+    ) -> Call<T> {
         let me = Arc::clone(self);
-        match self.helpers.run(limit, move || me.with_connection(limit, f)) {
+        let deadline = Instant::now() + limit;
+        Call { started: self.helpers.start(move || me.with_connection(limit, f)), limit, deadline }
+    }
+
+    fn finish<T>(&self, op: &str, call: Call<T>) -> Option<T> {
+        match call.started.wait(call.deadline) {
             Some(Ok(v)) => Some(v),
             Some(Err(e)) => {
-                self.failed(op, cause(&e, limit));
+                self.failed(op, cause(&e, call.limit));
                 None
             }
             None => {
-                self.failed(op, Cause::TimedOut(limit));
+                self.failed(op, Cause::TimedOut(call.limit));
                 None
             }
         }
     }
 
-    fn write_batch(&self, batch: Vec<Write>, packed: &mut Vec<u8>) {
+    fn write_batch(&self, batch: &[Write], packed: &mut Vec<u8>) {
         let n = batch.len() as u64;
         let timeout = self.cfg.timeout.max(WRITE_TIMEOUT_FLOOR);
         let result = self.with_connection(timeout, |con| {
@@ -337,7 +378,8 @@ impl Shared {
                 .iter()
                 .map(|w| (self.key(w.ns, w.hash), Block { ns: w.ns, hash: w.hash, digest: w.digest, data: &w.data }));
             // SET .. PX rather than PSETEX: an ACL that allows SET need not allow PSETEX.
-            con.set_all(&self.format, blocks, self.cfg.ttl.map(|t| t.as_millis().max(1) as u64), packed)
+            let ttl = self.cfg.ttl.map(|t| t.as_millis().max(1) as u64);
+            con.set_all(&self.format, blocks, ttl, packed, |bytes| timeout + read_allowance(bytes))
         });
         match result {
             Ok(()) => {
@@ -358,7 +400,16 @@ impl Shared {
         loop {
             let batch = {
                 let rx = rx.lock();
-                let Ok(first) = rx.recv() else { return };
+                let first = match rx.recv_timeout(SPARES_IDLE) {
+                    Ok(w) => w,
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Idle: the spare buffers (and this writer's packing buffer) go back.
+                        *self.spares.lock() = Vec::new();
+                        packed = Vec::new();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
                 let mut batch = vec![first];
                 while batch.len() < self.cfg.batch_blocks.max(1) {
                     match rx.try_recv() {
@@ -373,8 +424,11 @@ impl Shared {
                 self.n.dropped.fetch_add(n, Relaxed);
                 self.n.in_flight.fetch_sub(n, Relaxed);
             } else {
-                self.write_batch(batch, &mut packed);
+                self.write_batch(&batch, &mut packed);
             }
+            let mut spares = self.spares.lock();
+            let room = self.cfg.queue_blocks.saturating_sub(spares.len());
+            spares.extend(batch.into_iter().take(room).map(|w| w.data));
         }
     }
 
@@ -414,7 +468,7 @@ impl Shared {
         self: &Arc<Self>,
         ns: u64,
         keys: &[String],
-        values: &[Option<Vec<u8>>],
+        values: &[Option<&[u8]>],
         hashes: &[u64],
         digests: &[u128],
         out: &mut [u8],
@@ -555,6 +609,8 @@ impl RedisTier {
             refusal_logged: AtomicBool::new(false),
             pid: std::process::id(),
             fork_logged: AtomicBool::new(false),
+            spares: Mutex::new(Vec::new()),
+            read_buffers: Mutex::new(Vec::new()),
             n: Counters::default(),
             cfg,
         });
@@ -648,26 +704,45 @@ impl RedisTier {
         let value_len = s.format.header() + s.format.block_bytes;
         let per = (READ_CHUNK / value_len).max(1);
         let bb = s.format.block_bytes;
-        let mut n = 0;
-        for (c, chunk) in hashes.chunks(per).enumerate() {
+        let chunks: Vec<&[u64]> = hashes.chunks(per).collect();
+        // Each chunk's read starts before the one before it is checked, so Redis and a helper
+        // read the next values while this thread checks and copies the last ones. A chunk
+        // started but not needed (a miss or a failure before it) is abandoned.
+        let read = |c: usize| -> Option<(Vec<String>, Call<Values>)> {
+            let chunk = chunks.get(c)?;
             if !s.usable() {
-                break;
+                return None;
             }
-            let start = c * per;
             let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
-            let limit = s.cfg.timeout + Duration::from_secs_f64((keys.len() * value_len) as f64 / READ_RATE);
-            let asked = keys.clone();
+            let limit = s.cfg.timeout + read_allowance(keys.len() * value_len);
             let deadline = Instant::now() + limit;
-            let Some(values) = s.call("read", limit, move |con| {
-                con.pipeline_until::<Option<Vec<u8>>>(
-                    asked.iter().map(|k| redis::cmd("GET").arg(k).clone()).collect(),
-                    deadline,
-                )
-            }) else {
-                break;
-            };
+            let me = Arc::clone(s);
+            let asked = keys.clone();
+            // The helper reads into a buffer of its own (the caller may stop waiting and return
+            // while it still reads); the caller checks and copies the values out, and keeps it.
+            let call = s.start_call(limit, move |con| {
+                let mut buf = me.read_buffers.lock().pop().unwrap_or_default();
+                let values = con.get_all(&asked, value_len, deadline, &mut buf)?;
+                Ok((buf, values))
+            });
+            Some((keys, call))
+        };
+        let mut n = 0;
+        let mut next = read(0);
+        for (c, chunk) in chunks.iter().enumerate() {
+            let Some((keys, call)) = next.take() else { break };
+            next = read(c + 1);
+            let Some((buf, values)) = s.finish("read", call) else { break };
             s.n.reads.fetch_add(1, Relaxed);
+            let start = c * per;
+            let values: Vec<Option<&[u8]>> = values.iter().map(|v| v.clone().map(|r| &buf[r])).collect();
             let got = s.accept(ns, &keys, &values, &hashes[start..], &digests[start..], &mut out[start * bb..]);
+            drop(values);
+            let mut kept = s.read_buffers.lock();
+            if kept.len() < READ_BUFFERS && buf.len() <= 2 * (READ_CHUNK + value_len) {
+                kept.push(buf);
+            }
+            drop(kept);
             n += got;
             if got < chunk.len() {
                 break;
@@ -675,6 +750,15 @@ impl RedisTier {
         }
         s.n.hits.fetch_add(n as u64, Relaxed);
         n
+    }
+
+    /// A copy of `block` for `put_behind`, in a spare buffer of a block already written when
+    /// there is one.
+    pub fn write_buffer(&self, block: &[u8]) -> Vec<u8> {
+        let mut data = self.shared.spares.lock().pop().unwrap_or_default();
+        data.clear();
+        data.extend_from_slice(block);
+        data
     }
 
     /// Queues a block to be written; false (and counted) when the queue is full.

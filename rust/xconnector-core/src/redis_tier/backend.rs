@@ -4,16 +4,21 @@
 //! (refreshing its slot map) when slots move or a replica takes over. Keys carry no hash tag, so
 //! blocks spread over all slots.
 //!
+//! One server over plain TCP is reached through our own connection (`resp.rs`), which keeps a
+//! pipeline's values in place in a reused buffer; over TLS or a Unix socket, through the crate's.
+//!
 //! A cluster is named by `redis-cluster://[user:password@]host:port[,host:port...]` (or
 //! `rediss-cluster://` for TLS): the seed nodes, tried in order until one answers, sharing
 //! credentials.
 
+use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use redis::cluster::{cluster_pipe, ClusterClient, ClusterClientBuilder, ClusterConfig, ClusterConnection};
-use redis::{Cmd, FromRedisValue, RedisResult, Value};
+use redis::{Cmd, ConnectionAddr, FromRedisValue, RedisResult, Value};
 
+use super::resp::{Reply, RespConn};
 use super::value::{Block, Format};
 use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
@@ -37,6 +42,9 @@ pub enum Client {
 }
 
 pub enum Conn {
+    /// One server over plain TCP.
+    Raw(RespConn),
+    /// One server over TLS or a Unix socket.
     Single(redis::Connection),
     Cluster(Box<ClusterConnection>),
 }
@@ -125,7 +133,16 @@ impl Client {
     /// A new connection (for a cluster: to the nodes its seeds name), every step within `timeout`.
     pub fn connect(&self, timeout: Duration) -> RedisResult<Conn> {
         let mut con = match self {
-            Client::Single(c) => Conn::Single(c.get_connection_with_timeout(timeout)?),
+            Client::Single(c) => {
+                let info = c.get_connection_info();
+                match info.addr() {
+                    ConnectionAddr::Tcp(host, port) => {
+                        let r = info.redis_settings();
+                        Conn::Raw(RespConn::connect(host, *port, timeout, r.username(), r.password(), r.db())?)
+                    }
+                    _ => Conn::Single(c.get_connection_with_timeout(timeout)?),
+                }
+            }
             Client::Cluster { client, .. } => {
                 let cfg = ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
                 Conn::Cluster(Box::new(client.get_connection_with_config(cfg)?))
@@ -180,6 +197,7 @@ impl Conn {
     /// Bounds every socket read and write (of every node's connection) by `timeout`.
     pub fn set_timeouts(&mut self, timeout: Duration) -> RedisResult<()> {
         match self {
+            Conn::Raw(c) => Ok(c.set_timeouts(timeout)?),
             Conn::Single(c) => {
                 c.set_read_timeout(Some(timeout))?;
                 c.set_write_timeout(Some(timeout))
@@ -197,6 +215,16 @@ impl Conn {
     /// timeouts. (A cluster's pipeline is the crate's: it may hold a helper past the deadline.)
     pub fn pipeline_until<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>, deadline: Instant) -> RedisResult<Vec<T>> {
         let c = match self {
+            Conn::Raw(c) => {
+                let mut packed = Vec::new();
+                for cmd in &cmds {
+                    cmd.write_packed_command(&mut packed);
+                }
+                c.send(&packed)?;
+                let mut buf = Vec::new();
+                let replies = c.read_replies(cmds.len(), &mut buf, 0, deadline)?;
+                return replies.into_iter().map(|r| Ok(redis::from_redis_value(value(&buf, r))?)).collect();
+            }
             Conn::Single(c) => c,
             Conn::Cluster(c) => return cluster_pipeline(c, cmds),
         };
@@ -218,6 +246,51 @@ impl Conn {
         Ok(out)
     }
 
+    /// GETs of `keys`, pipelined, read by `deadline` into `buf` (reused; `value_len`: the size
+    /// expected of each value): each value's range of `buf`, None for a missing key. On one
+    /// server over TCP the values are read in place; else they are copied from the crate's
+    /// replies.
+    pub fn get_all(
+        &mut self,
+        keys: &[String],
+        value_len: usize,
+        deadline: Instant,
+        buf: &mut Vec<u8>,
+    ) -> RedisResult<Vec<Option<Range<usize>>>> {
+        let c = match self {
+            Conn::Raw(c) => c,
+            _ => {
+                let cmds = keys.iter().map(|k| redis::cmd("GET").arg(k).clone()).collect();
+                let values: Vec<Option<Vec<u8>>> = self.pipeline_until(cmds, deadline)?;
+                buf.clear();
+                let mut ranges = Vec::with_capacity(values.len());
+                for v in values {
+                    ranges.push(v.map(|v| {
+                        buf.extend_from_slice(&v);
+                        buf.len() - v.len()..buf.len()
+                    }));
+                }
+                return Ok(ranges);
+            }
+        };
+        let mut packed = Vec::with_capacity(keys.len() * 64);
+        for key in keys {
+            packed.extend_from_slice(b"*2\r\n$3\r\nGET\r\n");
+            bulk(&mut packed, key.as_bytes());
+        }
+        c.send(&packed)?;
+        let expected = keys.len() * (value_len + 32);
+        let replies = c.read_replies(keys.len(), buf, expected, deadline)?;
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Bulk(range) => Ok(Some(range)),
+                Reply::Nil => Ok(None),
+                _ => Err((redis::ErrorKind::UnexpectedReturnType, "GET answered with a non-string").into()),
+            })
+            .collect()
+    }
+
     /// SETs of `blocks` under their keys, encoded in `format`, with `PX ttl_ms` when given. On
     /// one server the pipeline is packed by hand into `packed` (the writer's, reused: a fresh
     /// 4 MiB buffer per batch cost a page fault per 4 KiB), each value encoded straight into it;
@@ -228,10 +301,11 @@ impl Conn {
         blocks: impl Iterator<Item = (String, Block<'b>)>,
         ttl_ms: Option<u64>,
         packed: &mut Vec<u8>,
+        allowance: impl FnOnce(usize) -> Duration,
     ) -> RedisResult<()> {
         let ttl = ttl_ms.map(|ms| ms.to_string());
         match self {
-            Conn::Single(c) => {
+            Conn::Raw(_) | Conn::Single(_) => {
                 packed.clear();
                 let mut n = 0;
                 for (key, block) in blocks {
@@ -249,6 +323,17 @@ impl Conn {
                     }
                     n += 1;
                 }
+                let c = match self {
+                    Conn::Raw(c) => {
+                        c.send(packed)?;
+                        // A refused SET is the batch's error (the connection is then dropped).
+                        let deadline = Instant::now() + allowance(packed.len());
+                        c.read_replies(n, &mut Vec::new(), 0, deadline)?;
+                        return Ok(());
+                    }
+                    Conn::Single(c) => c,
+                    Conn::Cluster(_) => unreachable!("matched above"),
+                };
                 c.send_packed_command(packed)?;
                 // Every reply is read, so the connection stays in step after a refused SET.
                 let mut refused = None;
@@ -281,6 +366,7 @@ impl Conn {
     /// One command, routed by its key (PING, DEL).
     pub fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
         match self {
+            Conn::Raw(c) => c.query(cmd),
             Conn::Single(c) => cmd.query(c),
             Conn::Cluster(c) => cmd.query(c),
         }
@@ -303,6 +389,17 @@ fn cluster_pipeline<T: FromRedisValue>(
         p.add_command(cmd);
     }
     p.query(c)
+}
+
+/// A reply read into `buf` as the crate's value.
+pub(super) fn value(buf: &[u8], reply: Reply) -> Value {
+    match reply {
+        Reply::Bulk(r) => Value::BulkString(buf[r].to_vec()),
+        Reply::Simple(r) if &buf[r.clone()] == b"OK" => Value::Okay,
+        Reply::Simple(r) => Value::SimpleString(String::from_utf8_lossy(&buf[r]).into_owned()),
+        Reply::Int(i) => Value::Int(i),
+        Reply::Nil => Value::Nil,
+    }
 }
 
 /// Appends `data` as a RESP bulk string.

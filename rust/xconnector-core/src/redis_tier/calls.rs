@@ -11,9 +11,9 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -33,6 +33,26 @@ struct State {
     shutdown: bool,
 }
 
+/// A call started on a helper.
+pub struct Started<T> {
+    rx: Receiver<T>,
+    gave_up: Arc<AtomicBool>,
+}
+
+impl<T> Started<T> {
+    /// Its result if it comes by `deadline`, else None (and the call is abandoned).
+    pub fn wait(self, deadline: Instant) -> Option<T> {
+        self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok()
+    }
+}
+
+impl<T> Drop for Started<T> {
+    /// A call nobody waits for any more is skipped if no helper took it yet.
+    fn drop(&mut self) {
+        self.gave_up.store(true, Ordering::Release);
+    }
+}
+
 #[derive(Default)]
 pub struct Helpers {
     state: Mutex<State>,
@@ -46,6 +66,12 @@ impl Helpers {
         limit: Duration,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
+        self.start(f).wait(Instant::now() + limit)
+    }
+
+    /// Starts `f` on a helper, for the caller to wait for later (or drop: then it is skipped if
+    /// no helper took it yet).
+    pub fn start<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce() -> T + Send + 'static) -> Started<T> {
         let (tx, rx) = sync_channel(1);
         let gave_up = Arc::new(AtomicBool::new(false));
         let skip = Arc::clone(&gave_up);
@@ -54,11 +80,7 @@ impl Helpers {
                 let _ = tx.send(f()); // the caller may have stopped waiting meanwhile
             }
         }));
-        let out = rx.recv_timeout(limit).ok();
-        if out.is_none() {
-            gave_up.store(true, Ordering::Release);
-        }
-        out
+        Started { rx, gave_up }
     }
 
     /// Queues a job nobody waits for (a delete), unless `MAX_BACKGROUND` are queued already.
@@ -131,7 +153,6 @@ impl Helpers {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Instant;
 
     #[test]
     fn a_late_call_is_abandoned_at_its_deadline() {
