@@ -148,19 +148,22 @@ def test_kill_9_mid_workload_then_restart(redis: RedisServer) -> None:
 
 
 def test_loads_reusing_the_last_loads_buffer_serve_their_own_blocks(redis: RedisServer) -> None:
-    # Memory holds 4 blocks, so most of each load is served from the buffer its Redis reads went
-    # into, which the next load reuses with the last one's bytes still in it.
-    writer = engine(redis.url, blocks=4)
-    prompts = [prompt(s, blocks) for s, blocks in ((21, 24), (22, 9), (23, 17))]
+    # Memory holds 24 blocks: each load below is read from Redis (the prompt before it evicted
+    # it) and memory takes all of it, so the next load reuses the buffer its Redis reads went
+    # into, the last load's bytes still in it. The 30-block prompt is longer than memory: part
+    # of it is served from that buffer itself.
+    writer = engine(redis.url, blocks=64)
+    prompts = [prompt(s, blocks) for s, blocks in ((21, 24), (22, 9), (23, 17), (24, 30))]
     for toks in prompts:
         assert writer.store(toks, block_payload(toks)) > 0
     assert writer.flush(30)
-    reader = engine(redis.url, blocks=4)
-    for toks in [*prompts, prompts[0], prompts[1]]:
+    reader = engine(redis.url, blocks=24)
+    for toks in [*prompts, prompts[0], prompts[1], prompts[3], prompts[2]]:
         out = bytearray(len(toks) // BLOCK * BLOCK_BYTES)
         assert reader.load(toks, out) == len(toks)
         assert bytes(out) == block_payload(toks)
-    # A prefix of a prompt read before, longer than memory, and then a miss past it.
+    assert reader.stats()["redis_hit_blocks"] >= 24 + 9 + 17 + 30
+    # A prefix of a prompt read before, then a miss past it.
     toks = prompts[0][: 12 * BLOCK] + list(range(900_000, 900_000 + 4 * BLOCK))
     out = bytearray(16 * BLOCK_BYTES)
     assert reader.load(toks, out) == 12 * BLOCK
@@ -184,6 +187,15 @@ def test_an_acl_user_and_a_database_number_reach_the_server(tmp_path: Path) -> N
             engine(f"redis://kv:wrong@127.0.0.1:{server.port}/3")
     finally:
         server.stop()
+
+
+def test_a_password_for_a_server_without_one_is_a_clear_error_at_startup(
+    redis: RedisServer,
+) -> None:
+    # Redis answers "ERR AUTH <password> called without any password configured": refused
+    # credentials all the same, not a tier that opens and then fails every call.
+    with pytest.raises(ConfigError, match="Redis refused the credentials"):
+        engine(f"redis://:unneeded@127.0.0.1:{redis.port}")
 
 
 def test_a_wrong_password_is_a_clear_error_at_startup(tmp_path: Path) -> None:

@@ -86,6 +86,9 @@ const READ_BUFFERS: usize = 4;
 /// coming they are reused, so a store does not fault in fresh zeroed pages for every block's copy
 /// (the kernel zeroing them was a fifth of a 64 KiB store's time).
 const SPARES_IDLE: Duration = Duration::from_secs(5);
+/// The most spare write buffers hold (and at most as many blocks as the queue): a burst beyond
+/// it pays for fresh pages again rather than keep a large queue's peak for good.
+const SPARES_BYTES: usize = 128 << 20;
 /// Writers (background) wait at least this long per socket read or write: a healthy Redis may
 /// pause on a big pipelined write (a fork for a snapshot), and no request waits on them.
 const WRITE_TIMEOUT_FLOOR: Duration = Duration::from_secs(1);
@@ -246,7 +249,7 @@ struct Shared {
     pid: u32,
     fork_logged: AtomicBool,
     /// Buffers of written blocks, for the next blocks' copies (`write_buffer`): at most as many
-    /// as the queue holds, freed when the writers are idle (`SPARES_IDLE`).
+    /// as the queue holds and `SPARES_BYTES`, freed when the writers are idle (`SPARES_IDLE`).
     spares: Mutex<Vec<Vec<u8>>>,
     /// Buffers that loads' replies are read into, kept for the next loads (`READ_BUFFERS`).
     read_buffers: Mutex<Vec<Vec<u8>>>,
@@ -269,6 +272,9 @@ pub struct RedisTier {
 }
 
 fn is_auth_error(e: &redis::RedisError) -> bool {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        return true;
+    }
     let text = e.to_string();
     text.contains("WRONGPASS")
         || text.contains("NOAUTH")
@@ -328,7 +334,7 @@ impl Shared {
         };
         let out = f(&mut con)?;
         let mut pool = self.pool.lock();
-        if pool.len() < POOL {
+        if pool.len() < POOL && con.reusable() {
             pool.push(con);
         }
         Ok(out)
@@ -403,8 +409,10 @@ impl Shared {
                 let first = match rx.recv_timeout(SPARES_IDLE) {
                     Ok(w) => w,
                     Err(RecvTimeoutError::Timeout) => {
-                        // Idle: the spare buffers (and this writer's packing buffer) go back.
-                        *self.spares.lock() = Vec::new();
+                        // Idle: the spare buffers (and this writer's packing buffer) are freed,
+                        // outside the locks.
+                        drop(rx);
+                        drop(std::mem::take(&mut *self.spares.lock()));
                         packed = Vec::new();
                         continue;
                     }
@@ -426,8 +434,9 @@ impl Shared {
             } else {
                 self.write_batch(&batch, &mut packed);
             }
+            let most = self.cfg.queue_blocks.min(SPARES_BYTES / self.format.block_bytes.max(1));
             let mut spares = self.spares.lock();
-            let room = self.cfg.queue_blocks.saturating_sub(spares.len());
+            let room = most.saturating_sub(spares.len());
             spares.extend(batch.into_iter().take(room).map(|w| w.data));
         }
     }
@@ -705,9 +714,11 @@ impl RedisTier {
         let per = (READ_CHUNK / value_len).max(1);
         let bb = s.format.block_bytes;
         let chunks: Vec<&[u64]> = hashes.chunks(per).collect();
-        // Each chunk's read starts before the one before it is checked, so Redis and a helper
-        // read the next values while this thread checks and copies the last ones. A chunk
-        // started but not needed (a miss or a failure before it) is abandoned.
+        // Once a chunk's values have all come, the next chunk's read starts before they are
+        // checked, so Redis and a helper read the next values while this thread checks and
+        // copies these. Not after a miss or a failure: a stalled Redis holds one helper per
+        // load, and a short prefix asks for nothing past its end. A chunk read ahead of a value
+        // that fails its check is abandoned.
         let read = |c: usize| -> Option<(Vec<String>, Call<Values>)> {
             let chunk = chunks.get(c)?;
             if !s.usable() {
@@ -731,8 +742,10 @@ impl RedisTier {
         let mut next = read(0);
         for (c, chunk) in chunks.iter().enumerate() {
             let Some((keys, call)) = next.take() else { break };
-            next = read(c + 1);
             let Some((buf, values)) = s.finish("read", call) else { break };
+            if values.iter().all(Option::is_some) {
+                next = read(c + 1);
+            }
             s.n.reads.fetch_add(1, Relaxed);
             let start = c * per;
             let values: Vec<Option<&[u8]>> = values.iter().map(|v| v.clone().map(|r| &buf[r])).collect();

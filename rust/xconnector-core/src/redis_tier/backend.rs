@@ -363,6 +363,14 @@ impl Conn {
         }
     }
 
+    /// Whether the connection may go back to the pool after a call that succeeded.
+    pub fn reusable(&self) -> bool {
+        match self {
+            Conn::Raw(c) => c.reusable(),
+            _ => true,
+        }
+    }
+
     /// One command, routed by its key (PING, DEL).
     pub fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
         match self {

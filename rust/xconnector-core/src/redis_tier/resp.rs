@@ -26,6 +26,8 @@ pub enum Reply {
 
 /// The room a read is given at least, so reads stay large.
 const MIN_READ: usize = 64 << 10;
+/// The most a buffer grows ahead of the bytes read into it.
+const MAX_GROWTH: usize = 16 << 20;
 /// Redis' own limit on a bulk string (`proto-max-bulk-len`): a longer length is not Redis.
 const MAX_BULK: i64 = 512 << 20;
 /// A reply's first line longer than this (an error message, a simple string) is not Redis.
@@ -33,9 +35,9 @@ const MAX_LINE: usize = 64 << 10;
 
 pub struct RespConn {
     stream: TcpStream,
-    /// Bytes read past the last reply asked for, kept for the next call (a server that follows
-    /// the protocol sends none).
-    leftover: Vec<u8>,
+    /// Bytes came that nobody asked for (a proxy's or a server's own message): the connection
+    /// is not given back to the pool, rather than have them read as the next call's replies.
+    broken: bool,
 }
 
 /// Where parsing a reply at some offset got.
@@ -106,8 +108,9 @@ fn parse(buf: &[u8], pos: usize) -> RedisResult<Parsed> {
 }
 
 impl RespConn {
-    /// Connects to `host:port` (each address it resolves to in turn, each within `timeout`),
-    /// then authenticates and selects `db` as the URL says.
+    /// Connects to `host:port` (each address it resolves to in turn), then authenticates and
+    /// selects `db` as the URL says, all within `timeout`. A refused AUTH is
+    /// `AuthenticationFailed`, whatever the server's words, as with the crate's connection.
     pub fn connect(
         host: &str,
         port: u16,
@@ -116,28 +119,63 @@ impl RespConn {
         password: Option<&str>,
         db: i64,
     ) -> RedisResult<Self> {
+        let deadline = Instant::now() + timeout;
+        let left = || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(timed_out())
+            } else {
+                Ok(left)
+            }
+        };
         let mut last = None;
         for addr in (host, port).to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(stream) => {
-                    stream.set_nodelay(true)?;
-                    let mut con = Self { stream, leftover: Vec::new() };
-                    con.set_timeouts(timeout)?;
-                    if let Some(password) = password {
-                        let mut auth = redis::cmd("AUTH");
-                        auth.arg(username).arg(password);
-                        con.query::<()>(&auth)?;
-                    }
-                    if db != 0 {
-                        con.query::<()>(redis::cmd("SELECT").arg(db))?;
-                    }
-                    return Ok(con);
+            let stream = match TcpStream::connect_timeout(&addr, left()?) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
                 }
-                Err(e) => last = Some(e),
+            };
+            stream.set_nodelay(true)?;
+            let mut con = Self { stream, broken: false };
+            con.set_timeouts(timeout)?;
+            if let Some(password) = password {
+                let auth = |con: &mut Self, user: Option<&str>| {
+                    let mut auth = redis::cmd("AUTH");
+                    auth.arg(user).arg(password);
+                    con.query_value(&auth, deadline)
+                };
+                let refused = |e: RedisError| -> RedisError {
+                    match e.kind() {
+                        ErrorKind::Server(_) | ErrorKind::Extension => {
+                            (ErrorKind::AuthenticationFailed, "Password authentication failed", e.to_string()).into()
+                        }
+                        _ => e,
+                    }
+                };
+                match auth(&mut con, username) {
+                    // Redis before 6 knows no users: AUTH with the password alone, as the crate does.
+                    Err(e) if username.is_some() && e.to_string().contains("wrong number of arguments") => {
+                        auth(&mut con, None).map_err(refused)?;
+                    }
+                    answer => {
+                        answer.map_err(refused)?;
+                    }
+                }
             }
+            if db != 0 {
+                con.query_value(redis::cmd("SELECT").arg(db), deadline)?;
+            }
+            return Ok(con);
         }
         Err(last
             .map_or_else(|| (ErrorKind::InvalidClientConfig, "could not resolve to any addresses").into(), Into::into))
+    }
+
+    /// Whether the connection is in step with the server: not after bytes nobody asked for.
+    pub fn reusable(&self) -> bool {
+        !self.broken
     }
 
     pub fn set_timeouts(&mut self, timeout: Duration) -> io::Result<()> {
@@ -159,13 +197,11 @@ impl RespConn {
         hint: usize,
         deadline: Instant,
     ) -> RedisResult<Vec<Reply>> {
-        let mut filled = self.leftover.len();
-        let want = (filled + MIN_READ).max(hint);
+        let mut filled = 0;
+        let want = MIN_READ.max(hint);
         if buf.len() < want {
             buf.resize(want, 0);
         }
-        buf[..filled].copy_from_slice(&self.leftover);
-        self.leftover.clear();
         let (mut pos, mut replies) = (0, Vec::with_capacity(n));
         while replies.len() < n {
             match parse(&buf[..filled], pos)? {
@@ -174,8 +210,9 @@ impl RespConn {
                     pos = end;
                 }
                 Parsed::Need(need) => {
-                    // Room for the whole reply (a value arrives in one pass of large reads).
-                    let want = (pos + need).max(filled + MIN_READ);
+                    // Room for the whole reply (a value arrives in one pass of large reads), but
+                    // grown at most `MAX_GROWTH` ahead of the bytes come: a length is only a claim.
+                    let want = (pos + need).min(filled + MAX_GROWTH).max(filled + MIN_READ);
                     if buf.len() < want {
                         buf.resize(want.max(buf.len() + buf.len() / 2), 0);
                     }
@@ -197,7 +234,9 @@ impl RespConn {
                 }
             }
         }
-        self.leftover.extend_from_slice(&buf[pos..filled]);
+        if pos < filled {
+            self.broken = true;
+        }
         Ok(replies)
     }
 
@@ -267,34 +306,56 @@ mod tests {
         assert!(matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension), "{e:?}");
     }
 
-    #[test]
-    fn replies_split_across_reads_and_past_the_last_one_are_kept() {
+    /// A server on loopback that reads one command, then writes `chunks` with a pause after
+    /// each, then waits for the client to close.
+    fn server(chunks: Vec<Vec<u8>>) -> (u16, std::thread::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
+        let handle = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut cmd = [0u8; 64];
             let _ = s.read(&mut cmd).unwrap();
-            // A value dripping in byte by byte, then two replies in one write.
-            let value = vec![b'v'; 70_000];
-            s.write_all(format!("${}\r\n", value.len()).as_bytes()).unwrap();
-            for chunk in value.chunks(9_000) {
-                s.write_all(chunk).unwrap();
+            for chunk in chunks {
+                s.write_all(&chunk).unwrap();
                 s.flush().unwrap();
                 std::thread::sleep(Duration::from_millis(2));
             }
-            s.write_all(b"\r\n$-1\r\n:1\r\n").unwrap();
             let _ = s.read(&mut cmd);
         });
+        (port, handle)
+    }
+
+    #[test]
+    fn replies_split_across_reads_are_whole_and_bytes_past_them_retire_the_connection() {
+        // A value dripping in 9000 bytes at a time, a nil, then a reply nobody asked for.
+        let value = vec![b'v'; 70_000];
+        let mut chunks = vec![format!("${}\r\n", value.len()).into_bytes()];
+        chunks.extend(value.chunks(9_000).map(<[u8]>::to_vec));
+        chunks.push(b"\r\n$-1\r\n:1\r\n".to_vec());
+        let (port, server) = server(chunks);
         let mut con = RespConn::connect("127.0.0.1", port, Duration::from_secs(5), None, None, 0).unwrap();
         con.send(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut buf = Vec::new();
         let replies = con.read_replies(2, &mut buf, 0, deadline).unwrap();
         let Reply::Bulk(r) = &replies[0] else { panic!("{replies:?}") };
-        assert_eq!(&buf[r.clone()], &vec![b'v'; 70_000][..]);
+        assert_eq!(&buf[r.clone()], &value[..]);
         assert_eq!(replies[1], Reply::Nil);
-        assert_eq!(con.read_replies(1, &mut buf, 0, deadline).unwrap(), [Reply::Int(1)]);
+        if con.reusable() {
+            // The extra reply came in a later read: it is there for the next call to find.
+            assert_eq!(con.read_replies(1, &mut buf, 0, deadline).unwrap(), [Reply::Int(1)]);
+        }
+        drop(con);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn an_error_reply_mid_pipeline_is_the_calls_error() {
+        let (port, server) = server(vec![b"$1\r\na\r\n-WRONGTYPE Operation against a key\r\n$-1\r\n".to_vec()]);
+        let mut con = RespConn::connect("127.0.0.1", port, Duration::from_secs(5), None, None, 0).unwrap();
+        con.send(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        let e = con.read_replies(3, &mut Vec::new(), 0, Instant::now() + Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("WRONGTYPE"), "{e}");
         drop(con);
         server.join().unwrap();
     }
@@ -303,11 +364,13 @@ mod tests {
     fn a_silent_server_costs_the_deadline() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let mut con = RespConn::connect("127.0.0.1", port, Duration::from_secs(5), None, None, 0).unwrap();
+        // Sockets wait up to 30 s; the call's deadline, 50 ms, is what ends it.
+        let mut con = RespConn::connect("127.0.0.1", port, Duration::from_secs(30), None, None, 0).unwrap();
         con.send(b"*1\r\n$4\r\nPING\r\n").unwrap();
         let t0 = Instant::now();
         let e = con.read_replies(1, &mut Vec::new(), 0, t0 + Duration::from_millis(50)).unwrap_err();
         assert!(e.is_timeout(), "{e:?}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "the socket's timeout, not the deadline, ended it");
         drop(listener);
     }
 }
