@@ -7,6 +7,10 @@ connection), then on a 3-primary Redis Cluster (a connection to each primary).
 - load: `Engine.load` on an engine without them in memory: the blocks come from Redis
   (pipelined GETs), are checked (header and XXH3) and promoted into memory.
 
+On one server it also measures raw SET and GET over as many distinct keys as the tier uses
+(`distinct_keys_gbs`): redis-benchmark's SET/GET reuse one key, so Redis never allocates memory
+for a new value and the value it sends stays in cache, neither of which holds for the tier.
+
 Each number is the best of 3 runs after a warm-up run (engines in a worker are warm).
 Run: `.venv/bin/python benchmarks/redis_bench.py` (`--quick` for a smoke run). Needs
 redis-server and redis-benchmark (scripts/services.sh).
@@ -98,6 +102,55 @@ def raw_gbs(port: int, size: int, n: int, masters: int = 0) -> dict[str, float]:
     return {k.lower(): rps * size / 1e9 for k, rps in rows.items()}
 
 
+def distinct_keys_gbs(port: int, size: int, n: int) -> dict[str, float]:
+    """GB/s of raw SET and GET over as many distinct keys as the tier writes and reads: SETs of
+    new random keys (Redis allocates memory for each, as for the tier's blocks), and GETs of
+    random keys among `n` stored ones (values not in cache, as the tier's are). redis-benchmark's
+    own SET/GET above reuse one key, whose value stays hot."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        value = b"v" * size
+        for base in range(0, n, 64):
+            batch = range(base, min(base + 64, n))
+            s.sendall(
+                b"".join(
+                    b"*3\r\n$3\r\nSET\r\n$16\r\nkey:%012d\r\n$%d\r\n%s\r\n" % (i, size, value)
+                    for i in batch
+                )
+            )
+            got = b""
+            while got.count(b"\r\n") < len(batch):
+                got += s.recv(1 << 16)
+
+    def rate(*args: str) -> float:
+        out = subprocess.run(
+            [
+                "redis-benchmark",
+                "-p",
+                str(port),
+                "-n",
+                str(n),
+                "-P",
+                "64",
+                "-c",
+                "1",
+                "--csv",
+                "-q",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] != "test"]
+        return float(rows[0][1]) * size / 1e9
+
+    return {
+        # -r draws each command's key:NNNNNNNNNNNN at random from 0..r-1.
+        "set": rate("-t", "set", "-r", "1000000000", "-d", str(size)),
+        "get": rate("-t", "get", "-r", str(n), "-d", str(size)),
+    }
+
+
 def tier_gbs(url: str, block_bytes: int, blocks: int, runs: int) -> dict[str, float]:
     """Best of `runs` after one warm-up: engines in a worker are warm (arena pages touched,
     connections open), and first-touch page faults would otherwise dominate."""
@@ -147,6 +200,13 @@ def compare(where: str, url: str, port: int, masters: int, total: int, runs: int
                 f"{where:>7} {label:>7} blocks, {name}: tier {best_tier[op]:5.2f} GB/s | "
                 f"redis-benchmark {op.upper()} {raw[op]:5.2f} GB/s | "
                 f"ratio {best_tier[op] / raw[op]:4.2f}x"
+            )
+        if not masters:
+            keys = distinct_keys_gbs(port, size, blocks)
+            print(
+                f"{'':>7} {label:>7} over {blocks} distinct keys: SET of new keys "
+                f"{keys['set']:5.2f} GB/s (tier {best_tier['set'] / keys['set']:4.2f}x), GET "
+                f"{keys['get']:5.2f} GB/s (tier {best_tier['get'] / keys['get']:4.2f}x)"
             )
 
 

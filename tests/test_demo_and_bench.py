@@ -101,6 +101,8 @@ def test_redis_benchmark_quick_run() -> None:
     rows = [ln for ln in lines if "redis-benchmark" in ln and "ratio" in ln]
     # Two sizes, store and load, on one server and on a cluster.
     assert [ln.split()[0] for ln in rows] == ["server"] * 4 + ["cluster"] * 4, r.stdout
+    # The one-server baselines over distinct keys, for both sizes.
+    assert sum("distinct keys: SET of new keys" in ln for ln in lines) == 2, r.stdout
 
 
 def test_fleet_benchmark_quick_run() -> None:
