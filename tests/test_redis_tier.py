@@ -170,6 +170,35 @@ def test_loads_reusing_the_last_loads_buffer_serve_their_own_blocks(redis: Redis
     assert bytes(out[: 12 * BLOCK_BYTES]) == block_payload(prompts[0])[: 12 * BLOCK_BYTES]
 
 
+def test_a_load_of_many_chunks_longer_than_memory_is_served_whole(redis: RedisServer) -> None:
+    # 1 MiB blocks: a chunk of Redis reads holds 3, and each chunk goes into memory as it comes.
+    # Memory holds 8 of the 20, so memory fills partway through and the rest is served from
+    # what was read.
+    mib = 1 << 20
+    toks = prompt(41, 20)
+    payload = np.random.default_rng(41).integers(0, 256, 20 * mib, dtype=np.uint8).tobytes()
+
+    def big(blocks: int) -> Engine:
+        return Engine(
+            block_bytes=mib,
+            capacity_bytes=blocks * mib,
+            block_size=BLOCK,
+            model="m",
+            redis_url=redis.url,
+            redis_timeout=5.0,
+        )
+
+    writer = big(32)
+    assert writer.store(toks, payload) == 20
+    assert writer.flush(60)
+    reader = big(8)
+    for _ in range(2):  # the second load finds memory's 8 and reads the rest again
+        out = bytearray(20 * mib)
+        assert reader.load(toks, out) == len(toks)
+        assert bytes(out) == payload
+    assert reader.lookup(toks[: 8 * BLOCK]) == 8 * BLOCK
+
+
 def test_an_acl_user_and_a_database_number_reach_the_server(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, password="admin-pass")
     try:

@@ -891,6 +891,26 @@ impl Engine {
         // of it each load was a pass over memory as large as the load), and a block's bytes are
         // only read back once a tier has written and checked them.
         let mut buf = std::mem::take(&mut *self.scratch.lock());
+        // Blocks read from below go into memory as they come (Redis' chunk by chunk, while the
+        // next chunk is read), so that copy overlaps the reads. Blocks `in_memory..upto` are
+        // `earlier` (the runs of tiers before) then `run`; the prefix before them is pinned, so
+        // every block reserved is one of them.
+        let promote = |earlier: &[u8], run: &[u8], upto: usize| {
+            let Ok(res) = self.tier.reserve(ns, &hashes[..upto], &digests[..upto]) else { return };
+            let reserved = Reserved { tier: &self.tier, res };
+            let filled = reserved.fill(|i, dst| {
+                let at = (i - in_memory) * bb;
+                let src = match at.checked_sub(earlier.len()) {
+                    None => &earlier[at..at + bb],
+                    Some(at) => &run[at..at + bb],
+                };
+                dst.copy_from_slice(src);
+                true
+            });
+            let res = reserved.publish(filled);
+            self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
+            self.journal_memory(tokens, extras, hashes, &res);
+        };
         let (mut got, mut filled) = (0, 0);
         for tier in self.below() {
             let from = in_memory + got;
@@ -917,31 +937,23 @@ impl Engine {
                         }
                         n += 1;
                     }
+                    if n > 0 {
+                        promote(&buf[..start], &buf[start..start + n * bb], from + n);
+                    }
                     n
                 }
                 Below::Redis(redis) => {
                     let end = room(rest.len());
-                    redis.get_prefix(ns, rest, rest_digests, &mut buf[start..end])
+                    let (earlier, run) = buf[..end].split_at_mut(start);
+                    redis.get_prefix(ns, rest, rest_digests, run, &mut |verified| {
+                        promote(earlier, verified, from + verified.len() / bb);
+                    })
                 }
             };
             filled = start + n * bb;
             got += n;
         }
         buf.truncate(filled);
-        if got > 0 {
-            let upto = in_memory + got;
-            if let Ok(res) = self.tier.reserve(ns, &hashes[..upto], &digests[..upto]) {
-                let reserved = Reserved { tier: &self.tier, res };
-                let filled = reserved.fill(|i, dst| {
-                    let k = i - in_memory; // i >= in_memory: the prefix is pinned, so present
-                    dst.copy_from_slice(&buf[k * bb..(k + 1) * bb]);
-                    true
-                });
-                let res = reserved.publish(filled);
-                self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
-                self.journal_memory(tokens, extras, hashes, &res);
-            }
-        }
         drop(pinned);
         (in_memory, buf)
     }

@@ -708,7 +708,16 @@ impl RedisTier {
     /// `READ_RATE`: a Redis that stalls costs one chunk's allowance (then the breaker opens), and
     /// what was read and verified before is kept. A damaged or mismatched value is deleted, so the next
     /// store of that block can write a good one.
-    pub fn get_prefix(&self, ns: u64, hashes: &[u64], digests: &[u128], out: &mut [u8]) -> usize {
+    /// `on_verified` is handed the blocks read and verified so far (`out`'s first ones) after each
+    /// chunk, while the next chunk is read.
+    pub fn get_prefix(
+        &self,
+        ns: u64,
+        hashes: &[u64],
+        digests: &[u128],
+        out: &mut [u8],
+        on_verified: &mut dyn FnMut(&[u8]),
+    ) -> usize {
         let s = &self.shared;
         let value_len = s.format.header() + s.format.block_bytes;
         let per = (READ_CHUNK / value_len).max(1);
@@ -757,6 +766,9 @@ impl RedisTier {
             }
             drop(kept);
             n += got;
+            if got > 0 {
+                on_verified(&out[..n * bb]);
+            }
             if got < chunk.len() {
                 break;
             }
@@ -872,7 +884,7 @@ mod tests {
         assert_eq!((s.breaker_trips, s.timeouts, s.errors), (1, 1, 1));
         assert_eq!(tier.contains_prefix(1, &[1, 2]), 0);
         let mut out = vec![0u8; 128];
-        assert_eq!(tier.get_prefix(1, &[1, 2], &[0, 0], &mut out), 0);
+        assert_eq!(tier.get_prefix(1, &[1, 2], &[0, 0], &mut out, &mut |_| {}), 0);
         assert!(tier.put_behind(Write { ns: 1, hash: 1, digest: 0, data: vec![0; 64] }));
         let deadline = Instant::now() + Duration::from_secs(30);
         while tier.in_flight() > 0 && Instant::now() < deadline {
