@@ -170,13 +170,12 @@ def test_loads_reusing_the_last_loads_buffer_serve_their_own_blocks(redis: Redis
     assert bytes(out[: 12 * BLOCK_BYTES]) == block_payload(prompts[0])[: 12 * BLOCK_BYTES]
 
 
-def test_a_load_of_many_chunks_longer_than_memory_is_served_whole(redis: RedisServer) -> None:
-    # 1 MiB blocks: a chunk of Redis reads holds 3, and each chunk goes into memory as it comes.
-    # Memory holds 8 of the 20, so memory fills partway through and the rest is served from
-    # what was read.
+def test_loads_of_many_chunks_go_into_memory_as_they_come(redis: RedisServer) -> None:
+    # 1 MiB blocks: a chunk of Redis reads holds 3, and memory takes each chunk while the next
+    # is read.
     mib = 1 << 20
-    toks = prompt(41, 20)
-    payload = np.random.default_rng(41).integers(0, 256, 20 * mib, dtype=np.uint8).tobytes()
+    toks = prompt(41, 24)
+    payload = np.random.default_rng(41).integers(0, 256, 24 * mib, dtype=np.uint8).tobytes()
 
     def big(blocks: int) -> Engine:
         return Engine(
@@ -188,15 +187,29 @@ def test_a_load_of_many_chunks_longer_than_memory_is_served_whole(redis: RedisSe
             redis_timeout=5.0,
         )
 
+    def load(e: Engine, blocks: int) -> None:
+        out = bytearray(blocks * mib)
+        assert e.load(toks[: blocks * BLOCK], out) == blocks * BLOCK
+        assert bytes(out) == payload[: blocks * mib]
+
     writer = big(32)
-    assert writer.store(toks, payload) == 20
+    assert writer.store(toks, payload) == 24
     assert writer.flush(60)
-    reader = big(8)
-    for _ in range(2):  # the second load finds memory's 8 and reads the rest again
-        out = bytearray(20 * mib)
-        assert reader.load(toks, out) == len(toks)
-        assert bytes(out) == payload
-    assert reader.lookup(toks[: 8 * BLOCK]) == 8 * BLOCK
+    # Memory holds 8 of the 24: it fills partway through, and the rest is served from what was
+    # read; the next load reads the 16 past memory's 8 again.
+    small = big(8)
+    load(small, 24)
+    assert (small.stats()["promoted_blocks"], small.stats()["redis_hit_blocks"]) == (8, 24)
+    load(small, 24)
+    assert (small.stats()["promoted_blocks"], small.stats()["redis_hit_blocks"]) == (8, 40)
+    # Memory already holds the first 5 when the other 19 come: each goes to its own slot, so
+    # a load from memory alone afterwards serves the prompt's own bytes.
+    roomy = big(32)
+    load(roomy, 5)
+    load(roomy, 24)
+    assert (roomy.stats()["promoted_blocks"], roomy.stats()["redis_hit_blocks"]) == (24, 24)
+    load(roomy, 24)
+    assert roomy.stats()["redis_hit_blocks"] == 24, "served from memory"
 
 
 def test_an_acl_user_and_a_database_number_reach_the_server(tmp_path: Path) -> None:

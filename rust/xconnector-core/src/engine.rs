@@ -176,10 +176,19 @@ impl Reserved<'_> {
     }
 
     /// Publishes the first `filled` new blocks and takes back the rest.
-    fn publish(mut self, filled: usize) -> crate::memory_tier::Reservation {
+    fn publish(self, filled: usize) -> crate::memory_tier::Reservation {
+        self.publish_pinning_last(filled, false).0
+    }
+
+    /// `publish`, the last block published pinned (returned) when `pin_last`.
+    fn publish_pinning_last(
+        mut self,
+        filled: usize,
+        pin_last: bool,
+    ) -> (crate::memory_tier::Reservation, Option<SlotId>) {
         self.tier.abort(&mut self.res, filled);
-        self.tier.publish(&self.res);
-        std::mem::take(&mut self.res)
+        let last = self.tier.publish_pinning_last(&self.res, pin_last);
+        (std::mem::take(&mut self.res), last)
     }
 }
 
@@ -892,11 +901,24 @@ impl Engine {
         // only read back once a tier has written and checked them.
         let mut buf = std::mem::take(&mut *self.scratch.lock());
         // Blocks read from below go into memory as they come (Redis' chunk by chunk, while the
-        // next chunk is read), so that copy overlaps the reads. Blocks `in_memory..upto` are
-        // `earlier` (the runs of tiers before) then `run`; the prefix before them is pinned, so
-        // every block reserved is one of them.
-        let promote = |earlier: &[u8], run: &[u8], upto: usize| {
-            let Ok(res) = self.tier.reserve(ns, &hashes[..upto], &digests[..upto]) else { return };
+        // next chunk is read), so that copy overlaps the reads. Memory's chain of this prefix
+        // grows block `chain` on, its last block pinned (by `pinned`, then by `tail`): only
+        // unpinned leaves are evicted, so none of it goes meanwhile and each reservation walks
+        // only the new blocks. Blocks `in_memory..upto` are `earlier` (the runs of tiers before)
+        // then `run`. The chain stops growing where memory has no room, holds another block, or
+        // already holds the next one (a store of it meanwhile); what memory did not take is
+        // served from `buf`.
+        let mut tail = Pins { tier: &self.tier, slots: Vec::new() };
+        let (mut chain, mut chain_ends) = (in_memory, false);
+        let mut promote = |earlier: &[u8], run: &[u8], upto: usize| {
+            if chain_ends || upto <= chain {
+                return;
+            }
+            let parent = tail.slots.last().or(pinned.slots.last()).copied();
+            let Ok(res) = self.tier.reserve_from(ns, &hashes[..upto], &digests[..upto], chain, parent) else {
+                chain_ends = true;
+                return;
+            };
             let reserved = Reserved { tier: &self.tier, res };
             let filled = reserved.fill(|i, dst| {
                 let at = (i - in_memory) * bb;
@@ -907,9 +929,18 @@ impl Engine {
                 dst.copy_from_slice(src);
                 true
             });
-            let res = reserved.publish(filled);
+            let (res, last) = reserved.publish_pinning_last(filled, true);
+            if let Some(last) = last {
+                let old = std::mem::replace(&mut tail.slots, vec![last]);
+                self.tier.unpin(&old);
+            }
             self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
             self.journal_memory(tokens, extras, hashes, &res);
+            // No new block to pin (all were stored meanwhile), or memory took fewer than asked.
+            if res.new_blocks.is_empty() || res.existing + res.new_blocks.len() < upto - chain {
+                chain_ends = true;
+            }
+            chain = upto;
         };
         let (mut got, mut filled) = (0, 0);
         for tier in self.below() {

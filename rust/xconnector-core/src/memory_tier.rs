@@ -264,14 +264,31 @@ impl MemoryTier {
     /// as needed. Stops at the first block another store is still writing, at a block present
     /// under another digest, or when nothing more can be evicted.
     pub fn reserve(&self, ns: u64, hashes: &[u64], digests: &[u128]) -> Result<Reservation> {
+        self.reserve_from(ns, hashes, digests, 0, None)
+    }
+
+    /// `reserve` of the blocks of `hashes` from `from` on, for a caller that holds `parent`, the
+    /// slot of block `from - 1` (None when `from` is 0), pinned: the prefix before it (its
+    /// ancestors, kept by it) is not walked again. `existing` counts from `from`.
+    pub fn reserve_from(
+        &self,
+        ns: u64,
+        hashes: &[u64],
+        digests: &[u128],
+        from: usize,
+        mut parent: Option<SlotId>,
+    ) -> Result<Reservation> {
         assert_eq!(hashes.len(), digests.len(), "one digest per hash");
+        assert_eq!(from == 0, parent.is_none(), "a parent exactly when starting past block 0");
         let capacity = self.arena.slots();
         let mut inner = self.inner.write();
+        if let Some(p) = parent {
+            debug_assert!(inner.entry(p).pins > 0 && inner.entry(p).key == (ns, hashes[from - 1]));
+        }
         inner.tick += 1;
         let tick = inner.tick;
         let mut res = Reservation::default();
-        let mut parent: Option<SlotId> = None;
-        for (i, &h) in hashes.iter().enumerate() {
+        for (i, &h) in hashes.iter().enumerate().skip(from) {
             let key = (ns, h);
             if let Some(&slot) = inner.index.get(&key) {
                 let e = inner.entry(slot);
@@ -367,11 +384,20 @@ impl MemoryTier {
 
     /// Makes reserved blocks visible, all at once, so a child is never visible before its parent.
     pub fn publish(&self, res: &Reservation) {
+        self.publish_pinning_last(res, false);
+    }
+
+    /// `publish`, pinning the last new block (returned) in the same step when `pin_last`, so it
+    /// is never evictable in between: a caller extending the chain holds it, and its ancestors.
+    pub fn publish_pinning_last(&self, res: &Reservation, pin_last: bool) -> Option<SlotId> {
         let mut inner = self.inner.write();
         for &(_, slot) in &res.new_blocks {
             inner.entry_mut(slot).state = State::Ready;
             inner.refresh(slot);
         }
+        let last = res.new_blocks.last().map(|&(_, slot)| slot).filter(|_| pin_last)?;
+        inner.pin(last);
+        Some(last)
     }
 
     /// Pins the leading ready blocks of `hashes` (at most `max_blocks`) whose digests are the
@@ -546,5 +572,34 @@ impl MemoryTier {
             return Err("arena allocated more than the budget".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_grown_from_its_pinned_tail_keeps_every_block_under_pressure() {
+        const BB: usize = 64;
+        let tier = MemoryTier::new(BB, 6 * BB as u64);
+        let (a, b): (Vec<u64>, Vec<u64>) = ((1..=5).collect(), (101..=103).collect());
+        let (da, db): (Vec<u128>, Vec<u128>) =
+            (a.iter().map(|&h| h.into()).collect(), b.iter().map(|&h| h.into()).collect());
+        // A's first 3 blocks, the last kept pinned; then B fills memory, more recently used.
+        let res = tier.reserve(1, &a[..3], &da[..3]).unwrap();
+        let tail = tier.publish_pinning_last(&res, true).unwrap();
+        tier.publish(&tier.reserve(1, &b, &db).unwrap());
+        // A's next 2 come from the tail: room is made from B, never from A's older chain.
+        let more = tier.reserve_from(1, &a, &da, 3, Some(tail)).unwrap();
+        assert_eq!((more.existing, more.new_blocks.len(), more.rejected), (0, 2, 0));
+        assert_eq!(more.new_blocks.iter().map(|&(i, _)| i).collect::<Vec<_>>(), [3, 4]);
+        tier.publish(&more);
+        tier.unpin(&[tail]);
+        let pinned = tier.pin_prefix(1, &a, &da, 5);
+        assert_eq!(pinned.len(), 5);
+        tier.unpin(&pinned);
+        assert_eq!(tier.pin_prefix(1, &b, &db, 3).len(), 1, "B's two leaves made the room");
+        tier.check_invariants().unwrap();
     }
 }

@@ -412,7 +412,8 @@ impl Shared {
                         // Idle: the spare buffers (and this writer's packing buffer) are freed,
                         // outside the locks.
                         drop(rx);
-                        drop(std::mem::take(&mut *self.spares.lock()));
+                        let spares = std::mem::take(&mut *self.spares.lock());
+                        drop(spares);
                         packed = Vec::new();
                         continue;
                     }
@@ -435,9 +436,11 @@ impl Shared {
                 self.write_batch(&batch, &mut packed);
             }
             let most = self.cfg.queue_blocks.min(SPARES_BYTES / self.format.block_bytes.max(1));
+            let mut batch = batch;
             let mut spares = self.spares.lock();
-            let room = most.saturating_sub(spares.len());
-            spares.extend(batch.into_iter().take(room).map(|w| w.data));
+            let room = most.saturating_sub(spares.len()).min(batch.len());
+            spares.extend(batch.drain(..room).map(|w| w.data));
+            drop(spares); // the rest of the batch is freed outside the lock
         }
     }
 
@@ -456,7 +459,11 @@ impl Shared {
             }));
             match answered {
                 Ok(Ok(con)) => {
-                    self.pool.lock().push(con);
+                    let mut pool = self.pool.lock();
+                    if pool.len() < POOL && con.reusable() {
+                        pool.push(con);
+                    }
+                    drop(pool);
                     if let Some(after) = self.breaker.close() {
                         tracing::info!(
                             "Redis tier {} answers again after {:.1} s; requests use it again",

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use redis::cluster::{cluster_pipe, ClusterClient, ClusterClientBuilder, ClusterConfig, ClusterConnection};
 use redis::{Cmd, ConnectionAddr, FromRedisValue, RedisResult, Value};
 
-use super::resp::{Reply, RespConn};
+use super::resp::{value, Reply, RespConn};
 use super::value::{Block, Format};
 use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
@@ -397,17 +397,6 @@ fn cluster_pipeline<T: FromRedisValue>(
         p.add_command(cmd);
     }
     p.query(c)
-}
-
-/// A reply read into `buf` as the crate's value.
-pub(super) fn value(buf: &[u8], reply: Reply) -> Value {
-    match reply {
-        Reply::Bulk(r) => Value::BulkString(buf[r].to_vec()),
-        Reply::Simple(r) if &buf[r.clone()] == b"OK" => Value::Okay,
-        Reply::Simple(r) => Value::SimpleString(String::from_utf8_lossy(&buf[r]).into_owned()),
-        Reply::Int(i) => Value::Int(i),
-        Reply::Nil => Value::Nil,
-    }
 }
 
 /// Appends `data` as a RESP bulk string.

@@ -107,6 +107,17 @@ fn parse(buf: &[u8], pos: usize) -> RedisResult<Parsed> {
     Ok(Parsed::Done(reply, after))
 }
 
+/// A reply read into `buf` as the crate's value.
+pub fn value(buf: &[u8], reply: Reply) -> Value {
+    match reply {
+        Reply::Bulk(r) => Value::BulkString(buf[r].to_vec()),
+        Reply::Simple(r) if &buf[r.clone()] == b"OK" => Value::Okay,
+        Reply::Simple(r) => Value::SimpleString(String::from_utf8_lossy(&buf[r]).into_owned()),
+        Reply::Int(i) => Value::Int(i),
+        Reply::Nil => Value::Nil,
+    }
+}
+
 impl RespConn {
     /// Connects to `host:port` (each address it resolves to in turn), then authenticates and
     /// selects `db` as the URL says, all within `timeout`. A refused AUTH is
@@ -211,7 +222,8 @@ impl RespConn {
                 }
                 Parsed::Need(need) => {
                     // Room for the whole reply (a value arrives in one pass of large reads), but
-                    // grown at most `MAX_GROWTH` ahead of the bytes come: a length is only a claim.
+                    // asked at most `MAX_GROWTH` ahead of the bytes come (a length is only a
+                    // claim); the buffer grows by half at least, so it grows a few times only.
                     let want = (pos + need).min(filled + MAX_GROWTH).max(filled + MIN_READ);
                     if buf.len() < want {
                         buf.resize(want.max(buf.len() + buf.len() / 2), 0);
@@ -245,7 +257,7 @@ impl RespConn {
         self.send(&cmd.get_packed_command())?;
         let mut buf = Vec::new();
         let reply = self.read_replies(1, &mut buf, 0, deadline)?.pop();
-        Ok(reply.map_or(Value::Nil, |r| super::backend::value(&buf, r)))
+        Ok(reply.map_or(Value::Nil, |r| value(&buf, r)))
     }
 
     /// One command, its reply converted, within the socket's read timeout.
