@@ -191,6 +191,7 @@ def test_loads_of_many_chunks_go_into_memory_as_they_come(redis: RedisServer) ->
         out = bytearray(blocks * mib)
         assert e.load(toks[: blocks * BLOCK], out) == blocks * BLOCK
         assert bytes(out) == payload[: blocks * mib]
+        assert e.stats()["pinned_blocks"] == 0, "the chain's tail is unpinned after the load"
 
     writer = big(32)
     assert writer.store(toks, payload) == 24

@@ -930,16 +930,21 @@ impl Engine {
                 true
             });
             let (res, last) = reserved.publish_pinning_last(filled, true);
+            let whole = res.existing + res.new_blocks.len() == upto - chain;
+            // All of them stored meanwhile (another request of this prefix): the chain goes on
+            // from their last, pinned now if it is still there.
+            let last = last.or_else(|| {
+                let at = upto - 1..upto;
+                whole.then(|| self.tier.pin_prefix(ns, &hashes[at.clone()], &digests[at], 1).pop()).flatten()
+            });
             if let Some(last) = last {
                 let old = std::mem::replace(&mut tail.slots, vec![last]);
                 self.tier.unpin(&old);
             }
             self.counters.promoted_blocks.fetch_add(res.new_blocks.len() as u64, Relaxed);
             self.journal_memory(tokens, extras, hashes, &res);
-            // No new block to pin (all were stored meanwhile), or memory took fewer than asked.
-            if res.new_blocks.is_empty() || res.existing + res.new_blocks.len() < upto - chain {
-                chain_ends = true;
-            }
+            // Memory took fewer than asked, or the last is gone already.
+            chain_ends = !whole || last.is_none();
             chain = upto;
         };
         let (mut got, mut filled) = (0, 0);
