@@ -557,13 +557,35 @@ impl Engine {
         let digests = self.digests(tokens);
         let ns = self.namespace_for(extras);
         let reserved = Reserved { tier: &self.tier, res: self.tier.reserve(ns, &hashes, &digests)? };
-        let filled = reserved.fill(&mut fill);
+        // Redis the only tier written behind: each block is queued for it as soon as it is
+        // filled, so the writers start while the rest of the store is copied (they used to wait
+        // for the whole store: a quarter of a 64 KiB store's CPU time was idle).
+        let redis_first = match (&self.lower, &self.redis) {
+            (None, Some(redis)) => self
+                .router
+                .write_plan(Some("tier"))
+                .iter()
+                .any(|(name, policy)| name == "redis" && *policy == WritePolicy::WriteBehind)
+                .then_some(redis),
+            _ => None,
+        };
+        let filled = reserved.fill(|i, dst| {
+            if !fill(i, dst) {
+                return false;
+            }
+            if let Some(redis) = redis_first {
+                let data = redis.write_buffer(dst);
+                redis.put_behind(Write { ns, hash: hashes[i], digest: digests[i], data });
+            }
+            true
+        });
         let all_filled = filled == reserved.res.new_blocks.len();
         let (rejected, out_of_room) = (reserved.res.rejected, reserved.res.out_of_room);
         // Copied for the lower tiers while the slots are still ours: once published they may be
         // evicted and reused at any moment.
         let mut behind: Vec<Pending> = match (&self.lower, &self.redis) {
             (None, None) => Vec::new(),
+            _ if redis_first.is_some() => Vec::new(),
             _ => reserved.res.new_blocks[..filled]
                 .iter()
                 .map(|&(i, slot)| {
