@@ -341,12 +341,13 @@ impl Shared {
     }
 
     /// A request's Redis call: on a helper, waited for at most `limit` (its socket reads and
-    /// writes too). None (counted, maybe tripping the breaker) if it failed or is late.
+    /// writes too; `f` is handed the call's deadline). None (counted, maybe tripping the
+    /// breaker) if it failed or is late.
     fn call<T: Send + 'static>(
         self: &Arc<Self>,
         op: &str,
         limit: Duration,
-        f: impl FnOnce(&mut Conn) -> redis::RedisResult<T> + Send + 'static,
+        f: impl FnOnce(&mut Conn, Instant) -> redis::RedisResult<T> + Send + 'static,
     ) -> Option<T> {
         self.finish(op, self.start_call(limit, f))
     }
@@ -355,11 +356,12 @@ impl Shared {
     fn start_call<T: Send + 'static>(
         self: &Arc<Self>,
         limit: Duration,
-        f: impl FnOnce(&mut Conn) -> redis::RedisResult<T> + Send + 'static,
+        f: impl FnOnce(&mut Conn, Instant) -> redis::RedisResult<T> + Send + 'static,
     ) -> Call<T> {
         let me = Arc::clone(self);
         let deadline = Instant::now() + limit;
-        Call { started: self.helpers.start(move || me.with_connection(limit, f)), limit, deadline }
+        let started = self.helpers.start(move || me.with_connection(limit, |con| f(con, deadline)));
+        Call { started, limit, deadline }
     }
 
     fn finish<T>(&self, op: &str, call: Call<T>) -> Option<T> {
@@ -696,8 +698,7 @@ impl RedisTier {
                 break;
             }
             let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
-            let deadline = Instant::now() + s.cfg.timeout;
-            let found = s.call("lookup", s.cfg.timeout, move |con| {
+            let found = s.call("lookup", s.cfg.timeout, move |con, deadline| {
                 con.pipeline_until::<bool>(keys.iter().map(|k| redis::cmd("EXISTS").arg(k).clone()).collect(), deadline)
             });
             let here = found.map_or(0, |found| found.iter().take_while(|&&f| f).count());
@@ -742,12 +743,11 @@ impl RedisTier {
             }
             let keys: Vec<String> = chunk.iter().map(|&h| s.key(ns, h)).collect();
             let limit = s.cfg.timeout + read_allowance(keys.len() * value_len);
-            let deadline = Instant::now() + limit;
             let me = Arc::clone(s);
             let asked = keys.clone();
             // The helper reads into a buffer of its own (the caller may stop waiting and return
             // while it still reads); the caller checks and copies the values out, and keeps it.
-            let call = s.start_call(limit, move |con| {
+            let call = s.start_call(limit, move |con, deadline| {
                 let mut buf = me.read_buffers.lock().pop().unwrap_or_default();
                 let values = con.get_all(&asked, value_len, deadline, &mut buf)?;
                 Ok((buf, values))
@@ -766,7 +766,6 @@ impl RedisTier {
             let start = c * per;
             let values: Vec<Option<&[u8]>> = values.iter().map(|v| v.clone().map(|r| &buf[r])).collect();
             let got = s.accept(ns, &keys, &values, &hashes[start..], &digests[start..], &mut out[start * bb..]);
-            drop(values);
             let mut kept = s.read_buffers.lock();
             if kept.len() < READ_BUFFERS && buf.len() <= 2 * (READ_CHUNK + value_len) {
                 kept.push(buf);

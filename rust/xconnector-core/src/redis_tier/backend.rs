@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use redis::cluster::{cluster_pipe, ClusterClient, ClusterClientBuilder, ClusterConfig, ClusterConnection};
 use redis::{Cmd, ConnectionAddr, FromRedisValue, RedisResult, Value};
 
-use super::resp::{value, Reply, RespConn};
+use super::resp::{timed_out, Reply, RespConn};
 use super::value::{Block, Format};
 use crate::config::secrets::redact_url;
 use crate::error::{CoreError, Result};
@@ -214,36 +214,31 @@ impl Conn {
     /// timeout, so a server that stalls a pipeline of 63 GETs would hold its helper for 63
     /// timeouts. (A cluster's pipeline is the crate's: it may hold a helper past the deadline.)
     pub fn pipeline_until<T: FromRedisValue>(&mut self, cmds: Vec<Cmd>, deadline: Instant) -> RedisResult<Vec<T>> {
-        let c = match self {
-            Conn::Raw(c) => {
-                let mut packed = Vec::new();
-                for cmd in &cmds {
-                    cmd.write_packed_command(&mut packed);
-                }
-                c.send(&packed)?;
-                let mut buf = Vec::new();
-                let replies = c.read_replies(cmds.len(), &mut buf, 0, deadline)?;
-                return replies.into_iter().map(|r| Ok(redis::from_redis_value(value(&buf, r))?)).collect();
-            }
-            Conn::Single(c) => c,
-            Conn::Cluster(c) => return cluster_pipeline(c, cmds),
-        };
         let mut packed = Vec::new();
         for cmd in &cmds {
             cmd.write_packed_command(&mut packed);
         }
-        c.send_packed_command(&packed)?;
-        let mut out = Vec::with_capacity(cmds.len());
-        for _ in &cmds {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "past the call's deadline").into());
+        let values = match self {
+            Conn::Raw(c) => {
+                c.send(&packed)?;
+                c.read_values(cmds.len(), deadline)?
             }
-            c.set_read_timeout(Some(left))?;
-            let value = c.recv_response()?.extract_error()?;
-            out.push(redis::from_redis_value(value)?);
-        }
-        Ok(out)
+            Conn::Single(c) => {
+                c.send_packed_command(&packed)?;
+                let mut values = Vec::with_capacity(cmds.len());
+                for _ in &cmds {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(timed_out());
+                    }
+                    c.set_read_timeout(Some(left))?;
+                    values.push(c.recv_response()?.extract_error()?);
+                }
+                values
+            }
+            Conn::Cluster(c) => return cluster_pipeline(c, cmds),
+        };
+        values.into_iter().map(|v| Ok(redis::from_redis_value(v)?)).collect()
     }
 
     /// GETs of `keys`, pipelined, read by `deadline` into `buf` (reused; `value_len`: the size
@@ -305,35 +300,15 @@ impl Conn {
     ) -> RedisResult<()> {
         let ttl = ttl_ms.map(|ms| ms.to_string());
         match self {
-            Conn::Raw(_) | Conn::Single(_) => {
-                packed.clear();
-                let mut n = 0;
-                for (key, block) in blocks {
-                    let len = format.header() + block.data.len();
-                    let args = if ttl.is_some() { 5 } else { 3 };
-                    packed.reserve(len + key.len() + 64);
-                    packed.extend_from_slice(format!("*{args}\r\n$3\r\nSET\r\n").as_bytes());
-                    bulk(packed, key.as_bytes());
-                    packed.extend_from_slice(format!("${len}\r\n").as_bytes());
-                    format.encode_into(&key, &block, packed);
-                    packed.extend_from_slice(b"\r\n");
-                    if let Some(ttl) = &ttl {
-                        bulk(packed, b"PX");
-                        bulk(packed, ttl.as_bytes());
-                    }
-                    n += 1;
-                }
-                let c = match self {
-                    Conn::Raw(c) => {
-                        c.send(packed)?;
-                        // A refused SET is the batch's error (the connection is then dropped).
-                        let deadline = Instant::now() + allowance(packed.len());
-                        c.read_replies(n, &mut Vec::new(), 0, deadline)?;
-                        return Ok(());
-                    }
-                    Conn::Single(c) => c,
-                    Conn::Cluster(_) => unreachable!("matched above"),
-                };
+            Conn::Raw(c) => {
+                let n = pack_sets(format, blocks, ttl.as_deref(), packed);
+                c.send(packed)?;
+                // A refused SET is the batch's error (the connection is then dropped).
+                c.read_values(n, Instant::now() + allowance(packed.len()))?;
+                Ok(())
+            }
+            Conn::Single(c) => {
+                let n = pack_sets(format, blocks, ttl.as_deref(), packed);
                 c.send_packed_command(packed)?;
                 // Every reply is read, so the connection stays in step after a refused SET.
                 let mut refused = None;
@@ -397,6 +372,34 @@ fn cluster_pipeline<T: FromRedisValue>(
         p.add_command(cmd);
     }
     p.query(c)
+}
+
+/// Packs SETs of `blocks` (with `PX ttl` when given) into `packed`, each value encoded straight
+/// into it; how many.
+fn pack_sets<'b>(
+    format: &Format,
+    blocks: impl Iterator<Item = (String, Block<'b>)>,
+    ttl: Option<&str>,
+    packed: &mut Vec<u8>,
+) -> usize {
+    packed.clear();
+    let mut n = 0;
+    for (key, block) in blocks {
+        let len = format.header() + block.data.len();
+        let args = if ttl.is_some() { 5 } else { 3 };
+        packed.reserve(len + key.len() + 64);
+        packed.extend_from_slice(format!("*{args}\r\n$3\r\nSET\r\n").as_bytes());
+        bulk(packed, key.as_bytes());
+        packed.extend_from_slice(format!("${len}\r\n").as_bytes());
+        format.encode_into(&key, &block, packed);
+        packed.extend_from_slice(b"\r\n");
+        if let Some(ttl) = ttl {
+            bulk(packed, b"PX");
+            bulk(packed, ttl.as_bytes());
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Appends `data` as a RESP bulk string.

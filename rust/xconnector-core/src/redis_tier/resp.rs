@@ -35,6 +35,9 @@ const MAX_LINE: usize = 64 << 10;
 
 pub struct RespConn {
     stream: TcpStream,
+    /// The buffer of replies read as values (`read_values`), kept with the connection: a lookup
+    /// or a SET batch must not allocate and zero one per call.
+    small: Vec<u8>,
     /// Bytes came that nobody asked for (a proxy's or a server's own message): the connection
     /// is not given back to the pool, rather than have them read as the next call's replies.
     broken: bool,
@@ -52,7 +55,7 @@ fn protocol_error(what: &str) -> RedisError {
     (ErrorKind::Parse, "not a Redis reply", what.to_owned()).into()
 }
 
-fn timed_out() -> RedisError {
+pub fn timed_out() -> RedisError {
     io::Error::new(io::ErrorKind::TimedOut, "past the call's deadline").into()
 }
 
@@ -108,7 +111,7 @@ fn parse(buf: &[u8], pos: usize) -> RedisResult<Parsed> {
 }
 
 /// A reply read into `buf` as the crate's value.
-pub fn value(buf: &[u8], reply: Reply) -> Value {
+fn value(buf: &[u8], reply: Reply) -> Value {
     match reply {
         Reply::Bulk(r) => Value::BulkString(buf[r].to_vec()),
         Reply::Simple(r) if &buf[r.clone()] == b"OK" => Value::Okay,
@@ -149,7 +152,7 @@ impl RespConn {
                 }
             };
             stream.set_nodelay(true)?;
-            let mut con = Self { stream, broken: false };
+            let mut con = Self { stream, small: Vec::new(), broken: false };
             con.set_timeouts(timeout)?;
             if let Some(password) = password {
                 let auth = |con: &mut Self, user: Option<&str>| {
@@ -252,12 +255,19 @@ impl RespConn {
         Ok(replies)
     }
 
+    /// `n` replies as the crate's values, read into the connection's own buffer.
+    pub fn read_values(&mut self, n: usize, deadline: Instant) -> RedisResult<Vec<Value>> {
+        let mut buf = std::mem::take(&mut self.small);
+        let replies = self.read_replies(n, &mut buf, 0, deadline);
+        let values = replies.map(|replies| replies.into_iter().map(|r| value(&buf, r)).collect());
+        self.small = buf;
+        values
+    }
+
     /// One command and its reply, as the crate's `Value`.
     pub fn query_value(&mut self, cmd: &redis::Cmd, deadline: Instant) -> RedisResult<Value> {
         self.send(&cmd.get_packed_command())?;
-        let mut buf = Vec::new();
-        let reply = self.read_replies(1, &mut buf, 0, deadline)?.pop();
-        Ok(reply.map_or(Value::Nil, |r| value(&buf, r)))
+        Ok(self.read_values(1, deadline)?.pop().unwrap_or(Value::Nil))
     }
 
     /// One command, its reply converted, within the socket's read timeout.
