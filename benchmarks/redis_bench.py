@@ -73,33 +73,37 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
     raise RuntimeError("redis-server did not start")
 
 
-def raw_gbs(port: int, size: int, n: int, masters: int = 0) -> dict[str, float]:
-    """GB/s of SET and GET of `size`-byte values, as redis-benchmark measures them (on a cluster
-    of `masters` primaries: one pipelining connection to each)."""
-    cluster = ["--cluster", "-c", str(masters)] if masters else ["-c", "1"]
+def redis_benchmark(port: int, size: int, n: int, *args: str) -> dict[str, float]:
+    """GB/s of the SET and GET tests redis-benchmark runs (`-P 64`, `n` requests, `size`-byte
+    values), as "set" and "get" (its other output, a cluster's node list, skipped)."""
     out = subprocess.run(
         [
             "redis-benchmark",
             "-p",
             str(port),
-            "-t",
-            "set,get",
             "-n",
             str(n),
             "-d",
             str(size),
             "-P",
             "64",
-            *cluster,
             "--csv",
             "-q",
+            *args,
         ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    rows = {r[0]: float(r[1]) for r in csv.reader(io.StringIO(out)) if r and r[0] in ("SET", "GET")}
-    return {k.lower(): rps * size / 1e9 for k, rps in rows.items()}
+    rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] in ("SET", "GET")]
+    return {r[0].lower(): float(r[1]) * size / 1e9 for r in rows}
+
+
+def raw_gbs(port: int, size: int, n: int, masters: int = 0) -> dict[str, float]:
+    """GB/s of SET and GET of `size`-byte values, as redis-benchmark measures them (on a cluster
+    of `masters` primaries: one pipelining connection to each)."""
+    cluster = ["--cluster", "-c", str(masters)] if masters else ["-c", "1"]
+    return redis_benchmark(port, size, n, "-t", "set,get", *cluster)
 
 
 def distinct_keys_gbs(port: int, size: int, n: int) -> dict[str, float]:
@@ -120,34 +124,10 @@ def distinct_keys_gbs(port: int, size: int, n: int) -> dict[str, float]:
             got = b""
             while got.count(b"\r\n") < len(batch):
                 got += s.recv(1 << 16)
-
-    def rate(*args: str) -> float:
-        out = subprocess.run(
-            [
-                "redis-benchmark",
-                "-p",
-                str(port),
-                "-n",
-                str(n),
-                "-P",
-                "64",
-                "-c",
-                "1",
-                "--csv",
-                "-q",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] != "test"]
-        return float(rows[0][1]) * size / 1e9
-
+    # -r draws each command's key:NNNNNNNNNNNN at random from 0..r-1.
     return {
-        # -r draws each command's key:NNNNNNNNNNNN at random from 0..r-1.
-        "set": rate("-t", "set", "-r", "1000000000", "-d", str(size)),
-        "get": rate("-t", "get", "-r", str(n), "-d", str(size)),
+        "set": redis_benchmark(port, size, n, "-c", "1", "-t", "set", "-r", "1000000000")["set"],
+        "get": redis_benchmark(port, size, n, "-c", "1", "-t", "get", "-r", str(n))["get"],
     }
 
 
